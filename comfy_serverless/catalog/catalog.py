@@ -1,0 +1,95 @@
+"""The node catalogue the front works from: specs for validation, `/object_info` bytes, lazy class loading."""
+
+from __future__ import annotations
+
+import json
+
+from . import packs
+from .describe import FILES_MARKER
+
+
+class NodeSpec:
+    """What is known about a node class from the snapshot, without importing it."""
+
+    __slots__ = ("name", "info", "facts", "pack", "has_file_lists")
+
+    def __init__(self, name: str, entry: dict):
+        self.name = name
+        self.info = entry["info"]
+        self.facts = entry["exec"]
+        self.pack = entry["pack"]
+        self.has_file_lists = f'"{FILES_MARKER}"' in json.dumps(self.info["input"])
+
+    @property
+    def output_node(self) -> bool:
+        return self.info["output_node"]
+
+    @property
+    def return_types(self) -> list:
+        return self.info["output"]
+
+    @property
+    def output_is_list(self) -> list:
+        return self.info["output_is_list"]
+
+    def input_types(self, folders) -> dict:
+        """INPUT_TYPES as declared, with disk-backed combo lists read now."""
+        raw = self.info["input"]
+        return fill_file_lists(raw, folders) if self.has_file_lists else raw
+
+
+def fill_file_lists(value, folders):
+    if isinstance(value, dict):
+        if FILES_MARKER in value and len(value) == 1:
+            return list(folders.file_list(value[FILES_MARKER]))
+        return {k: fill_file_lists(v, folders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_file_lists(v, folders) for v in value]
+    return value
+
+
+class Catalog:
+    def __init__(self, snapshot: dict):
+        self.fingerprint = snapshot.get("fingerprint")
+        self.specs = {name: NodeSpec(name, entry) for name, entry in snapshot["nodes"].items()}
+        # Pre-rendered `"name": {...}` fragments; nodes with disk-backed combos are rendered per request.
+        self._static: dict[str, str] = {}
+        self._dynamic: set[str] = set()
+        for name, spec in self.specs.items():
+            text = json.dumps(spec.info)
+            if f'"{FILES_MARKER}"' in text:
+                self._dynamic.add(name)
+            else:
+                self._static[name] = f"{json.dumps(name)}: {text}"
+
+    def __contains__(self, name) -> bool:
+        return name in self.specs
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def spec(self, name: str) -> NodeSpec | None:
+        return self.specs.get(name)
+
+    def _fragment(self, name: str, folders) -> str:
+        if name in self._static:
+            return self._static[name]
+        info = fill_file_lists(self.specs[name].info, folders)
+        return f"{json.dumps(name)}: {json.dumps(info)}"
+
+    def object_info_json(self, folders, only: str | None = None) -> bytes:
+        names = [only] if only is not None else list(self.specs)
+        names = [n for n in names if n in self.specs]
+        return ("{" + ", ".join(self._fragment(n, folders) for n in names) + "}").encode()
+
+    def load_class(self, name: str):
+        """The node class itself; imports its pack on first use (heavy: call off the event loop)."""
+        spec = self.specs[name]
+        pack = packs.import_pack(spec.pack)
+        if pack is None or name not in pack.classes:
+            raise RuntimeError(f"node {name} could not be loaded from {spec.pack}")
+        return pack.classes[name]
+
+    def is_loaded(self, name: str) -> bool:
+        spec = self.specs.get(name)
+        return spec is not None and packs.is_imported(spec.pack)

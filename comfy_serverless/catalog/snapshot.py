@@ -1,0 +1,97 @@
+"""The node catalogue as data: built once by importing every pack, stored as JSON with a fingerprint.
+
+At start the server reads the JSON (milliseconds) instead of importing packs (seconds), checks the
+fingerprint against the pack files on disk, and rebuilds in the background when they changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+
+from . import describe, packs
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_NODES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nodes")
+
+
+def _stat_line(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return f"{path}|missing"
+
+
+def _python_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def fingerprint(refs: list[str]) -> str:
+    """Changes whenever a pack is added, removed or edited (sizes and mtimes of its .py files)."""
+    from .. import __version__
+
+    lines = [f"format={FORMAT}", f"version={__version__}"]
+    lines += [_stat_line(p) for p in _python_files(_NODES_DIR)]
+    for ref in refs:
+        lines.append(ref)
+        if ref.startswith("custom:"):
+            lines += [_stat_line(p) for p in _python_files(ref[len("custom:"):])]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def describe_classes(classes: dict) -> tuple[dict, list]:
+    """name -> {info, exec, pack}; classes whose description raises are logged and left out."""
+    nodes, failed = {}, []
+    for name, (cls, pack) in classes.items():
+        try:
+            nodes[name] = {
+                "info": describe.public_info(cls, name, pack.display_names.get(name), pack.python_module),
+                "exec": describe.execution_facts(cls),
+                "pack": pack.ref,
+            }
+        except Exception:
+            log.error("node %s cannot describe itself; left out:\n%s", name, traceback.format_exc())
+            failed.append(name)
+    return nodes, failed
+
+
+def build(refs: list[str]) -> dict:
+    started = time.monotonic()
+    nodes, failed = describe_classes(packs.import_all(refs))
+    return {"format": FORMAT, "fingerprint": fingerprint(refs), "built_in_s": round(time.monotonic() - started, 3),
+            "nodes": nodes, "failed": failed}
+
+
+def save(snapshot: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(snapshot, fh)
+    os.replace(tmp, path)  # atomic: a server reading concurrently sees the old or the new file
+
+
+def load(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            snapshot = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("catalogue snapshot %s unreadable (%s); it will be rebuilt", path, exc)
+        return None
+    if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT:
+        return None
+    return snapshot

@@ -1,0 +1,92 @@
+"""The `comfy-serverless` command: `serve` (the default), `snapshot`, and tools.
+
+Kept light: argparse and our settings only, so `serve` reaches the listening socket quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__, timeline
+from .settings import add_flags, settings_from
+
+SUBCOMMANDS = ("serve", "snapshot")
+DESCRIPTION = """\
+API-only, ComfyUI-compatible workflow server built for serverless cold starts.
+
+commands:
+  serve      run the server (default when no command is given); ComfyUI's launch flags are accepted
+  snapshot   import every node pack and write the node catalogue snapshot the server starts from
+
+Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
+switches take 1/true/yes. Probes for platforms: GET /health (liveness), GET /ready (readiness: 503 until the
+node catalogue is loaded and while the queue is full).
+"""
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"comfy-serverless {command}", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"comfy-serverless {__version__}")
+    add_flags(parser)
+    return parser
+
+
+def configure_logging(settings) -> None:
+    stream = sys.stdout if settings.log_stdout else sys.stderr
+    logging.basicConfig(level=getattr(logging, settings.verbose, logging.INFO), stream=stream,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    if argv and argv[0] in SUBCOMMANDS:
+        return argv[0], argv[1:]
+    return "serve", argv
+
+
+def parse(command: str, argv: list[str], environ=None):
+    parser = build_parser(command)
+    namespace, unknown = parser.parse_known_args(argv)
+    try:
+        return settings_from(namespace, argv, os.environ if environ is None else environ, tuple(unknown))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = split_command(argv)
+    settings = parse(command, rest)
+    configure_logging(settings)
+    log = logging.getLogger("comfy_serverless")
+    if settings.ignored_arguments:
+        log.warning("ignoring unknown arguments: %s", " ".join(settings.ignored_arguments))
+    if command == "snapshot":
+        from .tools import write_snapshot
+
+        return write_snapshot(settings)
+    return serve(settings, rest, log)
+
+
+def serve(settings, argv: list[str], log) -> int:
+    import asyncio
+
+    from .server.app import App
+
+    timeline.mark("front_imported")
+    for flag in settings.not_applicable_flags():
+        log.info("%s: not applicable on this CPU-only server; ignored", flag)
+    app = App(settings, argv)
+    app.prepare_directories()
+    app.load_catalog_snapshot()
+    if settings.warmup == "eager":
+        app.warm_up_now()
+    try:
+        asyncio.run(app.serve_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,231 @@
+"""The Stable Diffusion UNet (SD 1.x, SD 2.x, SDXL base) in the original LDM layout.
+
+Parameter names equal the single-file checkpoint keys with ``model.diffusion_model.``
+stripped, so weights load with ``load_state_dict`` and no renaming:
+
+    time_embed.{0,2}                     timestep MLP
+    label_emb.0.{0,2}                    SDXL only: MLP over the pooled-text + size vector
+    input_blocks.0.0                     conv_in
+    input_blocks.N.0                     ResBlock or Downsample (``.op``)
+    input_blocks.N.1                     SpatialTransformer, on levels with attention
+    middle_block.{0,1,2}                 ResBlock, SpatialTransformer, ResBlock
+    output_blocks.N.0                    ResBlock over [h, skip]
+    output_blocks.N.{1,2}                SpatialTransformer and/or Upsample (``.conv``)
+    out.{0,2}                            GroupNorm and conv_out
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import Downsample, GroupNorm32, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Transformer blocks per SpatialTransformer on each level; 0 means the level has no attention.
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_middle: int = 1
+    context_dim: int = 768
+    # Exactly one of these is set: a fixed head count (SD 1.x) or a fixed head width (SD 2.x, SDXL).
+    num_heads: int | None = 8
+    num_head_channels: int | None = None
+    use_linear_in_transformer: bool = False
+    # Width of the extra conditioning vector ``y`` (SDXL: pooled text + embedded sizes); None = unused.
+    adm_in_channels: int | None = None
+
+    def __post_init__(self):
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ValueError("set exactly one of num_heads and num_head_channels")
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError("transformer_depth needs one entry per channel_mult level")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    def attention_heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) of a SpatialTransformer working on ``channels`` channels."""
+        if self.num_heads is not None:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        return cls()
+
+    @classmethod
+    def sd2(cls) -> UNetConfig:
+        """SD 2.x, both the 512 epsilon and the 768 v-prediction models."""
+        return cls(context_dim=1024, num_heads=None, num_head_channels=64, use_linear_in_transformer=True)
+
+    @classmethod
+    def sdxl(cls) -> UNetConfig:
+        return cls(
+            channel_mult=(1, 2, 4),
+            transformer_depth=(0, 2, 10),
+            transformer_depth_middle=10,
+            context_dim=2048,
+            num_heads=None,
+            num_head_channels=64,
+            use_linear_in_transformer=True,
+            adm_in_channels=2816,
+        )
+
+    @classmethod
+    def tiny(cls, family: str) -> UNetConfig:
+        """A few-channel model with the same block types and key structure as ``family``, for tests."""
+        if family == "sd15":
+            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+                       context_dim=32, num_heads=2)
+        if family == "sd2":
+            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+                       context_dim=48, num_heads=None, num_head_channels=16, use_linear_in_transformer=True)
+        if family == "sdxl":
+            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
+                       transformer_depth_middle=2, context_dim=64, num_heads=None, num_head_channels=16,
+                       use_linear_in_transformer=True, adm_in_channels=TINY_SDXL_POOLED_DIM + 6 * TINY_SDXL_SIZE_DIM)
+        raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2 or sdxl")
+
+
+# The tiny SDXL config's conditioning vector: pooled text of this width plus six embedded sizes.
+TINY_SDXL_POOLED_DIM = 64
+TINY_SDXL_SIZE_DIM = 32
+
+
+def sdxl_adm_vector(
+    pooled_text: torch.Tensor, size_conditioning: torch.Tensor, size_embed_dim: int = 256
+) -> torch.Tensor:
+    """Build SDXL's ``y``: pooled text embedding followed by the embedded size conditioning.
+
+    ``size_conditioning`` is [B, 6]: original height, original width, crop top, crop left,
+    target height, target width (in pixels). Each number gets a sinusoidal embedding of
+    ``size_embed_dim`` (256 for SDXL base, giving 1280 + 6 * 256 = 2816 channels).
+    """
+    batch = size_conditioning.shape[0]
+    sizes = timestep_embedding(size_conditioning.reshape(-1), size_embed_dim).reshape(batch, -1)
+    return torch.cat([pooled_text, sizes.to(pooled_text.dtype)], dim=1)
+
+
+class UNetBlock(nn.ModuleList):
+    """A list of layers run in order, each given the inputs it needs (emb, context or output size)."""
+
+    def forward(self, x, emb, context, output_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        cfg = config
+        emb_dim = cfg.time_embed_dim
+
+        self.time_embed = nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:
+            # Nested Sequential because checkpoints name these label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.attention_heads(channels)
+            return SpatialTransformer(channels, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+        channels = cfg.model_channels
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, channels, 3, padding=1)])])
+        skip_channels = [channels]
+        last_level = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            depth = cfg.transformer_depth[level]
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(channels, emb_dim, cfg.model_channels * mult)]
+                channels = cfg.model_channels * mult
+                if depth > 0:
+                    layers.append(transformer(channels, depth))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_channels.append(channels)
+            if level != last_level:
+                self.input_blocks.append(UNetBlock([Downsample(channels)]))
+                skip_channels.append(channels)
+
+        self.middle_block = UNetBlock([
+            ResBlock(channels, emb_dim, channels),
+            transformer(channels, cfg.transformer_depth_middle),
+            ResBlock(channels, emb_dim, channels),
+        ])
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            depth = cfg.transformer_depth[level]
+            for index in range(cfg.num_res_blocks + 1):
+                out_channels = cfg.model_channels * cfg.channel_mult[level]
+                layers = [ResBlock(channels + skip_channels.pop(), emb_dim, out_channels)]
+                channels = out_channels
+                if depth > 0:
+                    layers.append(transformer(channels, depth))
+                if level != 0 and index == cfg.num_res_blocks:
+                    layers.append(Upsample(channels))
+                self.output_blocks.append(UNetBlock(layers))
+
+        self.out = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict noise (or v) for latents ``x`` [B, C, H, W] at ``timesteps`` [B] (or a scalar).
+
+        ``context`` is the text encoder output [B, tokens, context_dim]; ``y`` the SDXL
+        conditioning vector [B, adm_in_channels] (see ``sdxl_adm_vector``). Inputs are cast
+        to the model's dtype; the output has that dtype too.
+        """
+        dtype = self.dtype
+        x = x.to(dtype)
+        context = context.to(dtype)
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        if self.config.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("this UNet needs the conditioning vector y")
+            emb = emb + self.label_emb(y.to(dtype))
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An upsample must land exactly on the next skip's size (odd latent sizes).
+            next_size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = block(h, emb, context, output_size=next_size)
+        return self.out(h)

@@ -1,0 +1,186 @@
+"""Model folders and the input / output / temp directories, laid out as ComfyUI lays them out.
+
+Light on purpose (stdlib only): the front lists files for combos and `/models` without importing a pack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+
+MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MODEL_FOLDERS = (
+    "checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
+    "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models",
+    "custom_nodes", "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders",
+)
+# Older names still found in extra_model_paths.yaml files and custom nodes.
+LEGACY_FOLDER_NAMES = {"clip": "text_encoders", "unet": "diffusion_models", "t2i_adapter": "controlnet"}
+ANNOTATIONS = ("output", "input", "temp")
+_ANNOTATION = re.compile(r"^(.*) \[(output|input|temp)\]$")
+
+
+class FileList(list):
+    """A combo list read from disk; the catalogue stores where it came from, not its contents."""
+
+    def __init__(self, items, source: str):
+        super().__init__(items)
+        self.source = source  # "models:<folder>" or "input:images"
+
+
+class Folders:
+    """Where everything lives. One instance per server, configured from Settings."""
+
+    def __init__(self, base: str, input_dir: str, output_dir: str, temp_dir: str, user_dir: str):
+        self.base = base
+        self.input = input_dir
+        self.output = output_dir
+        self.temp = temp_dir
+        self.user = user_dir
+        self.models: dict[str, tuple[list[str], tuple[str, ...]]] = {}
+        for name in MODEL_FOLDERS:
+            leaf = "custom_nodes" if name == "custom_nodes" else os.path.join("models", name)
+            exts = () if name == "custom_nodes" else (".yaml",) if name == "configs" else MODEL_EXTENSIONS
+            self.models[name] = ([os.path.join(base, leaf)], exts)
+
+    # -- model folders -------------------------------------------------------------------------
+    @staticmethod
+    def canonical(name: str) -> str:
+        return LEGACY_FOLDER_NAMES.get(name, name)
+
+    def add_model_path(self, folder: str, path: str, first: bool = False) -> None:
+        folder = self.canonical(folder)
+        dirs, exts = self.models.setdefault(folder, ([], MODEL_EXTENSIONS))
+        if path in dirs:
+            dirs.remove(path)
+        dirs.insert(0, path) if first else dirs.append(path)
+
+    def model_dirs(self, folder: str) -> list[str]:
+        return list(self.models[self.canonical(folder)][0])
+
+    def list_models(self, folder: str) -> FileList:
+        """Relative paths ('/' separated, sorted) of the files in every directory of a model folder."""
+        folder = self.canonical(folder)
+        dirs, exts = self.models[folder]
+        found: set[str] = set()
+        for root in dirs:
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel_dir = os.path.relpath(dirpath, root)
+                for name in filenames:
+                    if exts and not name.lower().endswith(exts):
+                        continue
+                    rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+                    found.add(rel.replace(os.sep, "/"))
+        return FileList(sorted(found), f"models:{folder}")
+
+    def model_path(self, folder: str, relative: str) -> str | None:
+        """Absolute path of a listed model file, or None; never leaves the folder's directories."""
+        for root in self.model_dirs(folder):
+            candidate = safe_join(root, relative)
+            if candidate and os.path.isfile(candidate):
+                return candidate
+        return None
+
+    def load_extra_model_paths(self, yaml_path: str) -> None:
+        """Reads ComfyUI's extra_model_paths.yaml format (a `custom_nodes` key adds node pack folders)."""
+        import yaml  # only when a config is given: keeps PyYAML off the cold-start path
+
+        with open(yaml_path, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh) or {}
+        yaml_dir = os.path.dirname(os.path.abspath(yaml_path))
+        for section in config.values():
+            if not isinstance(section, dict):
+                continue
+            base = section.get("base_path")
+            base = os.path.join(yaml_dir, os.path.expanduser(base)) if base else yaml_dir
+            first = bool(section.get("is_default"))
+            for key, value in section.items():
+                if key in ("base_path", "is_default") or value is None:
+                    continue
+                for line in str(value).splitlines():
+                    line = line.strip()
+                    if not line:
+                        continue
+                    full = os.path.normpath(os.path.join(base, os.path.expanduser(line)))
+                    self.add_model_path(key, full, first=first)
+                    log.info("extra model path: %s -> %s", key, full)
+
+    # -- input / output / temp -----------------------------------------------------------------
+    def directory_for(self, kind: str) -> str | None:
+        return {"input": self.input, "output": self.output, "temp": self.temp}.get(kind)
+
+    def input_images(self) -> FileList:
+        """Top-level image files of the input directory (LoadImage's combo)."""
+        try:
+            names = [e.name for e in os.scandir(self.input) if e.is_file()]
+        except FileNotFoundError:
+            names = []
+        return FileList(sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)), "input:images")
+
+    def resolve_annotated(self, name: str, default_kind: str = "input") -> str:
+        """'sub/x.png [output]' -> absolute path under the output directory (not checked for existence)."""
+        match = _ANNOTATION.match(name)
+        kind, name = (match.group(2), match.group(1)) if match else (default_kind, name)
+        path = safe_join(self.directory_for(kind), name)
+        if path is None:
+            raise ValueError(f"Invalid file path: {name!r} leaves the {kind} directory")
+        return path
+
+    def annotated_exists(self, name: str, default_kind: str = "input") -> bool:
+        try:
+            return os.path.isfile(self.resolve_annotated(name, default_kind))
+        except ValueError:
+            return False
+
+    def file_list(self, source: str) -> list[str]:
+        kind, _, what = source.partition(":")
+        if kind == "models" and self.canonical(what) in self.models:
+            return self.list_models(what)
+        if source == "input:images":
+            return self.input_images()
+        return []
+
+
+def safe_join(root: str, relative: str) -> str | None:
+    """root/relative, or None when the result would escape root ('..', absolute paths).
+
+    Symbolic links inside root are followed on purpose: model folders are often links to a volume.
+    """
+    if relative is None or "\x00" in relative:
+        return None
+    root_abs = os.path.abspath(root)
+    joined = os.path.normpath(os.path.join(root_abs, relative))
+    if joined != root_abs and not joined.startswith(root_abs + os.sep):
+        return None
+    return joined
+
+
+_current: Folders | None = None
+
+
+def configure(settings) -> Folders:
+    """Creates the process-wide folders from settings (called once at start, and by tools)."""
+    global _current
+    from .settings import set_current
+
+    set_current(settings)
+    folders = Folders(settings.base_directory, settings.input_directory, settings.output_directory,
+                      settings.temp_directory, settings.user_directory)
+    for yaml_path in settings.values.get("extra_model_paths_config") or ():
+        folders.load_extra_model_paths(yaml_path)
+    _current = folders
+    return folders
+
+
+def current() -> Folders:
+    """The configured folders; node packs call this to find inputs, outputs and models."""
+    if _current is None:
+        from .settings import default_settings
+
+        return configure(default_settings())
+    return _current
