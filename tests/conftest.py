@@ -31,7 +31,7 @@ class Server:
         custom = base / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
         for name in packs:
-            shutil.copy(PACKS / name, custom / name)
+            shutil.copy2(PACKS / name, custom / name)  # keeps mtimes: the catalogue fingerprint uses them
         self.log_path = base / f"server-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, **(env or {})}

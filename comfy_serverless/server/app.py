@@ -100,7 +100,8 @@ class App:
         def swap():
             self.catalog = catalog
             self.catalog_stale = False
-            self.catalog_ready.set()
+            if self.catalog_ready is not None:  # None while eager warm-up runs before the event loop
+                self.catalog_ready.set()
             timeline.mark("catalog_loaded")
             log.info("catalogue: %d nodes ready", len(catalog))
 
@@ -113,9 +114,10 @@ class App:
         """Lazy mode keeps torch out of this process: another process imports the packs."""
         command = [sys.executable, "-m", "comfy_serverless", "snapshot", *self.argv]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            # Its log (import errors of custom nodes included) goes to this server's log.
+            result = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=600)
             if result.returncode != 0:
-                log.error("catalogue rebuild failed:\n%s", result.stderr[-4000:])
+                log.error("catalogue rebuild failed (exit status %s)", result.returncode)
                 return
             snap = snapshot.load(self.settings.catalog_path)
             if snap is not None:
@@ -245,11 +247,11 @@ class App:
     def _queue_changed(self) -> None:
         if self.loop is None:
             return
-        send = lambda: self.hub.send("status", self.hub.status_message())  # noqa: E731
+        message = self.hub.status_message()  # taken now: the worker may change the queue again before it is sent
         if threading.current_thread() is threading.main_thread():
-            send()
+            self.hub.send("status", message)
         else:
-            self.loop.call_soon_threadsafe(send)
+            self.loop.call_soon_threadsafe(self.hub.send, "status", message)
 
     def request_interrupt(self, prompt_id: str | None) -> None:
         if prompt_id is None or prompt_id in self.queue.running_prompt_ids():
