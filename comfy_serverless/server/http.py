@@ -125,6 +125,7 @@ class HTTPServer:
         self.access_log = access_log
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[asyncio.StreamWriter] = set()
+        self.on_first_response = None  # called once, after the first response is written
 
     async def start(self, hosts: list[str], port: int, ssl_context=None) -> None:
         for host in hosts:
@@ -161,6 +162,9 @@ class HTTPServer:
                     return
                 response = await self._dispatch(request)
                 await self._write(conn, writer, response, request.method)
+                if self.on_first_response is not None:
+                    callback, self.on_first_response = self.on_first_response, None
+                    callback()
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     break
                 try:
