@@ -290,3 +290,61 @@ def test_identical_subgraphs_under_different_ids_share_results(server):
               "3": {"class_type": "Counter", "inputs": {"stable": True}}, "4": record(["3", 0], "y")}
     outputs = server.run(prompt)["outputs"]
     assert outputs["2"]["values"] == outputs["4"]["values"]
+
+
+def _preview_prompt():
+    return {"1": number(1), "2": {"class_type": "PreviewSteps", "inputs": {"value": ["1", 0], "steps": 2}},
+            "3": record(["2", 0], "preview")}
+
+
+def test_binary_preview_frames(server):
+    import io
+    import struct
+
+    from PIL import Image
+
+    ws = server.ws()
+    queued = server.queue_prompt(_preview_prompt(), client_id=ws.client_id)
+    ws.until_done(queued["prompt_id"])
+    frames = [m for m in ws.messages if isinstance(m, bytes)]
+    assert len(frames) == 2
+    event, image_format = struct.unpack(">II", frames[0][:8])
+    assert (event, image_format) == (1, 1)  # PREVIEW_IMAGE, JPEG
+    image = Image.open(io.BytesIO(frames[0][8:]))
+    assert image.format == "JPEG" and image.size == (512, 256)  # scaled to fit --preview-size
+    ws.close()
+
+
+def test_preview_frames_with_metadata_after_feature_negotiation(server):
+    import json
+    import struct
+
+    ws = server.ws()
+    ws.recv()
+    ws.sock.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+    assert ws.recv()["type"] == "feature_flags"
+    prompt = _preview_prompt()
+    prompt["2"]["inputs"]["steps"] = 3  # not cached from the previous test
+    queued = server.queue_prompt(prompt, client_id=ws.client_id)
+    ws.until_done(queued["prompt_id"])
+    frame = next(m for m in ws.messages if isinstance(m, bytes))
+    event, length = struct.unpack(">II", frame[:8])
+    metadata = json.loads(frame[8:8 + length])
+    assert event == 4 and metadata["node_id"] == "2" and metadata["prompt_id"] == queued["prompt_id"]
+    assert metadata["image_type"] == "image/jpeg" and frame[8 + length:10 + length] == b"\xff\xd8"
+    ws.close()
+
+
+def test_reconnect_during_execution_reports_the_running_node(server):
+    slow = {"1": number(1), "2": {"class_type": "SlowSteps", "inputs": {"value": ["1", 0], "steps": 30,
+                                                                        "step_seconds": 0.05}},
+            "3": record(["2", 0], "reconnect")}
+    ws = server.ws("reconnecting")
+    queued = server.queue_prompt(slow, client_id="reconnecting")
+    ws.until(lambda m: m["type"] == "progress")
+    ws.close()
+    again = server.ws("reconnecting")
+    first, second = again.recv(), again.recv()
+    assert first["type"] == "status" and second == {"type": "executing", "data": {"node": "2"}}
+    again.until_done(queued["prompt_id"])
+    again.close()

@@ -197,6 +197,26 @@ class SlowSteps:
         return (value,)
 
 
+class PreviewSteps:
+    """Sends a small JPEG preview with each progress update (like a sampler's latent preview)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT",), "steps": ("INT", {"default": 2, "min": 1, "max": 10})}}
+
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    def run(self, value, steps):
+        from PIL import Image
+
+        bar = ProgressBar(steps)
+        for step in range(steps):
+            bar.update_absolute(step + 1, steps, ("JPEG", Image.new("RGB", (600, 300), (255, 0, 0)), 512))
+        return (value,)
+
+
 class Counter:
     """Changes every run (IS_CHANGED returns NaN) unless `stable` is set."""
 
@@ -258,6 +278,6 @@ NODE_CLASS_MAPPINGS = {
     "Number": Number, "Add": Add, "Record": Record, "RecordList": RecordList, "MakeList": MakeList,
     "LazySwitch": LazySwitch, "Fail": Fail, "Block": Block, "SumTo": SumTo, "SelfLoop": SelfLoop,
     "Sleep": Sleep, "SlowSteps": SlowSteps, "Counter": Counter, "EvenOnly": EvenOnly,
-    "ComboPick": ComboPick,
+    "ComboPick": ComboPick, "PreviewSteps": PreviewSteps,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"Record": "Record Value"}
