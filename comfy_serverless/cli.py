@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from . import __version__, timeline
+from . import __version__, logs, timeline
 from .settings import add_flags, settings_from
 
 SUBCOMMANDS = ("serve", "snapshot")
@@ -23,7 +23,8 @@ commands:
 
 Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
 switches take 1/true/yes. Probes for platforms: GET /health (liveness), GET /ready (readiness: 503 until the
-node catalogue is loaded and while the queue is full).
+node catalogue is loaded, while the queue is full and while shutting down), GET /metrics (Prometheus).
+SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds, then exit 0.
 """
 
 
@@ -34,12 +35,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"comfy-serverless {__version__}")
     add_flags(parser)
     return parser
-
-
-def configure_logging(settings) -> None:
-    stream = sys.stdout if settings.log_stdout else sys.stderr
-    logging.basicConfig(level=getattr(logging, settings.verbose, logging.INFO), stream=stream,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
@@ -61,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = split_command(argv)
     settings = parse(command, rest)
-    configure_logging(settings)
+    logs.configure(settings)
     log = logging.getLogger("comfy_serverless")
     if settings.ignored_arguments:
         log.warning("ignoring unknown arguments: %s", " ".join(settings.ignored_arguments))

@@ -9,6 +9,7 @@ import logging
 
 log = logging.getLogger(__name__)
 _unloaders: list = []
+_load_seconds: dict[str, float] = {}
 
 
 def on_unload_models(callback) -> None:
@@ -23,3 +24,15 @@ def unload_models() -> None:
             callback()
         except Exception:
             log.exception("a model unloader failed")
+
+
+def record_model_load(name: str, seconds: float) -> None:
+    """Packs report how long loading a model took (shown in /metrics and the start-up stages)."""
+    _load_seconds[name] = seconds
+    from . import timeline
+
+    timeline.mark(f"model_loaded:{name}")
+
+
+def model_load_seconds() -> dict[str, float]:
+    return dict(_load_seconds)

@@ -91,6 +91,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--verbose", "Log level (bare flag: DEBUG).", kind="optional-value", default="INFO", const="DEBUG",
          choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), metavar="LEVEL"),
     Flag("--log-stdout", "Log to stdout instead of stderr."),
+    Flag("--log-format", "text, or json: one JSON object per line (with prompt_id while a prompt runs).",
+         kind="value", default="text", choices=("text", "json")),
+    Flag("--shutdown-grace", "Seconds SIGTERM waits for queued and running prompts before interrupting them.",
+         kind="value", type=float, default=30.0),
     # compute (CPU server: precision flags are honoured by the model packs)
     Flag("--cpu", "Run on the CPU (always true for this server)."),
     Flag("--cpu-vae", "Run the VAE on the CPU."),

@@ -16,13 +16,16 @@ import sys
 import threading
 import traceback
 
-from .. import memory, paths, progress, timeline
+import time
+
+from .. import logs, memory, paths, progress, timeline
 from ..catalog import packs, snapshot
 from ..catalog.catalog import Catalog
 from ..engine.executor import Executor, now_ms
 from ..engine.queue import PromptQueue
 
 from .http import HTTPServer, Router
+from .metrics import Metrics
 from .middleware import build_middleware
 from .websocket import Hub
 
@@ -52,6 +55,8 @@ class App:
         self.executor = Executor(self._load_class, self._notify_from_worker, settings.cache_mode,
                                  settings.cache_lru or 0)
         self.http: HTTPServer | None = None
+        self.metrics = Metrics()
+        self.draining = False  # after SIGTERM: no new prompts, /ready 503
         self._stopping = False
         self._background_started = False
 
@@ -186,13 +191,37 @@ class App:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                self.loop.add_signal_handler(sig, stop.set)
+                self.loop.add_signal_handler(sig, self._on_signal, stop)
             except (NotImplementedError, RuntimeError):
                 pass
         await stop.wait()
-        log.info("stopping")
+        await self.drain()
         self._stopping = True
         await self.http.close()
+        log.info("stopped")
+
+    def _on_signal(self, stop: asyncio.Event) -> None:
+        if stop.is_set():  # a second signal: stop now
+            log.warning("second signal: exiting without waiting")
+            os._exit(0)
+        stop.set()
+
+    async def drain(self) -> None:
+        """Refuses new prompts, lets queued and running ones finish within the grace period, then interrupts."""
+        self.draining = True
+        grace = max(0.0, float(self.settings.shutdown_grace))
+        log.info("shutting down: %d prompt(s) left, waiting up to %.0f s", self.queue.remaining(), grace)
+        deadline = time.monotonic() + grace
+        while self.queue.remaining() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.queue.remaining():
+            dropped = self.queue.pending_count()
+            self.queue.wipe()
+            progress.request_interrupt()
+            log.warning("grace period over: interrupted the running prompt, dropped %d pending", dropped)
+            end = time.monotonic() + 10
+            while self.queue.running() and time.monotonic() < end:
+                await asyncio.sleep(0.05)
 
     # -- node classes ------------------------------------------------------------------------------
     def _load_class(self, class_type: str):
@@ -215,13 +244,20 @@ class App:
             prompt_id, prompt, extra_data, outputs = item[1], item[2], item[3], item[4]
             self.running_client = extra_data.get("client_id")
             timeline.mark("first_prompt_started")
+            token = logs.current_prompt.set(prompt_id)
+            started = time.monotonic()
             try:
+                log.info("prompt started")
                 entry = loop.run_until_complete(self.executor.execute(prompt_id, prompt, extra_data, outputs))
             except Exception as exc:  # a bug in the engine must not lose the queue
                 log.error("prompt %s crashed the executor:\n%s", prompt_id, traceback.format_exc())
                 entry = {"outputs": {}, "meta": {}, "status": {"status_str": "error", "completed": False,
                          "messages": [["execution_error", {"prompt_id": prompt_id, "exception_message": str(exc),
                                                            "timestamp": now_ms()}]]}}
+            outcome = _outcome(entry)
+            self.metrics.prompt_finished(outcome, time.monotonic() - started)
+            log.info("prompt finished: %s in %.2f s", outcome, time.monotonic() - started)
+            logs.current_prompt.reset(token)
             self.queue.task_done(task_id, entry)
             client = self.running_client
             self.running_client = None
@@ -269,6 +305,12 @@ class App:
     def request_interrupt(self, prompt_id: str | None) -> None:
         if prompt_id is None or prompt_id in self.queue.running_prompt_ids():
             progress.request_interrupt()
+
+
+def _outcome(entry: dict) -> str:
+    messages = entry.get("status", {}).get("messages") or []
+    last = messages[-1][0] if messages else ""
+    return {"execution_success": "success", "execution_interrupted": "interrupted"}.get(last, "error")
 
 
 def encode_preview(preview, max_size: int):

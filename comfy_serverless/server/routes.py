@@ -48,6 +48,8 @@ def register_routes(router, app) -> None:
             reasons.append("node catalogue not loaded yet")
         if queue_full():
             reasons.append(f"queue full ({app.queue.pending_count()} pending)")
+        if app.draining:
+            reasons.append("shutting down")
         if reasons:
             return json_response({"ready": False, "reasons": reasons}, 503)
         return json_response({"ready": True})
@@ -62,6 +64,9 @@ def register_routes(router, app) -> None:
         return json_response({"exec_info": {"queue_remaining": app.queue.remaining()}})
 
     async def post_prompt(request):
+        if app.draining:
+            return json_response(_error_body("shutting_down", "The server is shutting down; send the prompt "
+                                             "to another instance.", "SIGTERM received"), 503)
         if queue_full():
             return json_response(_error_body("queue_full", "The queue is full; try again later.",
                                              f"{app.queue.pending_count()} prompts pending; --max-queue-size "
@@ -154,6 +159,10 @@ def register_routes(router, app) -> None:
         return Response(b"No WebSocket UPGRADE hdr: None\n Can \"Upgrade\" only to \"WebSocket\".", 400,
                         "text/plain; charset=utf-8")
 
+    async def metrics(request):
+        body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()))
+        return Response(body, 200, "text/plain; version=0.0.4; charset=utf-8")
+
     async def extensions(request):
         return json_response([])  # no web frontend, so no frontend extensions
 
@@ -161,6 +170,7 @@ def register_routes(router, app) -> None:
     router.add("GET", "/ws", websocket_without_upgrade)
     router.add("GET", "/health", health, api_alias=False)
     router.add("GET", "/ready", ready, api_alias=False)
+    router.add("GET", "/metrics", metrics, api_alias=False)
     router.add("GET", "/system_stats", get_system_stats)
     router.add("GET", "/features", features)
     router.add("GET", "/prompt", get_prompt)
