@@ -348,3 +348,22 @@ def test_reconnect_during_execution_reports_the_running_node(server):
     assert first["type"] == "status" and second == {"type": "executing", "data": {"node": "2"}}
     again.until_done(queued["prompt_id"])
     again.close()
+
+
+def _stateful(tag):
+    return {"1": {"class_type": "Stateful", "inputs": {"tag": tag}}, "2": record(["1", 0], tag)}
+
+
+def test_node_instances_are_reused_across_prompts(start_server):
+    srv = start_server()
+    assert srv.run(_stateful("a"))["outputs"]["2"]["values"] == [1]
+    assert srv.run(_stateful("a"))["outputs"]["2"]["values"] == [2]  # same id and class: same object
+    other = {"9": {"class_type": "Number", "inputs": {"value": 1}}, "8": record(["9", 0], "other")}
+    srv.run(other)  # node 1 absent from this prompt: its instance is dropped
+    assert srv.run(_stateful("a"))["outputs"]["2"]["values"] == [1]
+
+
+def test_cache_none_recreates_node_instances(start_server):
+    srv = start_server("--cache-none")
+    assert srv.run(_stateful("b"))["outputs"]["2"]["values"] == [1]
+    assert srv.run(_stateful("b"))["outputs"]["2"]["values"] == [1]

@@ -239,6 +239,29 @@ class Counter:
         return (float(Counter.calls),)
 
 
+class Stateful:
+    """Counts calls on its own instance: shows whether the engine reused the node object."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    @classmethod
+    def IS_CHANGED(cls, tag):
+        return float("nan")
+
+    def __init__(self):
+        self.calls = 0
+
+    def run(self, tag):
+        self.calls += 1
+        return (self.calls,)
+
+
 class EvenOnly:
     """VALIDATE_INPUTS rejects odd values (and so skips the min/max check for `value`)."""
 
@@ -279,5 +302,6 @@ NODE_CLASS_MAPPINGS = {
     "LazySwitch": LazySwitch, "Fail": Fail, "Block": Block, "SumTo": SumTo, "SelfLoop": SelfLoop,
     "Sleep": Sleep, "SlowSteps": SlowSteps, "Counter": Counter, "EvenOnly": EvenOnly,
     "ComboPick": ComboPick, "PreviewSteps": PreviewSteps,
+    "Stateful": Stateful,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"Record": "Record Value"}
