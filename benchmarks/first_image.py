@@ -1,0 +1,203 @@
+"""Time to first image (figures 4-6 of shared/BENCHMARKS.md).
+
+The default txt2img workflow (contract 4.1) at 256x256, 4 steps, cfg 7, euler / normal, batch 1, on a
+full-size SD1.5-architecture checkpoint with random weights made by `comfy-serverless make-test-checkpoint`
+(about 2.1 GB, cached under benchmarks/.cache/). For each run a fresh server is spawned as a user starts it;
+the cold time runs from the spawn to the PNG file on disk. Then the same workflow with a new seed on the
+running server gives the warm time. Peak RSS is the server's VmHWM.
+
+    .venv/bin/python benchmarks/first_image.py [--runs 3] [--size 256] [--steps 4] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import websocket  # websocket-client (a test dependency)
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+CACHE = Path(__file__).resolve().parent / ".cache"
+CHECKPOINT = "sd15-random-full.safetensors"
+
+
+def workflow(seed: int, size: int, steps: int) -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "masterpiece best quality girl", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "bad hands", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {"seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "denoise": 1.0, "model": ["4", 0],
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+def ensure_checkpoint() -> Path:
+    path = CACHE / CHECKPOINT
+    if not path.exists():
+        CACHE.mkdir(exist_ok=True)
+        print(f"making {path} (random weights, once) ...", flush=True)
+        subprocess.run([str(VENV_BIN / "comfy-serverless"), "make-test-checkpoint", "--arch", "sd15", "--size", "full",
+                        str(path)], check=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def http_json(url: str, payload=None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=600) as response:
+        return json.loads(response.read())
+
+
+def run_prompt(port: int, prompt: dict, spawned: float) -> dict:
+    """Queues a prompt and follows it over the WebSocket; returns client-side event times (s since spawn)."""
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws?clientId={client_id}", timeout=1200)
+    posted = time.perf_counter()
+    queued = http_json(f"http://127.0.0.1:{port}/prompt", {"prompt": prompt, "client_id": client_id})
+    times = {"posted": posted - spawned, "node_start": {}, "steps": []}
+    while True:
+        frame = ws.recv()
+        if isinstance(frame, bytes):
+            continue
+        message = json.loads(frame)
+        now = time.perf_counter() - spawned
+        data = message["data"]
+        if message["type"] == "executing" and data.get("prompt_id") == queued["prompt_id"]:
+            if data["node"] is None:
+                times["done"] = now
+                break
+            times["node_start"].setdefault(data["node"], now)
+        elif message["type"] == "progress":
+            times["steps"].append(now)
+        elif message["type"] == "execution_error":
+            raise RuntimeError(data.get("exception_message"))
+    ws.close()
+    return times
+
+
+def wait_for_file(folder: Path, since: float, spawned: float, timeout: float = 1200) -> float:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if any(p.stat().st_mtime >= since for p in folder.glob("bench_*.png")):
+            return time.perf_counter() - spawned
+        time.sleep(0.01)
+    raise TimeoutError("no image written")
+
+
+def one_run(checkpoint: Path, size: int, steps: int, seed: int) -> dict:
+    base = Path(tempfile.mkdtemp(prefix="first-image-"))
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(checkpoint)
+    subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", "--base-directory", str(base),
+                    "--verbose", "WARNING"], check=True, cwd=base)  # as an image build would
+    port = free_port()
+    spawned = time.perf_counter()
+    wall_start = time.time()
+    proc = subprocess.Popen([str(VENV_BIN / "comfy-serverless"), "serve", "--port", str(port), "--base-directory",
+                             str(base), "--dont-print-server"], cwd=base,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=1).read()
+                ready = time.perf_counter() - spawned
+                break
+            except OSError:
+                time.sleep(0.005)
+        cold = run_prompt(port, workflow(seed, size, steps), spawned)
+        image_at = wait_for_file(base / "output", wall_start, spawned)
+        stages = http_json(f"http://127.0.0.1:{port}/system_stats")["comfy_serverless"]["startup"]
+        warm_start = time.perf_counter()
+        warm = run_prompt(port, workflow(seed + 1, size, steps), spawned)
+        warm_s = warm["done"] - (warm_start - spawned)
+        step_times = [b - a for a, b in zip(warm["steps"], warm["steps"][1:])]
+        return {"ready_s": ready, "cold_image_s": image_at, "warm_image_s": warm_s,
+                "warm_step_s": statistics.median(step_times) if step_times else None,
+                "peak_rss_mb": peak_rss_mb(proc.pid), "server_stages": stages,
+                "cold_node_start": cold["node_start"], "cold_done": cold["done"]}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def split(run: dict) -> list[tuple[str, float]]:
+    """Cold run split by stage, seconds since spawn (node starts as the client saw them)."""
+    s, n = run["server_stages"], run["cold_node_start"]
+    rows = [("server ready (first 200)", run["ready_s"])]
+    if "packs_imported" in s:
+        rows.append(("torch + packs imported (server clock)", s["packs_imported"]))
+    loaded = [v for k, v in s.items() if k.startswith("model_loaded:")]
+    if loaded:
+        rows.append(("checkpoint loaded (server clock)", min(loaded)))
+    for label, node in (("text encoding started", "6"), ("sampling started", "3"), ("decode started", "8"),
+                        ("save started", "9")):
+        if node in n:
+            rows.append((label, n[node]))
+    rows.append(("image file written", run["cold_image_s"]))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    checkpoint = ensure_checkpoint()
+    runs = []
+    for i in range(args.runs):
+        runs.append(one_run(checkpoint, args.size, args.steps, seed=1000 + i))
+        print(f"run {i + 1}: cold {runs[-1]['cold_image_s']:.2f} s, warm {runs[-1]['warm_image_s']:.2f} s", flush=True)
+
+    def stat(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return min(values), statistics.median(values), max(values)
+
+    print(f"\nfirst image, {args.size}x{args.size}, {args.steps} steps, euler/normal, cfg 7, full-size SD1.5 random "
+          f"weights, {args.runs} runs\n")
+    print("| figure | min | median | max |\n|---|---|---|---|")
+    for label, key, unit in (("cold: spawn to image file", "cold_image_s", "s"),
+                             ("warm: POST to done", "warm_image_s", "s"),
+                             ("warm: per step", "warm_step_s", "s"), ("peak RSS", "peak_rss_mb", "MB")):
+        lo, mid, hi = stat(key)
+        print(f"| {label} ({unit}) | {lo:.2f} | {mid:.2f} | {hi:.2f} |")
+    median_run = sorted(runs, key=lambda r: r["cold_image_s"])[len(runs) // 2]
+    print("\ncold run split (median run), seconds since spawn:\n\n| stage | at |\n|---|---|")
+    for label, value in split(median_run):
+        print(f"| {label} | {value:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
