@@ -13,13 +13,15 @@ import sys
 from . import __version__, logs, timeline
 from .settings import add_flags, settings_from
 
-SUBCOMMANDS = ("serve", "snapshot")
+SUBCOMMANDS = ("serve", "snapshot", "make-test-checkpoint")
 DESCRIPTION = """\
 API-only, ComfyUI-compatible workflow server built for serverless cold starts.
 
 commands:
   serve      run the server (default when no command is given); ComfyUI's launch flags are accepted
   snapshot   import every node pack and write the node catalogue snapshot the server starts from
+  make-test-checkpoint --arch {sd15,sd2,sd2-v,sdxl} --size {tiny,full} OUT.safetensors
+             write a checkpoint with random weights in the original single-file layout (tests, benchmarks)
 
 Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
 switches take 1/true/yes. Probes for platforms: GET /health (liveness), GET /ready (readiness: 503 until the
@@ -55,6 +57,10 @@ def parse(command: str, argv: list[str], environ=None):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = split_command(argv)
+    if command == "make-test-checkpoint":
+        from .tools import make_test_checkpoint_command
+
+        return make_test_checkpoint_command(rest)
     settings = parse(command, rest)
     logs.configure(settings)
     log = logging.getLogger("comfy_serverless")

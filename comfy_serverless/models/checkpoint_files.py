@@ -1,0 +1,584 @@
+"""Single-file checkpoints in the original layout: open, recognise, split.
+
+    open_state_dict(path)          .safetensors/.sft memory-mapped (no copy, nothing read until used);
+                                   .ckpt/.pt/.pth/.bin with torch.load(weights_only=True, mmap=True)
+    detect_architecture(sd, meta)  SD1.x / SD2.x (eps or v) / SDXL base, every config read from the shapes
+    split_checkpoint(sd, arch)     UNet, text encoder and VAE weights with their prefixes stripped (same tensors)
+    split_vae(sd)                  a VAELoader file (or the VAE inside a checkpoint) and its config
+    open_checkpoint(path)          all of the above in one call
+
+Every problem with a file is a CheckpointError whose message says what was found and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..diffusion.build import UNET_PREFIX, VAE_PREFIX, strip_prefix
+from ..diffusion.clip import (
+    SD1_CLIP_L_PREFIX,
+    SD2_CLIP_H_PREFIX,
+    SDXL_CLIP_G_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    UNUSED_CHECKPOINT_KEYS,
+    CLIPTextConfig,
+)
+from ..diffusion.unet import UNetConfig
+from ..diffusion.vae import VAEConfig
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base"
+FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# Keys that mark a v-prediction model, and metadata written by trainers (modelspec) and make-test-checkpoint.
+V_PRED_KEY = "v_pred"
+PREDICTION_METADATA_KEY = "modelspec.prediction_type"
+TEST_CHECKPOINT_METADATA_KEY = "comfy_serverless.test_checkpoint"
+# ComfyUI's SD2 rule: a v model's last output transformer has norm1.bias with std above this.
+SD2_V_BIAS_STD_THRESHOLD = 0.09
+# safetensors headers of real files are well under a few MB; anything huge means garbage.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A model file that cannot be used, with a message meant for the person who chose it."""
+
+
+# ---- reading files ---------------------------------------------------------------------------------
+
+
+def open_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a model file, keyed by name; safetensors tensors are views of a private memory map."""
+    return _open(path)[0]
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (header only, milliseconds); {} for other formats."""
+    path = _existing_file(path)
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        return {}
+    return _safetensors_header(path)[1]
+
+
+def _open(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = _existing_file(path)
+    lowered = path.lower()
+    if lowered.endswith(SAFETENSORS_SUFFIXES):
+        return _open_safetensors(path)
+    if lowered.endswith(PICKLE_SUFFIXES):
+        return _open_pickle(path), {}
+    raise CheckpointError(f"{path}: unknown model file type; expected one of "
+                          f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
+
+
+def _existing_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); download it again")
+    return path
+
+
+def _sniff(head: bytes) -> str | None:
+    """What a file's first bytes say it is, when it is something well known."""
+    signatures = [
+        (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+        (b"PK\x03\x04", "a zip archive (a PyTorch .ckpt/.pt file?)"), (b"GGUF", "a GGUF file"),
+        (b"\x1f\x8b", "a gzip archive"), (b"version https://git-lfs", "a Git LFS pointer, not the file itself"),
+    ]
+    for signature, description in signatures:
+        if head.startswith(signature):
+            return description
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (a PyTorch .ckpt/.pt file?)"
+    if head.lstrip()[:1] == b"<":
+        return "an HTML or XML page (a failed download?)"
+    return None
+
+
+def _not_safetensors(path: str, head: bytes, problem: str) -> CheckpointError:
+    found = _sniff(head)
+    if found:
+        return CheckpointError(f"{path}: not a safetensors file: it looks like {found}")
+    return CheckpointError(f"{path}: {problem}: truncated, corrupt or not a safetensors file")
+
+
+def _safetensors_header(path: str) -> tuple[dict, dict[str, str]]:
+    """Validate the header against the file size and return (tensor entries, metadata)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise _not_safetensors(path, head, f"only {size} bytes")
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > min(size - 8, MAX_HEADER_BYTES):
+            raise _not_safetensors(path, head + file.read(56),
+                                   f"header length {header_size} exceeds the file size {size}")
+        raw = file.read(header_size)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise _not_safetensors(path, head + raw[:56], "header is not valid JSON") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not header:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    try:
+        data_end = max(int(entry["data_offsets"][1]) for entry in header.values())
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a tensor entry without data_offsets)") from None
+    needed = 8 + header_size + data_end
+    if needed > size:
+        raise CheckpointError(f"{path}: truncated: the tensors need {needed} bytes but the file has {size} "
+                              f"({100 * size // needed}%); the download or copy was probably cut short")
+    return header, {str(key): str(value) for key, value in metadata.items()}
+
+
+def _open_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _, metadata = _safetensors_header(path)
+    try:
+        return load_file(path), metadata
+    except (SafetensorError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from None
+
+
+def _open_pickle(path: str) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as file:
+        head = file.read(64)
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if not is_zip and not is_pickle:
+        found = _sniff(head)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint" + (f": it looks like {found}" if found else
+                              " (unrecognised content); truncated or corrupt?"))
+    try:
+        # mmap needs the zip format of torch >= 1.6; older pickles are read into memory.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", message):
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds Python objects besides tensors (it contains "
+                f"{found.group(1)}), and loading those could run code; use a .safetensors version of this model "
+                f"instead") from None
+        # Anything else the safe unpickler stops at is damage, e.g. "Unsupported operand 180".
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        detail = detail.group(1) if detail else message.splitlines()[0]
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {detail}") from None
+    except Exception as exc:  # a damaged pickle can fail in any way (IndexError, KeyError, ... seen)
+        first_line = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {first_line}") from None
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a dictionary of tensors")
+    tensors = {str(key): value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    return tensors
+
+
+# ---- architecture ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    prefix: str  # key prefix in the checkpoint, stripped by split_checkpoint
+    config: CLIPTextConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str  # "sd15", "sd2" or "sdxl"
+    prediction: str  # "eps" or "v_prediction"
+    prediction_reason: str  # how prediction was decided, for logs
+    unet_config: UNetConfig
+    vae_config: VAEConfig | None  # None: the checkpoint carries no VAE
+    text_encoders: dict[str, TextEncoderSpec]  # "clip_l" (SD1, SDXL), "clip_h" (SD2), "clip_g" (SDXL)
+    size: str  # "full" (the released models), "tiny" (the test configs) or "custom" (read from shapes)
+
+    @property
+    def description(self) -> str:
+        prediction = "v-prediction" if self.prediction == "v_prediction" else "eps"
+        return f"{FAMILY_NAMES[self.family]} ({prediction}, {self.size} size)"
+
+
+# Known UNets that are not the families above, told apart by (label_emb present, context dim).
+_OTHER_UNETS = {(True, 1280): "an SDXL refiner", (True, 1024): "an SD2.x unCLIP model"}
+_IN_CHANNELS = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler model",
+                8: "an instruct-pix2pix model"}
+
+
+def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                        ) -> Architecture:
+    """Recognise SD1.x, SD2.x (eps or v) and SDXL base from tensor names and shapes.
+
+    Reads only shapes, except one small bias tensor for SD2 files that state no prediction type.
+    """
+    metadata = metadata or {}
+    unet = strip_prefix(state_dict, UNET_PREFIX)
+    if "input_blocks.0.0.weight" not in unet or "out.2.weight" not in unet:
+        raise CheckpointError(_not_supported(state_dict))
+    if any(".time_stack." in key or ".time_mixer." in key for key in unet):
+        raise CheckpointError(_not_supported(state_dict, "a video model (Stable Video Diffusion?)"))
+    shape_config = _unet_shape_config(unet)
+    in_channels, context_dim = shape_config["in_channels"], shape_config["context_dim"]
+    has_label_emb = shape_config["adm_in_channels"] is not None
+    if (has_label_emb, context_dim) in _OTHER_UNETS:
+        raise CheckpointError(_not_supported(state_dict, _OTHER_UNETS[has_label_emb, context_dim]))
+    if in_channels != 4:
+        found = _IN_CHANNELS.get(in_channels, "a modified UNet")
+        raise CheckpointError(_not_supported(state_dict, f"{found} ({in_channels} UNet input channels)"))
+    if has_label_emb and ("edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict):
+        raise CheckpointError(_not_supported(state_dict, "an SDXL model with EDM sampling (Playground v2.5, CosXL)"))
+    family = "sdxl" if has_label_emb else "sd2" if shape_config["use_linear_in_transformer"] else "sd15"
+
+    full, tiny = _FULL_UNET[family](), UNetConfig.tiny(family)
+    if context_dim not in (full.context_dim, tiny.context_dim):
+        raise CheckpointError(_not_supported(
+            state_dict, f"a {FAMILY_NAMES[family]}-like UNet with an unknown text width {context_dim} "
+                        f"(expected {full.context_dim})"))
+    unet_config, size = _with_known_heads(shape_config, full, tiny)
+    prediction, reason = _prediction(family, state_dict, metadata, unet)
+    return Architecture(
+        family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
+        vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), family),
+        text_encoders=_text_encoders(state_dict, family), size=size,
+    )
+
+
+_FULL_UNET = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}
+_TRANSFORMER_KEY = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.transformer_blocks\.(\d+)\.")
+_BLOCK_KEY = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
+
+
+def _require(weights: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in weights:
+        raise CheckpointError(f"UNet weight {key!r} is missing: the file is incomplete or its UNet is not laid out "
+                              f"like SD1.x/SD2.x/SDXL; {SUPPORTED}")
+    return weights[key]
+
+
+def _unusual(detail: str) -> CheckpointError:
+    return CheckpointError(f"the UNet's blocks are laid out unlike SD1.x/SD2.x/SDXL ({detail}); a distilled or "
+                           f"modified model? {SUPPORTED}")
+
+
+def _unet_shape_config(unet: Mapping[str, torch.Tensor]) -> dict:
+    """UNetConfig fields read from the shapes (all but the head split, which shapes do not show)."""
+    model_channels, in_channels = _require(unet, "input_blocks.0.0.weight").shape[:2]
+    depths: dict[str, int] = {}
+    block_counts = {"input_blocks": 0, "output_blocks": 0}
+    for key in unet:
+        if match := _TRANSFORMER_KEY.match(key):
+            depths[match[1]] = max(depths.get(match[1], 0), int(match[2]) + 1)
+        if match := _BLOCK_KEY.match(key):
+            block_counts[match[1]] = max(block_counts[match[1]], int(match[2]) + 1)
+
+    # Input blocks: per level its res blocks (width multiplier, transformer depth), then a downsample.
+    levels: list[list[tuple[int, int]]] = [[]]
+    for index in range(1, block_counts["input_blocks"]):
+        if f"input_blocks.{index}.0.op.weight" in unet:
+            levels.append([])
+            continue
+        width = _require(unet, f"input_blocks.{index}.0.in_layers.2.weight").shape[0]
+        if width % model_channels:
+            raise _unusual(f"input block {index} is {width} wide, not a multiple of {model_channels}")
+        levels[-1].append((width // model_channels, depths.get(f"input_blocks.{index}", 0)))
+    num_res_blocks = len(levels[0])
+    if num_res_blocks == 0 or any(len(level) != num_res_blocks for level in levels):
+        raise _unusual(f"res blocks per level {[len(level) for level in levels]}")
+    if any(len(set(level)) != 1 for level in levels):
+        raise _unusual("blocks of one level differ in width or transformer depth")
+    channel_mult = tuple(level[0][0] for level in levels)
+    transformer_depth = tuple(level[0][1] for level in levels)
+
+    expected_outputs = len(levels) * (num_res_blocks + 1)
+    if block_counts["output_blocks"] != expected_outputs:
+        raise _unusual(f"{block_counts['output_blocks']} output blocks, expected {expected_outputs}")
+    for up_index, level in enumerate(reversed(range(len(levels)))):
+        for index in range(up_index * (num_res_blocks + 1), (up_index + 1) * (num_res_blocks + 1)):
+            if depths.get(f"output_blocks.{index}", 0) != transformer_depth[level]:
+                raise _unusual(f"output block {index} has transformer depth {depths.get(f'output_blocks.{index}', 0)}"
+                               f", its input blocks {transformer_depth[level]}")
+    if not depths.get("middle_block"):
+        raise _unusual("no transformer in the middle block")
+
+    context_key = next((key for key in unet if key.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
+    proj_in_key = next((key for key in unet if key.endswith(".1.proj_in.weight")), None)
+    if context_key is None or proj_in_key is None:
+        raise _unusual("transformers without cross-attention or input projection")
+    label_emb = unet.get("label_emb.0.0.weight")
+    return dict(
+        in_channels=in_channels, out_channels=_require(unet, "out.2.weight").shape[0], model_channels=model_channels,
+        channel_mult=channel_mult, num_res_blocks=num_res_blocks, transformer_depth=transformer_depth,
+        transformer_depth_middle=depths["middle_block"], context_dim=unet[context_key].shape[1],
+        use_linear_in_transformer=unet[proj_in_key].ndim == 2,
+        adm_in_channels=None if label_emb is None else label_emb.shape[1],
+    )
+
+
+def _with_known_heads(shape_config: dict, full: UNetConfig, tiny: UNetConfig) -> tuple[UNetConfig, str]:
+    """Shapes cannot tell 8 heads of 40 from 5 of 64: take the head split of the matching known config."""
+    for known, size in ((full, "full"), (tiny, "tiny")):
+        candidate = UNetConfig(**shape_config, num_heads=known.num_heads, num_head_channels=known.num_head_channels)
+        if candidate == known:
+            return candidate, size
+    # Another size of a known family: keep the family's rule (SD1 8 heads, SD2/SDXL 64-wide heads).
+    return UNetConfig(**shape_config, num_heads=full.num_heads, num_head_channels=full.num_head_channels), "custom"
+
+
+def _prediction(family: str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                unet: Mapping[str, torch.Tensor]) -> tuple[str, str]:
+    """eps or v_prediction: a v_pred key, then metadata, then (SD2 only) ComfyUI's bias statistic."""
+    if V_PRED_KEY in state_dict:
+        return "v_prediction", "v_pred key"
+    stated = metadata.get(PREDICTION_METADATA_KEY, "").strip().lower()
+    if stated in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction", f"metadata {PREDICTION_METADATA_KEY}"
+    if stated in ("epsilon", "eps"):
+        return "eps", f"metadata {PREDICTION_METADATA_KEY}"
+    if metadata.get(TEST_CHECKPOINT_METADATA_KEY) == "sd2-v":
+        return "v_prediction", f"metadata {TEST_CHECKPOINT_METADATA_KEY}"
+    if family != "sd2":
+        return "eps", "default"
+    # SD2 768-v and 512-base have identical shapes. ComfyUI looks at the std of one LayerNorm bias of the last
+    # output transformer (output_blocks.11.1 in the full model), above 0.09 in v models. One small tensor read.
+    last = max((int(key.split(".")[1]) for key in unet
+                if key.startswith("output_blocks.") and ".1.transformer_blocks.0.norm1.bias" in key), default=None)
+    if last is None:
+        return "eps", "default"
+    bias = unet[f"output_blocks.{last}.1.transformer_blocks.0.norm1.bias"].float()
+    std = bias.std(unbiased=False).item()
+    if std > SD2_V_BIAS_STD_THRESHOLD:
+        return "v_prediction", f"heuristic: output_blocks.{last} norm1.bias std {std:.3f} > {SD2_V_BIAS_STD_THRESHOLD}"
+    return "eps", f"heuristic: output_blocks.{last} norm1.bias std {std:.3f} <= {SD2_V_BIAS_STD_THRESHOLD}"
+
+
+# ---- text encoders -----------------------------------------------------------------------------------
+
+# Where each family keeps its text encoders, preferred prefix first (older/sgm layouts after).
+_TEXT_ENCODER_PREFIXES = {
+    "sd15": {"clip_l": (SD1_CLIP_L_PREFIX, "cond_stage_model.transformer.")},
+    "sd2": {"clip_h": (SD2_CLIP_H_PREFIX, "conditioner.embedders.0.model.")},
+    "sdxl": {"clip_l": (SDXL_CLIP_L_PREFIX,), "clip_g": (SDXL_CLIP_G_PREFIX,)},
+}
+_FULL_TEXT = {"clip_l": CLIPTextConfig.clip_l, "clip_h": CLIPTextConfig.open_clip_h,
+              "clip_g": CLIPTextConfig.open_clip_bigg}
+_TEXT_KEYS = {"hf": ("embeddings.", "encoder.", "final_layer_norm."),
+              "openclip": ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")}
+_LAYER_KEY = re.compile(r"^(?:encoder\.layers|transformer\.resblocks)\.(\d+)\.")
+
+
+def _text_encoders(state_dict: Mapping[str, torch.Tensor], family: str) -> dict[str, TextEncoderSpec]:
+    """The family's text encoders present in the file (a file without them still loads its UNet)."""
+    found = {}
+    for name, prefixes in _TEXT_ENCODER_PREFIXES[family].items():
+        layout = "hf" if name == "clip_l" else "openclip"
+        for prefix in prefixes:
+            probe = prefix + ("embeddings.token_embedding.weight" if layout == "hf" else "token_embedding.weight")
+            if probe in state_dict:
+                try:
+                    config = _text_config(strip_prefix(state_dict, prefix), layout, _FULL_TEXT[name]())
+                except KeyError as exc:
+                    raise CheckpointError(f"the {name} text encoder ({prefix}*) is incomplete: "
+                                          f"{exc.args[0]} is missing") from None
+                found[name] = TextEncoderSpec(prefix, config)
+                break
+        else:
+            log.warning("%s checkpoint without its %s text encoder", FAMILY_NAMES[family], name)
+    return found
+
+
+def _text_config(weights: Mapping[str, torch.Tensor], layout: str, full: CLIPTextConfig) -> CLIPTextConfig:
+    layers = 1 + max((int(match[1]) for key in weights if (match := _LAYER_KEY.match(key))), default=-1)
+    if layout == "hf":
+        vocab_size, width = weights["embeddings.token_embedding.weight"].shape
+        context_length = weights["embeddings.position_embedding.weight"].shape[0]
+        mlp_width = weights["encoder.layers.0.mlp.fc1.weight"].shape[0]
+        projection_dim = None
+    else:
+        vocab_size, width = weights["token_embedding.weight"].shape
+        context_length = weights["positional_embedding"].shape[0]
+        mlp_width = weights["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        projection = weights.get("text_projection")
+        projection_dim = None if projection is None else projection.shape[1]
+    fields = dict(width=width, layers=layers, mlp_width=mlp_width, activation=full.activation, layout=layout,
+                  projection_dim=projection_dim, vocab_size=vocab_size, context_length=context_length)
+    tiny = CLIPTextConfig.tiny(layout, width=width, projection_dim=projection_dim)
+    for known in (full, tiny):
+        if dataclasses.replace(known, **fields) == known:
+            return known
+    return CLIPTextConfig(heads=max(1, width // 64), **fields)
+
+
+# ---- VAE -------------------------------------------------------------------------------------------
+
+_VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_VAE_ATTENTION_WEIGHT = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+_VAE_SCALE = {"sd15": VAEConfig.sd().scaling_factor, "sd2": VAEConfig.sd().scaling_factor,
+              "sdxl": VAEConfig.sdxl().scaling_factor}
+
+
+def _vae_config(vae: Mapping[str, torch.Tensor], family: str) -> VAEConfig | None:
+    if not vae:
+        log.warning("%s checkpoint without a VAE", FAMILY_NAMES[family])
+        return None
+    try:
+        return _vae_config_from_shapes(vae, family)
+    except (KeyError, ValueError) as exc:  # a missing key, or max() of no blocks
+        raise CheckpointError(f"the VAE is incomplete or in an unknown layout ({exc})") from None
+
+
+def _vae_config_from_shapes(vae: Mapping[str, torch.Tensor], family: str) -> VAEConfig:
+    base_channels, in_channels = vae["encoder.conv_in.weight"].shape[:2]
+    levels = 1 + max(int(key.split(".")[2]) for key in vae if key.startswith("encoder.down."))
+    num_res_blocks = 1 + max(int(key.split(".")[4]) for key in vae if key.startswith("encoder.down.0.block."))
+    channel_mult = tuple(vae[f"encoder.down.{level}.block.{num_res_blocks - 1}.conv2.weight"].shape[0] // base_channels
+                         for level in range(levels))
+    latent_channels = vae["decoder.conv_in.weight"].shape[1]
+    if latent_channels != 4:
+        raise CheckpointError(f"a VAE with {latent_channels} latent channels (SD3 / Flux use 16); {SUPPORTED} VAEs")
+    return VAEConfig(in_channels=in_channels, out_channels=vae["decoder.conv_out.weight"].shape[0],
+                     base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
+                     latent_channels=latent_channels, scaling_factor=_VAE_SCALE[family])
+
+
+def _vae_weights(vae: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The AutoencoderKL keys only; attention weights stored as [C, C] (older conversions) viewed as 1x1 convs."""
+    weights = {}
+    for key, value in vae.items():
+        if key.startswith(_VAE_KEYS):
+            weights[key] = value.view(*value.shape, 1, 1) if value.ndim == 2 and _VAE_ATTENTION_WEIGHT.match(key) \
+                else value
+    return weights
+
+
+def split_vae(state_dict: Mapping[str, torch.Tensor], family: str = "sd15"
+              ) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """A VAE file (bare ``encoder.*``/``decoder.*`` keys, or the ``first_stage_model.*`` of a checkpoint).
+
+    SD and SDXL VAEs share one architecture and cannot be told apart: ``family`` only sets the config's
+    scaling factor, which belongs to the model the VAE is used with.
+    """
+    vae = strip_prefix(state_dict, VAE_PREFIX) if any(key.startswith(VAE_PREFIX) for key in state_dict) \
+        else dict(state_dict)
+    if any(key.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for key in vae):
+        raise CheckpointError("a VAE in diffusers layout (down_blocks/up_blocks); use the single-file "
+                              "(original layout) version of this VAE")
+    if "encoder.conv_in.weight" not in vae:
+        raise CheckpointError(_not_supported(state_dict, expected="expected a VAE (encoder.* and decoder.* keys)"))
+    return _vae_weights(vae), _vae_config(vae, family)
+
+
+# ---- splitting -------------------------------------------------------------------------------------
+
+
+def split_checkpoint(state_dict: Mapping[str, torch.Tensor], arch: Architecture
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(unet, {encoder name: weights}, vae) keyed as UNetModel / CLIPTextModel / AutoencoderKL expect.
+
+    New dicts over the very same tensor objects: nothing is copied or read. vae is {} when the file has none.
+    """
+    unet = strip_prefix(state_dict, UNET_PREFIX)
+    text_encoders = {}
+    for name, spec in arch.text_encoders.items():
+        allowed = _TEXT_KEYS[spec.config.layout]
+        text_encoders[name] = {key: value for key, value in strip_prefix(state_dict, spec.prefix).items()
+                               if key.startswith(allowed) and key not in UNUSED_CHECKPOINT_KEYS}
+    vae = _vae_weights(strip_prefix(state_dict, VAE_PREFIX)) if arch.vae_config is not None else {}
+    return unet, text_encoders, vae
+
+
+@dataclass(frozen=True)
+class CheckpointParts:
+    architecture: Architecture
+    unet: dict[str, torch.Tensor]
+    text_encoders: dict[str, dict[str, torch.Tensor]]
+    vae: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointParts:
+    """Open, recognise and split a checkpoint; errors name the file."""
+    state_dict, metadata = _open(path)
+    try:
+        arch = detect_architecture(state_dict, metadata)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+    unet, text_encoders, vae = split_checkpoint(state_dict, arch)
+    log.info("%s: %s, prediction from %s", os.fspath(path), arch.description, arch.prediction_reason)
+    return CheckpointParts(arch, unet, text_encoders, vae, metadata)
+
+
+def open_vae(path: str | os.PathLike, family: str = "sd15") -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """VAELoader: a standalone VAE file (or the VAE of a checkpoint); see split_vae."""
+    state_dict = open_state_dict(path)
+    try:
+        return split_vae(state_dict, family)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{os.fspath(path)}: {exc}") from None
+
+
+# ---- saying what a file is -------------------------------------------------------------------------
+
+_LORA_MARKERS = ("lora_unet_", "lora_te", ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".lora.down.",
+                 "lora_linear_layer", ".hada_w1", ".lokr_w1")
+
+
+def describe_contents(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short guess at what a model file is, from its key names."""
+    keys = list(state_dict)
+
+    def has(*fragments: str) -> bool:
+        return any(fragment in key for key in keys for fragment in fragments)
+
+    if has(*_LORA_MARKERS):
+        return "a LoRA (load it with LoraLoader)"
+    if has("joint_blocks."):
+        return "an SD3 / MMDiT model"
+    if has("double_blocks.") and has("single_blocks."):
+        return "a Flux model"
+    if has(".time_stack.", ".time_mixer.", "time_pos_embed"):
+        return "a video model (Stable Video Diffusion?)"
+    if has("input_hint_block.", "zero_convs.", "control_model."):
+        return "a ControlNet"
+    if has("down_blocks.0.resnets.0.") or has("down_blocks.0.attentions.0."):
+        return "a model in diffusers layout (use a single-file checkpoint)"
+    if any(key.startswith(("encoder.conv_in.", "decoder.conv_in.")) for key in keys) or (
+            has(VAE_PREFIX) and not has(UNET_PREFIX)):
+        return "a VAE on its own (load it with VAELoader)"
+    if has("string_to_param", "emb_params") or (keys and set(keys) <= {"clip_l", "clip_g", "clip_h"}):
+        return "a textual-inversion embedding (put it in models/embeddings)"
+    if has("text_model.encoder.layers.", "transformer.resblocks.") and not has(UNET_PREFIX):
+        return "a text encoder on its own"
+    if has(UNET_PREFIX):
+        return "a diffusion model of another architecture"
+    return "an unknown kind of model"
+
+
+def _not_supported(state_dict: Mapping[str, torch.Tensor], found: str | None = None,
+                   expected: str = SUPPORTED) -> str:
+    examples = ", ".join(repr(key) for key in list(state_dict)[:3])
+    what = found or describe_contents(state_dict)
+    return f"this file looks like {what} (keys like {examples}); {expected}"

@@ -1,0 +1,264 @@
+"""Random-weight model files in the original layouts: checkpoints, VAEs and LoRAs.
+
+Tiny checkpoints (a few MB, well under a second) are for tests; full ones have the real architecture sizes
+(SD1.5: about 2.1 GB in fp16) and compute exactly as fast as trained weights, for benchmarks. Files are
+written tensor by tensor, so memory holds one tensor at a time, never the whole checkpoint.
+
+    comfy-serverless make-test-checkpoint --arch sd15 --size tiny out.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..diffusion.build import UNET_PREFIX, VAE_PREFIX, build_on_meta
+from ..diffusion.clip import (
+    SD1_CLIP_L_PREFIX,
+    SD2_CLIP_H_PREFIX,
+    SDXL_CLIP_G_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
+from ..diffusion.unet import TINY_SDXL_POOLED_DIM, UNetConfig, UNetModel
+from ..diffusion.vae import AutoencoderKL, VAEConfig
+from .checkpoint_files import PREDICTION_METADATA_KEY, TEST_CHECKPOINT_METADATA_KEY
+from .lora import diffusers_unet_name
+
+ARCHES = ("sd15", "sd2", "sd2-v", "sdxl")
+SIZES = ("tiny", "full")
+LORA_LAYOUTS = ("kohya", "kohya-ldm", "diffusers")
+WEIGHT_STD = 0.02
+# Noise on biases and norm scales, so tests exercise them.
+AFFINE_STD = 0.02
+# sd2-v: the bias ComfyUI inspects to tell SD2 v from eps gets a std above its 0.09 threshold, so ComfyUI
+# (which ignores our metadata) also treats the file as v-prediction.
+V_MODEL_BIAS_STD = 0.15
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def family_of(arch: str) -> str:
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHES)}")
+    return "sd2" if arch.startswith("sd2") else arch
+
+
+def checkpoint_configs(arch: str, size: str) -> tuple[UNetConfig, VAEConfig, dict[str, tuple[str, CLIPTextConfig]]]:
+    """(UNet config, VAE config, {encoder name: (key prefix, config)}) of a test checkpoint."""
+    family = family_of(arch)
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected tiny or full")
+    if size == "full":
+        unet = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}[family]()
+        vae = VAEConfig.sdxl() if family == "sdxl" else VAEConfig.sd()
+        text = {"sd15": {"clip_l": (SD1_CLIP_L_PREFIX, CLIPTextConfig.clip_l())},
+                "sd2": {"clip_h": (SD2_CLIP_H_PREFIX, CLIPTextConfig.open_clip_h())},
+                "sdxl": {"clip_l": (SDXL_CLIP_L_PREFIX, CLIPTextConfig.clip_l()),
+                         "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.open_clip_bigg())}}[family]
+        return unet, vae, text
+    unet = UNetConfig.tiny(family)
+    # Tiny encoders keep the real vocabulary (49408) and 77 positions, so real token ids work.
+    if family == "sd15":
+        text = {"clip_l": (SD1_CLIP_L_PREFIX, CLIPTextConfig.tiny("hf", width=unet.context_dim))}
+    elif family == "sd2":
+        text = {"clip_h": (SD2_CLIP_H_PREFIX, CLIPTextConfig.tiny("openclip", width=unet.context_dim))}
+    else:
+        width_l = 32
+        text = {"clip_l": (SDXL_CLIP_L_PREFIX, CLIPTextConfig.tiny("hf", width=width_l)),
+                "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.tiny("openclip", width=unet.context_dim - width_l,
+                                                                   projection_dim=TINY_SDXL_POOLED_DIM))}
+    return unet, VAEConfig.tiny(), text
+
+
+# ---- what to write ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Spec:
+    """One tensor to write and how to fill it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: str  # "normal", "ones", "zeros", "arange" or "logit_scale"
+    std: float = 0.0  # of the values ("normal") or of the noise added to ones / zeros
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def _module_specs(prefix: str, build: Callable[[], nn.Module], dtype: torch.dtype) -> list[_Spec]:
+    """Every parameter of the model (built on meta: names and shapes only), filled as build.random_state_dict
+    does: weights normal, biases 0 and norm scales 1 plus a little noise."""
+    specs = []
+    for module_name, module in build_on_meta(build).named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{prefix}{module_name}.{param_name}" if module_name else f"{prefix}{param_name}"
+            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and param_name == "weight":
+                specs.append(_Spec(name, tuple(param.shape), dtype, "ones", AFFINE_STD))
+            elif param_name == "bias":
+                specs.append(_Spec(name, tuple(param.shape), dtype, "zeros", AFFINE_STD))
+            else:
+                specs.append(_Spec(name, tuple(param.shape), dtype, "normal", WEIGHT_STD))
+    return specs
+
+
+def _checkpoint_specs(arch: str, size: str, dtype: torch.dtype) -> list[_Spec]:
+    unet_config, vae_config, text = checkpoint_configs(arch, size)
+    specs = _module_specs(UNET_PREFIX, lambda: UNetModel(unet_config), dtype)
+    if arch == "sd2-v":
+        biases = [spec for spec in specs if spec.name.endswith(".1.transformer_blocks.0.norm1.bias")
+                  and spec.name.startswith(UNET_PREFIX + "output_blocks.")]
+        # The last output block with a transformer, the one checkpoint_files._prediction reads.
+        max(biases, key=lambda spec: int(spec.name[len(UNET_PREFIX):].split(".")[1])).std = V_MODEL_BIAS_STD
+    specs += _module_specs(VAE_PREFIX, lambda: AutoencoderKL(vae_config), dtype)
+    for prefix, config in text.values():
+        specs += _module_specs(prefix, lambda config=config: CLIPTextModel(config), dtype)
+        # Extras real files carry and loaders must ignore.
+        if config.layout == "hf":
+            specs.append(_Spec(prefix + "embeddings.position_ids", (1, config.context_length), torch.int64, "arange"))
+        else:
+            specs.append(_Spec(prefix + "logit_scale", (), dtype, "logit_scale"))
+    return specs
+
+
+def _fill(spec: _Spec, generator: torch.Generator) -> torch.Tensor:
+    if spec.fill == "arange":
+        return torch.arange(spec.shape[-1], dtype=spec.dtype).reshape(spec.shape)
+    if spec.fill == "logit_scale":
+        return torch.tensor(4.6052, dtype=spec.dtype)  # log(100), OpenCLIP's trained value
+    # Drawn in float32 then cast, so a seed gives the same values in every dtype.
+    if spec.fill == "normal":
+        tensor = torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, spec.std, generator=generator)
+    else:
+        tensor = torch.full(spec.shape, 1.0 if spec.fill == "ones" else 0.0, dtype=torch.float32)
+        if spec.std > 0:
+            tensor.add_(torch.empty(spec.shape).normal_(0.0, spec.std, generator=generator))
+    return tensor.to(spec.dtype)
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+
+
+def _write_safetensors(path: str | os.PathLike, specs: list[_Spec], tensors: Iterator[torch.Tensor],
+                       metadata: dict[str, str]) -> None:
+    """Header first (offsets are known from the shapes), then each tensor as it is produced."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
+    path = os.fspath(path)
+    partial = path + ".partial"
+    with open(partial, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for spec, tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise AssertionError(f"{spec.name}: produced {tuple(tensor.shape)} {tensor.dtype}")
+            file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(partial, path)  # never leave a half-written file under the final name
+
+
+def _write_random(path, specs: list[_Spec], seed: int, metadata: dict[str, str]) -> None:
+    # Wider dtypes first keeps every tensor aligned to its element size.
+    specs = sorted(specs, key=lambda spec: -spec.dtype.itemsize)
+    generator = torch.Generator().manual_seed(seed)
+    _write_safetensors(path, specs, (_fill(spec, generator) for spec in specs), metadata)
+
+
+def make_test_checkpoint(arch: str, size: str, out_path: str | os.PathLike, seed: int = 0,
+                         dtype: torch.dtype = torch.float16) -> None:
+    """A checkpoint of ``arch`` (sd15, sd2, sd2-v, sdxl) with random weights in the original single-file layout:
+    UNet under model.diffusion_model., VAE under first_stage_model., text encoders under their usual prefixes."""
+    metadata = {TEST_CHECKPOINT_METADATA_KEY: arch, "comfy_serverless.size": size,
+                PREDICTION_METADATA_KEY: "v" if arch == "sd2-v" else "epsilon"}
+    _write_random(out_path, _checkpoint_specs(arch, size, dtype), seed, metadata)
+
+
+def make_test_vae(out_path: str | os.PathLike, size: str = "tiny", seed: int = 0,
+                  dtype: torch.dtype = torch.float16) -> None:
+    """A standalone VAE file (VAELoader) with bare encoder.* / decoder.* keys."""
+    config = VAEConfig.tiny() if size == "tiny" else VAEConfig.sd()
+    _write_random(out_path, _module_specs("", lambda: AutoencoderKL(config), dtype), seed,
+                  {TEST_CHECKPOINT_METADATA_KEY: "vae", "comfy_serverless.size": size})
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------
+
+
+def _lora_targets(arch: str, layout: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(file prefix, module path, weight shape) of every module a test LoRA patches (tiny models).
+
+    UNet: every transformer projection and, for kohya layouts, the 3x3 res-block convolutions (LoCon);
+    text encoders: attention and MLP projections, named as transformers names them.
+    """
+    family = family_of(arch)
+    unet_config, _, text = checkpoint_configs(arch, "tiny")
+    kohya = layout.startswith("kohya")
+    # sd-scripts writes diffusers block names for SD1/SD2 and LDM names for SDXL.
+    ldm_names = layout == "kohya-ldm" or (layout == "kohya" and family == "sdxl")
+    targets = []
+    for name, module in build_on_meta(lambda: UNetModel(unet_config)).named_modules():
+        in_transformer = ".1." in name and ("transformer_blocks" in name or name.endswith(("proj_in", "proj_out")))
+        is_res_conv = kohya and name.endswith("in_layers.2")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or not (in_transformer or is_res_conv):
+            continue
+        path = name if ldm_names else diffusers_unet_name(name, unet_config)
+        targets.append(("lora_unet_" if kohya else "unet.", path, tuple(module.weight.shape)))
+
+    for index, (encoder, (_, config)) in enumerate(text.items()):
+        if kohya:
+            prefix = "lora_te_" if len(text) == 1 else f"lora_te{index + 1}_"
+        else:
+            prefix = "text_encoder." if index == 0 else "text_encoder_2."
+        width, mlp = config.width, config.mlp_width
+        for layer in range(config.layers):
+            base = f"text_model.encoder.layers.{layer}"
+            for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                targets.append((prefix, f"{base}.self_attn.{part}", (width, width)))
+            targets.append((prefix, f"{base}.mlp.fc1", (mlp, width)))
+            targets.append((prefix, f"{base}.mlp.fc2", (width, mlp)))
+    return targets
+
+
+def make_test_lora(arch: str, out_path: str | os.PathLike, layout: str = "kohya", rank: int = 4,
+                   seed: int = 0) -> None:
+    """A LoRA for the tiny ``arch`` checkpoint in ``layout``: "kohya" (lora_unet_/lora_te_ names with
+    .lora_down/.lora_up/.alpha; SD1/SD2 with diffusers block names, SDXL with LDM names, as sd-scripts does),
+    "kohya-ldm" (kohya with LDM names for every family) or "diffusers" (PEFT: unet./text_encoder. with
+    .lora_A/.lora_B, no alpha)."""
+    from safetensors.torch import save_file
+
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {', '.join(LORA_LAYOUTS)}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, path, shape in _lora_targets(arch, layout):
+        out_features, in_features, kernel = shape[0], shape[1], tuple(shape[2:])
+        down = torch.randn((rank, in_features, *kernel), generator=generator) * 0.1
+        up = torch.randn((out_features, rank, *((1, 1) if kernel else ())), generator=generator) * 0.1
+        if layout == "diffusers":
+            key = f"{prefix}{path}"
+            tensors[f"{key}.lora_A.weight"] = down.half()
+            tensors[f"{key}.lora_B.weight"] = up.half()
+        else:
+            key = prefix + path.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = down.half()
+            tensors[f"{key}.lora_up.weight"] = up.half()
+            tensors[f"{key}.alpha"] = torch.tensor(rank / 2, dtype=torch.float16)
+    save_file(tensors, os.fspath(out_path), metadata={TEST_CHECKPOINT_METADATA_KEY: f"lora-{arch}-{layout}"})
