@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
