@@ -23,6 +23,11 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.images",
     "comfy_serverless.nodes.masks",
     "comfy_serverless.nodes.image_files",
+    "comfy_serverless.nodes.loaders",
+    "comfy_serverless.nodes.conditioning",
+    "comfy_serverless.nodes.latents",
+    "comfy_serverless.nodes.sampling_nodes",
+    "comfy_serverless.nodes.vae_nodes",
 )
 
 

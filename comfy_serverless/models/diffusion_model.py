@@ -1,0 +1,92 @@
+"""MODEL: the UNet as it travels between nodes (ComfyUI's ModelPatcher, cut down to what SD needs).
+
+A DiffusionModel is cheap to copy: `clone()` shares the network (a ModelHandle) and carries its own list
+of LoRA patches, which are put on the shared weights lazily, right before the network runs, and taken off
+again when a clone with other patches runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .model_cache import ModelHandle
+from .patching import LoraPatch, patched_module
+
+# Latent scale factors (VAE latent -> UNet latent) of the SD families.
+LATENT_SCALE = {"sd15": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+# SDXL's size conditioning: pixels per latent cell, used for ComfyUI's default original/target size.
+LATENT_TO_PIXELS = 8
+# Full SDXL: 1280 pooled + 6 * 256; other widths (test models) derive the size embedding from the pooled width.
+SDXL_POOLED_WIDTH = {2816: 1280}
+
+
+@dataclass(frozen=True)
+class DiffusionModel:
+    handle: ModelHandle
+    family: str  # "sd15", "sd2" or "sdxl"
+    prediction: str  # "eps" or "v"
+    dtype: object  # torch dtype the UNet computes in
+    adm_channels: int | None = None  # SDXL: width of y
+    patches: tuple[LoraPatch, ...] = ()
+    _sampling: list = field(default_factory=list, compare=False, repr=False)  # lazily built ModelSampling
+
+    @property
+    def latent_scale(self) -> float:
+        return LATENT_SCALE[self.family]
+
+    @property
+    def model_sampling(self):
+        if not self._sampling:
+            from ..diffusion.sampling import ModelSampling
+
+            self._sampling.append(ModelSampling(self.prediction))
+        return self._sampling[0]
+
+    def clone(self) -> DiffusionModel:
+        return replace(self)
+
+    def with_patch(self, patch: LoraPatch) -> DiffusionModel:
+        """A clone with one more LoRA (the weights are patched only when the model runs)."""
+        return replace(self, patches=self.patches + (patch,))
+
+    def network(self):
+        """The UNet with this model's patches applied (loading it if it was unloaded)."""
+        return patched_module(self.handle, self.patches)
+
+    def unet_apply(self, x, timesteps, context=None, y=None, **_):
+        """The sampler's UNet call: inputs cast to the compute dtype, output float32."""
+        import torch
+
+        unet = self.network()
+        with torch.no_grad():
+            out = unet(x.to(self.dtype), timesteps, context.to(self.dtype), None if y is None else y.to(self.dtype))
+        return out.float()
+
+    def process_latent_in(self, latent):
+        return latent * self.latent_scale
+
+    def process_latent_out(self, latent):
+        return latent / self.latent_scale
+
+    def encode_extra(self, options: dict, latent_shape) -> dict:
+        """Per-conditioning UNet inputs: SDXL's y from the pooled text and size conditioning. Sizes come from
+        the conditioning options (CLIPTextEncodeSDXL's keys) or default to the latent size in pixels, crop 0."""
+        if self.adm_channels is None:
+            return {}
+        import torch
+
+        from ..diffusion.unet import sdxl_adm_vector
+
+        height = options.get("height", latent_shape[2] * LATENT_TO_PIXELS)
+        width = options.get("width", latent_shape[3] * LATENT_TO_PIXELS)
+        sizes = [height, width, options.get("crop_h", 0), options.get("crop_w", 0),
+                 options.get("target_height", height), options.get("target_width", width)]
+        pooled = options.get("pooled_output")
+        pooled_width = pooled.shape[-1] if pooled is not None else SDXL_POOLED_WIDTH.get(self.adm_channels, 0)
+        pooled = torch.zeros(1, pooled_width) if pooled is None else pooled.float().reshape(-1, pooled_width)
+        size_width = (self.adm_channels - pooled_width) // 6
+        if pooled_width + 6 * size_width != self.adm_channels:
+            raise ValueError(f"pooled output of width {pooled_width} does not fit this model's conditioning "
+                             f"vector ({self.adm_channels}); was the text encoded with this model's CLIP?")
+        size_conditioning = torch.tensor([sizes], dtype=torch.float32).expand(pooled.shape[0], -1)
+        return {"y": sdxl_adm_vector(pooled, size_conditioning, size_width)}

@@ -1,0 +1,255 @@
+"""From model files to the MODEL / CLIP / VAE objects the loader nodes return.
+
+Opening a checkpoint reads only its header and shapes (the architecture is recognised, a bad file fails
+right there with a CheckpointError). The networks are built later, when first used, through the loaded-model
+cache: on the meta device, then loaded with the memory-mapped tensors themselves (assign=True), converted
+only where the compute dtype differs from the file's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import sys
+import threading
+
+from .diffusion_model import DiffusionModel
+from .embeddings import embeddings_from_folders
+from .model_cache import file_stamp, loaded_models
+from .precision import dtype_name, text_encoder_dtype, unet_dtype, vae_dtype
+from .text_encoder import TextEncoder
+from .vae_model import VAEModel
+
+log = logging.getLogger(__name__)
+
+# The text encoders a family needs; a checkpoint missing one loads without CLIP.
+TEXT_ENCODERS = {"sd15": {"clip_l"}, "sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}}
+
+_architectures: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def _architecture(path: str, stamp: tuple):
+    """The file's Architecture, recognised once per (path, mtime, size)."""
+    from .checkpoint_files import CheckpointError, detect_architecture, open_state_dict, read_metadata
+
+    with _lock:
+        found = _architectures.get(stamp)
+    if found is None:
+        try:
+            found = detect_architecture(open_state_dict(path), read_metadata(path))
+        except CheckpointError as exc:
+            message = str(exc)
+            raise CheckpointError(message if message.startswith(path) else f"{path}: {message}") from None
+        log.info("%s: %s, prediction from %s", os.path.basename(path), found.description, found.prediction_reason)
+        with _lock:
+            _architectures[stamp] = found
+    return found
+
+
+def _parts(path: str, arch):
+    """(unet, text encoder dicts, vae) weights of the file: memory-mapped, nothing read yet."""
+    from .checkpoint_files import open_state_dict, split_checkpoint
+
+    return split_checkpoint(open_state_dict(path), arch)
+
+
+def _size_in(weights: dict, dtype) -> int:
+    import torch
+
+    item = torch.empty(0, dtype=dtype).element_size()
+    return sum(t.numel() * (item if t.is_floating_point() else t.element_size()) for t in weights.values())
+
+
+def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
+    """(DiffusionModel, TextEncoder or None, VAEModel or None) for a single-file checkpoint."""
+    stamp = file_stamp(path)
+    arch = _architecture(path, stamp)
+    name = os.path.basename(path)
+    unet_weights, text_weights, vae_weights = _parts(path, arch)
+    cache = loaded_models()
+
+    dtype = unet_dtype()
+    unet_handle = cache.handle(
+        (stamp, "unet", str(dtype)), f"{name} UNet ({dtype_name(dtype)})",
+        lambda: _build_unet(path, arch, dtype), _size_in(unet_weights, dtype), family=(stamp[0], "unet"))
+    model = DiffusionModel(unet_handle, arch.family, "v" if arch.prediction == "v_prediction" else "eps", dtype,
+                           adm_channels=arch.unet_config.adm_in_channels)
+
+    clip = None
+    if want_clip and set(text_weights) == TEXT_ENCODERS[arch.family]:
+        te_dtype = text_encoder_dtype()
+        size = sum(_size_in(weights, te_dtype) for weights in text_weights.values())
+        handle = cache.handle(
+            (stamp, "clip", str(te_dtype)), f"{name} text encoder ({dtype_name(te_dtype)})",
+            lambda: _build_text_encoder(path, arch, te_dtype), size, family=(stamp[0], "clip"))
+        first = next(iter(arch.text_encoders.values()))
+        clip = TextEncoder(handle, arch.family, first.config.layers, te_dtype, embeddings=embeddings_from_folders())
+    elif want_clip:
+        log.warning("%s lacks text encoder weights (%s found): the CLIP output is None", name,
+                    ", ".join(text_weights) or "none")
+
+    vae = None
+    if want_vae and arch.vae_config is not None:
+        v_dtype = vae_dtype()
+        handle = cache.handle(
+            (stamp, "vae", str(v_dtype)), f"{name} VAE ({dtype_name(v_dtype)})",
+            lambda: _build_vae(path, _parts(path, arch)[2], arch.vae_config, v_dtype), _size_in(vae_weights, v_dtype),
+            family=(stamp[0], "vae"))
+        vae = VAEModel(handle, v_dtype, arch.vae_config.downscale_factor, arch.vae_config.latent_channels)
+    elif want_vae:
+        log.warning("%s has no VAE: the VAE output is None", name)
+    return model, clip, vae
+
+
+def load_vae(path: str) -> VAEModel:
+    """VAELoader: a standalone VAE file (or the VAE inside a checkpoint)."""
+    from .checkpoint_files import open_vae
+
+    stamp = file_stamp(path)
+    weights, config = open_vae(path)
+    dtype = vae_dtype()
+    handle = loaded_models().handle(
+        (stamp, "vae-file", str(dtype)), f"{os.path.basename(path)} VAE ({dtype_name(dtype)})",
+        lambda: _build_vae(path, open_vae(path)[0], config, dtype), _size_in(weights, dtype),
+        family=(stamp[0], "vae-file"))
+    return VAEModel(handle, dtype, config.downscale_factor, config.latent_channels)
+
+
+def _converted(path: str, weights: dict, dtype) -> dict:
+    """`weights` with floating tensors in `dtype`, converted one at a time. A tensor already in `dtype` is
+    kept as it is (memory-mapped: no copy). For safetensors files (whose tensors never overlap) the source's
+    pages are dropped from our resident memory after each conversion, so the file's pages and the converted
+    copies are never all resident together: the peak stays near the model's size instead of file + model."""
+    release = path.lower().endswith((".safetensors", ".sft"))
+    converted = {}
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            converted[name] = tensor.to(dtype)
+            if release:
+                _release_pages(tensor)
+        else:
+            converted[name] = tensor
+    return converted
+
+
+_PAGE_SIZE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux
+
+
+def _release_pages(tensor) -> None:
+    """madvise(DONTNEED) the pages that lie wholly inside a tensor about to be dropped. For a file mapping
+    they are read again from the file if ever touched; for heap memory the allocator gets zero pages back.
+    Linux only; a no-op elsewhere."""
+    if _libc is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // _PAGE_SIZE) * _PAGE_SIZE, end // _PAGE_SIZE * _PAGE_SIZE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()
+
+
+def _build_unet(path: str, arch, dtype):
+    from ..diffusion.build import build_from_state_dict
+    from ..diffusion.unet import UNetModel
+
+    weights = _converted(path, _parts(path, arch)[0], dtype)
+    return build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype)
+
+
+def _build_text_encoder(path: str, arch, dtype):
+    from ..diffusion.clip import SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder
+
+    weights = _parts(path, arch)[1]
+
+    def model(name: str):
+        return _build_text_model(_converted(path, weights[name], dtype), arch.text_encoders[name].config, dtype)
+
+    if arch.family == "sd15":
+        return SD1TextEncoder(model("clip_l"))
+    if arch.family == "sd2":
+        return SD2TextEncoder(model("clip_h"))
+    return SDXLTextEncoder(model("clip_l"), model("clip_g"))
+
+
+def _build_text_model(weights: dict, config, dtype):
+    """A CLIPTextModel built on meta and loaded by assignment (like clip.load_text_model), except that
+    nn.Embedding's random init is skipped: normal_ on a meta tensor makes torch import its Python meta
+    kernels, about 1 s once per process, for values that are overwritten at once."""
+    import torch
+
+    from ..diffusion.build import build_from_state_dict
+    from ..diffusion.clip import CLIPTextModel
+
+    original = torch.nn.Embedding.reset_parameters
+    torch.nn.Embedding.reset_parameters = lambda self: None  # only the worker thread builds models
+    try:
+        return build_from_state_dict(lambda: CLIPTextModel(config), weights, dtype)
+    finally:
+        torch.nn.Embedding.reset_parameters = original
+
+
+def _build_vae(path: str, weights: dict, config, dtype):
+    from ..diffusion.build import build_from_state_dict
+    from ..diffusion.vae import AutoencoderKL
+
+    return build_from_state_dict(lambda: AutoencoderKL(config), _converted(path, weights, dtype), dtype)
+
+
+# Parsed LoRA files, by (file stamp, networks they were mapped onto); parsing reads only names and shapes.
+_LORA_CACHE_SIZE = 8
+_loras: dict[tuple, object] = {}
+
+
+def apply_lora_file(path: str, model, clip, strength_model: float, strength_clip: float):
+    """LoraLoader: (model, clip) clones carrying the file's patches (either may come back unchanged)."""
+    from .lora import load_lora
+    from .patching import LoraPatch
+
+    networks = {}
+    if model is not None and strength_model != 0:
+        networks["unet"] = model.handle.get()
+    if clip is not None and strength_clip != 0:
+        encoder = clip.handle.get()
+        for name in TEXT_ENCODERS[clip.family]:
+            networks[name] = getattr(encoder, name)
+    # Parsing depends only on the networks' structure, which their handle keys pin down.
+    with_clip = any(name != "unet" for name in networks)
+    key = (file_stamp(path), model.handle.key if "unet" in networks else None,
+           clip.handle.key if with_clip else None)
+    parsed = _loras.get(key)
+    if parsed is None:
+        parsed = load_lora(path, networks)
+        if parsed.unmapped:
+            log.info("%s: %d LoRA keys not applied (no matching weight), e.g. %s", os.path.basename(path),
+                     len(parsed.unmapped), parsed.unmapped[0])
+        if len(_loras) >= _LORA_CACHE_SIZE:
+            _loras.pop(next(iter(_loras)))
+        _loras[key] = parsed
+    name = os.path.basename(path)
+    if "unet" in parsed.targets:
+        model = model.with_patch(LoraPatch(name, {"": parsed.targets["unet"]}, strength_model))
+    clip_targets = {target: parsed.targets[target] for target in networks if target != "unet"
+                    and target in parsed.targets}
+    if clip_targets:
+        clip = clip.with_patch(LoraPatch(name, clip_targets, strength_clip))
+    if "unet" not in parsed.targets and not clip_targets:
+        log.warning("%s: no weight of these models matched the LoRA", name)
+    return model, clip

@@ -1,0 +1,86 @@
+"""VAE: the autoencoder as it travels between nodes, with ComfyUI's pixel and latent conventions.
+
+IMAGE is float32 [B, H, W, C] in 0..1; LATENT samples are the raw (unscaled) VAE latent [B, 4, H/8, W/8]
+(the scale factor belongs to the diffusion model, as in ComfyUI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model_cache import ModelHandle
+
+# Images decoded or encoded in one batch: about this many pixels at a time bounds the activations' memory.
+PIXELS_PER_BATCH = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VAEModel:
+    handle: ModelHandle  # loads an AutoencoderKL
+    dtype: object
+    downscale_ratio: int = 8
+    latent_channels: int = 4
+
+    def _network(self):
+        return self.handle.get()
+
+    def _batches(self, count: int, height: int, width: int):
+        step = max(1, PIXELS_PER_BATCH // max(1, height * width))
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+    def decode(self, samples):
+        """Latent [B, 4, h, w] -> IMAGE [B, 8h, 8w, 3]."""
+        import torch
+
+        vae = self._network()
+        height, width = samples.shape[2] * self.downscale_ratio, samples.shape[3] * self.downscale_ratio
+        images = []
+        with torch.no_grad():
+            for part in self._batches(samples.shape[0], height, width):
+                images.append(self._to_image(vae.decode(samples[part].to(self.dtype))))
+        return torch.cat(images)
+
+    def decode_tiled(self, samples, tile_size: int = 512, overlap: int = 64):
+        """`decode` in overlapping tiles; sizes in pixels (ComfyUI's VAEDecodeTiled inputs)."""
+        import torch
+
+        vae = self._network()
+        tile = max(1, tile_size // self.downscale_ratio)
+        with torch.no_grad():
+            return self._to_image(vae.decode_tiled(samples.to(self.dtype), tile, overlap // self.downscale_ratio))
+
+    def encode(self, image):
+        """IMAGE [B, H, W, C] -> latent [B, 4, H/8, W/8]; sides are first cropped (centred) to multiples of 8."""
+        import torch
+
+        vae = self._network()
+        pixels = self._to_pixels(image)
+        latents = []
+        with torch.no_grad():
+            for part in self._batches(pixels.shape[0], pixels.shape[2], pixels.shape[3]):
+                latents.append(vae.encode(pixels[part].to(self.dtype)).float())
+        return torch.cat(latents)
+
+    def encode_tiled(self, image, tile_size: int = 512, overlap: int = 64):
+        import torch
+
+        vae = self._network()
+        with torch.no_grad():
+            return vae.encode_tiled(self._to_pixels(image).to(self.dtype), tile_size, overlap).float()
+
+    def crop_to_multiple(self, image):
+        """ComfyUI's VAE input crop: both sides down to a multiple of the downscale ratio, centred."""
+        ratio = self.downscale_ratio
+        height, width = (image.shape[1] // ratio) * ratio, (image.shape[2] // ratio) * ratio
+        if (height, width) == tuple(image.shape[1:3]):
+            return image
+        top, left = (image.shape[1] % ratio) // 2, (image.shape[2] % ratio) // 2
+        return image[:, top:top + height, left:left + width, :]
+
+    def _to_pixels(self, image):
+        image = self.crop_to_multiple(image[..., :3])
+        return image.movedim(-1, 1).float() * 2.0 - 1.0
+
+    @staticmethod
+    def _to_image(pixels):
+        return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).contiguous()
