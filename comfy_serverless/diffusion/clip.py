@@ -116,11 +116,17 @@ def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
 # ---- transformers / SD1 naming -------------------------------------------------------------------
 
 
+def _embedding(count: int, width: int) -> nn.Embedding:
+    """An nn.Embedding without its random init: the weights always come from a checkpoint, and normal_ on the
+    meta device makes torch import its Python meta kernels (about 1 s, once per process)."""
+    return nn.Embedding(count, width, _weight=torch.empty(count, width))
+
+
 class _HFEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.position_embedding = nn.Embedding(config.context_length, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
+        self.position_embedding = _embedding(config.context_length, config.width)
 
 
 class _HFSelfAttention(nn.Module):
@@ -237,7 +243,7 @@ class CLIPTextModel(nn.Module):
             self.encoder = _HFEncoder(config)
             self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         else:
-            self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+            self.token_embedding = _embedding(config.vocab_size, config.width)
             self.positional_embedding = nn.Parameter(torch.zeros(config.context_length, config.width))
             self.transformer = _OpenCLIPTransformer(config)
             self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)

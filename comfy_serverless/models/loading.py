@@ -190,20 +190,10 @@ def _build_text_encoder(path: str, arch, dtype):
 
 
 def _build_text_model(weights: dict, config, dtype):
-    """A CLIPTextModel built on meta and loaded by assignment (like clip.load_text_model), except that
-    nn.Embedding's random init is skipped: normal_ on a meta tensor makes torch import its Python meta
-    kernels, about 1 s once per process, for values that are overwritten at once."""
-    import torch
-
     from ..diffusion.build import build_from_state_dict
     from ..diffusion.clip import CLIPTextModel
 
-    original = torch.nn.Embedding.reset_parameters
-    torch.nn.Embedding.reset_parameters = lambda self: None  # only the worker thread builds models
-    try:
-        return build_from_state_dict(lambda: CLIPTextModel(config), weights, dtype)
-    finally:
-        torch.nn.Embedding.reset_parameters = original
+    return build_from_state_dict(lambda: CLIPTextModel(config), weights, dtype)
 
 
 def _build_vae(path: str, weights: dict, config, dtype):
