@@ -101,6 +101,11 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
         vae = VAEModel(handle, v_dtype, arch.vae_config.downscale_factor, arch.vae_config.latent_channels)
     elif want_vae:
         log.warning("%s has no VAE: the VAE output is None", name)
+    # Build the UNet and VAE in the background now, as ComfyUI loads them here too: the builds overlap the
+    # text encoding that usually comes next instead of waiting for the sampler.
+    unet_handle.prefetch()
+    if vae is not None:
+        vae.handle.prefetch()
     return model, clip, vae
 
 

@@ -61,6 +61,7 @@ class ModelHandle:
         self.module = None
         self.state: dict = {}
         self.loads = 0
+        self.load_lock = threading.Lock()  # one load at a time per network; others may load meanwhile
 
     @property
     def is_loaded(self) -> bool:
@@ -68,6 +69,12 @@ class ModelHandle:
 
     def get(self):
         return self.cache.acquire(self)
+
+    def prefetch(self) -> None:
+        """Starts loading in a background thread, so the load overlaps other work (e.g. text encoding)."""
+        if self.module is None:
+            threading.Thread(target=self.cache.acquire_quietly, args=(self,), name="model-prefetch",
+                             daemon=True).start()
 
     def unload(self) -> None:
         self.cache.release(self)
@@ -105,16 +112,28 @@ class LoadedModels:
                 self._handles.move_to_end(handle.key)
             if handle.module is not None:
                 return handle.module
-            self._make_room(handle.estimated_bytes, keep=handle)
+        with handle.load_lock:  # not under the cache lock: other networks can load at the same time
+            if handle.module is not None:  # a prefetch finished it meanwhile
+                return handle.module
+            with self._lock:
+                self._make_room(handle.estimated_bytes, keep=handle)
             started = time.perf_counter()
             module = handle._load()
-            handle.module = module
-            handle.loads += 1
-            handle.estimated_bytes = module_bytes(module)
             seconds = time.perf_counter() - started
-            memory.record_model_load(handle.description, seconds)  # /metrics and the start-up stages
-            log.info("loaded %s (%.1f MB) in %.2f s", handle.description, handle.estimated_bytes / 2 ** 20, seconds)
-            return module
+            with self._lock:
+                handle.module = module
+                handle.loads += 1
+                handle.estimated_bytes = module_bytes(module)
+        memory.record_model_load(handle.description, seconds)  # /metrics and the start-up stages
+        log.info("loaded %s (%.1f MB) in %.2f s", handle.description, handle.estimated_bytes / 2 ** 20, seconds)
+        return module
+
+    def acquire_quietly(self, handle: ModelHandle) -> None:
+        """acquire() for prefetching: a failure is logged here and raised again by the real use."""
+        try:
+            self.acquire(handle)
+        except Exception as exc:
+            log.warning("prefetching %s failed: %s", handle.description, exc)
 
     def release(self, handle: ModelHandle) -> None:
         with self._lock:
