@@ -367,3 +367,13 @@ def test_cache_none_recreates_node_instances(start_server):
     srv = start_server("--cache-none")
     assert srv.run(_stateful("b"))["outputs"]["2"]["values"] == [1]
     assert srv.run(_stateful("b"))["outputs"]["2"]["values"] == [1]
+
+
+def test_expansion_reusing_an_existing_id_is_an_execution_error(server):
+    prompt = {"1": number(5), "2": {"class_type": "ClashingExpand", "inputs": {"value": ["1", 0]}},
+              "3": record(["2", 0], "clash")}
+    entry = server.run(prompt)
+    name, data = entry["status"]["messages"][-1]
+    assert name == "execution_error" and data["node_id"] == "2"
+    assert data["exception_type"].endswith("DuplicateNodeError")
+    assert "Attempt to add duplicate node 1" in data["exception_message"]

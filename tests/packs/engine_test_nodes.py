@@ -163,6 +163,21 @@ class SelfLoop:
         return {"result": (b.out(0),), "expand": graph.finalize()}
 
 
+class ClashingExpand:
+    """Expands into a node whose id is already in the prompt: a duplicate-node error."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT",)}}
+
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    def run(self, value):
+        return {"result": (["1", 0],), "expand": {"1": {"class_type": "Number", "inputs": {"value": value}}}}
+
+
 class Sleep:
     @classmethod
     def INPUT_TYPES(cls):
@@ -302,6 +317,6 @@ NODE_CLASS_MAPPINGS = {
     "LazySwitch": LazySwitch, "Fail": Fail, "Block": Block, "SumTo": SumTo, "SelfLoop": SelfLoop,
     "Sleep": Sleep, "SlowSteps": SlowSteps, "Counter": Counter, "EvenOnly": EvenOnly,
     "ComboPick": ComboPick, "PreviewSteps": PreviewSteps,
-    "Stateful": Stateful,
+    "Stateful": Stateful, "ClashingExpand": ClashingExpand,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"Record": "Record Value"}
