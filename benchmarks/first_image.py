@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import websocket  # websocket-client (a test dependency)
+from coldstart import free_port  # run as a script: benchmarks/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -55,12 +55,6 @@ def ensure_checkpoint() -> Path:
         subprocess.run([str(VENV_BIN / "comfy-serverless"), "make-test-checkpoint", "--arch", "sd15", "--size", "full",
                         str(path)], check=True)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:
