@@ -53,6 +53,33 @@ FLAGS: tuple[Flag, ...] = (
          kind="optional-value", const="*", metavar="ORIGIN"),
     Flag("--max-upload-size", "Largest request body in MB (bigger bodies get 413).", kind="value",
          type=float, default=100.0),
+    # limits and timeouts (uvicorn's and aiohttp's defaults as the reference; README "Reliability")
+    Flag("--max-header-size", "Largest request line plus headers in bytes (bigger: 431).", kind="value",
+         type=int, default=16384, metavar="BYTES"),
+    Flag("--max-header-count", "Most header fields in one request (more: 431).", kind="value", type=int,
+         default=100),
+    Flag("--header-timeout", "Seconds a client may take to send a request's line and headers (then 408).",
+         kind="value", type=float, default=10.0),
+    Flag("--body-timeout", "Seconds a request body may stall without new data (then 408).", kind="value",
+         type=float, default=30.0),
+    Flag("--keep-alive-timeout", "Seconds an idle keep-alive connection stays open.", kind="value",
+         type=float, default=75.0),
+    Flag("--max-connections", "Most open connections (HTTP and WebSocket); beyond it only /health, /ready "
+         "and /metrics are served, on a small reserve.", kind="value", type=int, default=1000),
+    Flag("--max-json-depth", "Deepest nesting of arrays and objects accepted in a JSON body (deeper: 400).",
+         kind="value", type=int, default=100),
+    Flag("--ws-max-message-size", "Largest WebSocket message a client may send, in MB (bigger: close 1009).",
+         kind="value", type=float, default=4.0),
+    Flag("--ws-max-send-buffer", "Unsent WebSocket data in MB per client before a client that does not "
+         "read is disconnected.", kind="value", type=float, default=16.0),
+    Flag("--ws-ping-interval", "Seconds between WebSocket pings (0: never).", kind="value", type=float,
+         default=20.0),
+    Flag("--ws-ping-timeout", "Seconds to wait for any data after a ping before closing (0: forever).",
+         kind="value", type=float, default=20.0),
+    Flag("--worker-stall-timeout", "Seconds a running prompt may go without any progress before /ready "
+         "reports the worker stuck (0: never).", kind="value", type=float, default=600.0),
+    Flag("--allow-external-symlinks", "Let /view and uploads follow symbolic links out of the input, "
+         "output and temp directories (model folders always may)."),
     Flag("--enable-compress-response-body", "Gzip JSON and text responses for clients that accept it."),
     Flag("--dont-print-server", "Do not log each HTTP request."),
     Flag("--multi-user", "Per-user storage (frontend feature; not applicable to this API-only server).",
