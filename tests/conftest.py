@@ -26,7 +26,8 @@ LISTENING = re.compile(r"listening on http://[^ ]*:(\d+)")
 class Server:
     """A running `comfy-serverless serve` process on a free port, with helpers for tests."""
 
-    def __init__(self, base: Path, args=(), env=None, packs=("engine_test_nodes.py",), wait_ready=True):
+    def __init__(self, base: Path, args=(), env=None, packs=("engine_test_nodes.py",), wait_ready=True,
+                 launcher=()):
         self.base = base
         custom = base / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ class Server:
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [*COMMAND, "serve", "--port", "0", "--base-directory", str(base), "--warmup", "lazy", *args],
+            [*launcher, *COMMAND, "serve", "--port", "0", "--base-directory", str(base), "--warmup", "lazy", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=str(base))
         self.port = self._wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,6 +66,13 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def rss_mb(self) -> float:
+        """The server's resident memory, from its own /proc entry (memory bounds are asserted on this)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no VmRSS for pid {self.proc.pid}")
 
     def get(self, path, **kw):
         return self.http.get(self.url + path, **kw)
@@ -157,8 +165,9 @@ def start_server(tmp_path):
     """Starts servers with custom flags; stops them after the test."""
     started = []
 
-    def start(*args, env=None, packs=("engine_test_nodes.py",), wait_ready=True, base=None):
-        srv = Server(base or tmp_path / f"base{len(started)}", args, env, packs, wait_ready)
+    def start(*args, env=None, packs=("engine_test_nodes.py",), wait_ready=True, base=None, launcher=()):
+        """`launcher` goes before the command, e.g. ("prlimit", "--nofile=128:128")."""
+        srv = Server(base or tmp_path / f"base{len(started)}", args, env, packs, wait_ready, launcher)
         started.append(srv)
         return srv
 

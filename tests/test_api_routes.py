@@ -121,4 +121,18 @@ def test_cors_header_flag(start_server):
     response = srv.get("/queue", headers={"Origin": "http://elsewhere.example"})
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert srv.http.options(srv.url + "/prompt").status_code == 200
+    assert "Access-Control-Allow-Credentials" not in response.headers  # never with a wildcard origin
+    assert "Origin" in response.headers["Vary"]
+    preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    assert srv.http.options(srv.url + "/prompt", headers=preflight).status_code == 200
+    # Only real preflights for routes that exist are answered.
+    assert srv.http.options(srv.url + "/no/such/route", headers=preflight).status_code == 404
+    assert srv.http.options(srv.url + "/prompt").status_code == 405
+
+
+def test_cors_with_a_named_origin_allows_credentials(start_server):
+    srv = start_server("--enable-cors-header", "https://app.example")
+    response = srv.get("/queue", headers={"Origin": "https://app.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Origin" in response.headers["Vary"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from .http import Response
+from .responses import FileResponse, Response
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -56,11 +56,34 @@ def _cache_control(path: str, response: Response) -> None:
             response.headers.append(("Cache-Control", "no-cache"))
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """RFC 9110 content negotiation: `gzip;q=0` (or `*;q=0` without gzip) refuses it."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        weight = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if coding:
+            weights[coding.strip().lower()] = weight
+    if "gzip" in weights:
+        return weights["gzip"] > 0
+    return weights.get("*", 0.0) > 0
+
+
 def _gzip(request, response: Response) -> None:
-    if len(response.body) < 1024 or "gzip" not in request.headers.get("accept-encoding", ""):
+    if isinstance(response, FileResponse) or len(response.body) < 1024:
         return
     ctype = response.content_type or ""
     if not (ctype.startswith("application/json") or ctype.startswith("text/")):
+        return
+    response.headers.append(("Vary", "Accept-Encoding"))
+    if not accepts_gzip(request.headers.get("accept-encoding", "")):
         return
     import gzip
 
@@ -68,22 +91,31 @@ def _gzip(request, response: Response) -> None:
     response.headers.append(("Content-Encoding", "gzip"))
 
 
-def build_middleware(settings):
+def _cors_headers(origin: str) -> list[tuple[str, str]]:
+    headers = [("Access-Control-Allow-Origin", origin),
+               ("Access-Control-Allow-Methods", "POST, GET, DELETE, PUT, OPTIONS"),
+               ("Access-Control-Allow-Headers", "Content-Type, Authorization"), ("Vary", "Origin")]
+    if origin != "*":  # browsers refuse credentials with a wildcard origin; never offer both
+        headers.append(("Access-Control-Allow-Credentials", "true"))
+    return headers
+
+
+def build_middleware(settings, router):
     cors_origin = settings.enable_cors_header
     compress = settings.enable_compress_response_body
 
     async def middleware(request, call_next):
         if cors_origin is None and origin_mismatch(request.headers):
             return Response(b"", 403)
-        if request.method == "OPTIONS":
-            response = Response(b"", 200)
+        wanted = request.headers.get("access-control-request-method", "").strip().upper()
+        if cors_origin is not None and request.method == "OPTIONS" and "origin" in request.headers and wanted:
+            # A CORS preflight: answered for routes that exist with the method asked for, and only those.
+            handler, _ = router.resolve(wanted, request.path)
+            response = Response(b"", 200) if handler is not None else Response(b"", 404)
         else:
             response = await call_next(request)
         if cors_origin is not None:
-            response.headers += [("Access-Control-Allow-Origin", cors_origin),
-                                 ("Access-Control-Allow-Methods", "POST, GET, DELETE, PUT, OPTIONS"),
-                                 ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
-                                 ("Access-Control-Allow-Credentials", "true")]
+            response.headers += _cors_headers(cors_origin)
         _cache_control(request.path, response)
         if compress:
             _gzip(request, response)
