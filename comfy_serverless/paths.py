@@ -5,9 +5,11 @@ Light on purpose (stdlib only): the front lists files for combos and `/models` w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import secrets
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,8 @@ class Folders:
             names = [e.name for e in os.scandir(self.input) if e.is_file()]
         except FileNotFoundError:
             names = []
-        return FileList(sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)), "input:images")
+        images = (n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+        return FileList(sorted(images), "input:images")
 
     def resolve_annotated(self, name: str, default_kind: str = "input") -> str:
         """'sub/x.png [output]' -> absolute path under the output directory (not checked for existence)."""
@@ -158,6 +161,31 @@ def safe_join(root: str, relative: str) -> str | None:
     if joined != root_abs and not joined.startswith(root_abs + os.sep):
         return None
     return joined
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a hidden temporary path beside `path`, renamed onto it only when the block succeeds.
+
+    Readers (lists, /view, LoadImage) never see a half-written file, even when the disk fills up.
+    """
+    directory, name = os.path.split(path)
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.part")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+def is_inside(root: str, path: str, follow_links: bool = True) -> bool:
+    """Whether `path` lies under `root`; with follow_links, where its symbolic links lead counts."""
+    if follow_links:
+        root, path = os.path.realpath(root), os.path.realpath(path)
+    else:
+        root, path = os.path.abspath(root), os.path.abspath(path)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 _current: Folders | None = None

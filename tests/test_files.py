@@ -90,7 +90,8 @@ def test_upload_refuses_traversal_in_filename(srv):
 def test_upload_without_image_part(srv):
     assert srv.http.post(srv.url + "/upload/image", data={"type": "input"}).status_code == 400
     assert srv.http.post(srv.url + "/upload/image", data=b"not multipart").status_code == 400
-    assert upload(srv, png_bytes(), type="weird").status_code == 500  # ComfyUI: unknown type -> 500
+    weird = upload(srv, png_bytes(), type="weird")  # ComfyUI: 500; here, as every bad input: 400 + error body
+    assert weird.status_code == 400 and weird.json()["error"]["type"] == "invalid_upload_type"
 
 
 @pytest.mark.parametrize("params,status", [

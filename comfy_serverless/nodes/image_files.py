@@ -125,7 +125,8 @@ class SaveImage:
         for batch_number, image in enumerate(images):
             progress.throw_exception_if_processing_interrupted()
             file = f"{base.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-            _to_pil(image).save(os.path.join(folder, file), pnginfo=metadata, compress_level=self.COMPRESS_LEVEL)
+            with paths.atomic_path(os.path.join(folder, file)) as partial:
+                _to_pil(image).save(partial, format="PNG", pnginfo=metadata, compress_level=self.COMPRESS_LEVEL)
             results.append({"filename": file, "subfolder": subfolder, "type": self.FOLDER_TYPE})
             counter += 1
         return {"ui": {"images": results}}

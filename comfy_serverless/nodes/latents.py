@@ -389,7 +389,8 @@ class SaveLatent:
                 metadata[key] = json.dumps(value)
         name = f"{base}_{counter:05}_.latent"
         tensors = {"latent_tensor": samples["samples"].contiguous(), "latent_format_version_0": torch.tensor([])}
-        save_file(tensors, os.path.join(folder, name), metadata=metadata)
+        with paths.atomic_path(os.path.join(folder, name)) as partial:
+            save_file(tensors, partial, metadata=metadata)
         return {"ui": {"latents": [{"filename": name, "subfolder": subfolder, "type": "output"}]}}
 
 

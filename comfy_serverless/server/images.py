@@ -36,14 +36,14 @@ def render_view(path: str, preview: str | None, channel: str) -> tuple[bytes, st
     return buffer.getvalue(), "image/png"
 
 
-def apply_mask_alpha(original_path: str, mask_bytes: bytes) -> bytes:
+def apply_mask_alpha(original_path: str, mask_path: str) -> bytes:
     """The original image with its alpha replaced by the uploaded mask's alpha; text chunks kept."""
     from PIL import Image, PngImagePlugin
 
     with Image.open(original_path) as original:
         original.load()
         text_chunks = dict(getattr(original, "text", {}) or {})
-    with Image.open(io.BytesIO(mask_bytes)) as mask:
+    with Image.open(mask_path) as mask:
         mask.load()
     alpha = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
     if alpha.size != original.size:
