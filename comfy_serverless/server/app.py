@@ -51,7 +51,8 @@ class App:
         self.warmup_state = "not started"
         self.pack_refs: list[str] = []
         self.features = {"supports_preview_metadata": True, "max_upload_size": settings.max_upload_bytes}
-        self.hub = Hub(self.features, self.queue.remaining, lambda: (self.running_client, self.executing_node))
+        self.hub = Hub(self.features, self.queue.remaining, lambda: (self.running_client, self.executing_node),
+                       settings)
         self.executor = Executor(self._load_class, self._notify_from_worker, settings.cache_mode,
                                  settings.cache_lru or 0)
         self.http: HTTPServer | None = None
