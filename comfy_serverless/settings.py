@@ -58,12 +58,12 @@ FLAGS: tuple[Flag, ...] = (
          type=int, default=16384, metavar="BYTES"),
     Flag("--max-header-count", "Most header fields in one request (more: 431).", kind="value", type=int,
          default=100),
-    Flag("--header-timeout", "Seconds a client may take to send a request's line and headers (then 408).",
-         kind="value", type=float, default=10.0),
-    Flag("--body-timeout", "Seconds a request body may stall without new data (then 408).", kind="value",
-         type=float, default=30.0),
-    Flag("--keep-alive-timeout", "Seconds an idle keep-alive connection stays open.", kind="value",
-         type=float, default=75.0),
+    Flag("--header-timeout", "Seconds a client may take to send a request's line and headers (then 408; "
+         "0: no limit).", kind="value", type=float, default=10.0),
+    Flag("--body-timeout", "Seconds a request body may stall without new data, and a response without being "
+         "read (then 408 or a close; 0: no limit).", kind="value", type=float, default=30.0),
+    Flag("--keep-alive-timeout", "Seconds an idle keep-alive connection stays open (0: no limit).",
+         kind="value", type=float, default=75.0),
     Flag("--max-connections", "Most open connections (HTTP and WebSocket); beyond it only /health, /ready "
          "and /metrics are served, on a small reserve.", kind="value", type=int, default=1000),
     Flag("--max-json-depth", "Deepest nesting of arrays and objects accepted in a JSON body (deeper: 400).",
