@@ -18,6 +18,11 @@ def write_snapshot(settings) -> int:
     folders = paths.configure(settings)
     refs = packs.all_pack_refs(folders.model_dirs("custom_nodes"), settings.disable_all_custom_nodes,
                                settings.whitelist_custom_nodes)
+    existing = snapshot.load(settings.catalog_path)
+    if existing is not None and existing.get("fingerprint") == snapshot.fingerprint(refs):
+        # Nothing that describes a node changed: importing every pack again (seconds) would change nothing.
+        log.info("catalogue snapshot up to date: %s", settings.catalog_path)
+        return 0
     snap = snapshot.build(refs)
     snapshot.save(snap, settings.catalog_path)
     log.info("catalogue snapshot: %d nodes (%d failed) in %.2f s -> %s", len(snap["nodes"]), len(snap["failed"]),

@@ -14,20 +14,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)${extras:+-test}"
-if [ ! -f "$stamp" ]; then
+# An install with the test extras also serves the plain command (./serve.sh after ./test.sh).
+if [ ! -f "$stamp" ] && [ ! -f "$stamp-test" ]; then
   # torch is pinned to 2.13.0 in pyproject.toml: the CPU build of that release installs from local disk here.
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extras}" --config-settings editable_mode=compat
   # The CLIP BPE vocabulary ships inside this wheel; we read the data file and never import the package
   # (it depends on torchvision, which would replace torch), hence --no-deps.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps open_clip_torch==3.3.0
+  # Precompiled bytecode is part of the cold-start story (PYTHONDONTWRITEBYTECODE=1 is set here). The
+  # dependencies change only with an install, so they are compiled once per install, not per start.
+  # Some ship files for newer Pythons (torch's py312_intrinsics.py), which cannot compile here.
+  .venv/bin/python -m compileall -q -j0 .venv/lib/python3.*/site-packages >/dev/null 2>&1 || true
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
-# Precompiled bytecode is part of the cold-start story: PYTHONDONTWRITEBYTECODE=1 would otherwise leave the
-# project's own modules uncompiled forever.
+# The project's own modules: compileall only rewrites the files that changed since the last run.
 .venv/bin/python -m compileall -q -j0 comfy_serverless >/dev/null
-# Some dependencies ship files for newer Pythons (torch's py312_intrinsics.py), which cannot compile here.
-.venv/bin/python -m compileall -q -j0 .venv/lib/python3.*/site-packages >/dev/null 2>&1 || true
-# The node catalogue the server starts from (rebuilt automatically when node packs change).
+# The node catalogue the server starts from; this returns at once when no node pack changed.
 .venv/bin/comfy-serverless snapshot --log-stdout --verbose WARNING

@@ -1,0 +1,32 @@
+"""`comfy-serverless snapshot` (run by every ./serve.sh) rebuilds only when a node pack changed."""
+
+import os
+import shutil
+import subprocess
+
+from conftest import COMMAND, PACKS
+
+
+def snapshot(base):
+    return subprocess.run([*COMMAND, "snapshot", "--base-directory", str(base), "--log-stdout"],
+                          capture_output=True, text=True, timeout=300, cwd=str(base))
+
+
+def test_snapshot_is_skipped_when_nothing_changed_and_rebuilt_when_a_pack_changes(tmp_path):
+    (tmp_path / "custom_nodes").mkdir()
+    pack = tmp_path / "custom_nodes" / "engine_test_nodes.py"
+    shutil.copy2(PACKS / "engine_test_nodes.py", pack)
+    catalog = tmp_path / ".comfy-serverless" / "catalog.json"
+
+    first = snapshot(tmp_path)
+    assert first.returncode == 0 and "catalogue snapshot:" in first.stdout, first.stdout + first.stderr
+    built = catalog.stat().st_mtime_ns
+
+    second = snapshot(tmp_path)
+    assert second.returncode == 0 and "up to date" in second.stdout
+    assert catalog.stat().st_mtime_ns == built
+
+    stat = pack.stat()
+    os.utime(pack, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    third = snapshot(tmp_path)
+    assert "catalogue snapshot:" in third.stdout and catalog.stat().st_mtime_ns != built
