@@ -26,7 +26,8 @@ commands:
 Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
 switches take 1/true/yes. Probes for platforms: GET /health (liveness), GET /ready (readiness: 503 until the
 node catalogue is loaded, while the queue is full and while shutting down), GET /metrics (Prometheus).
-SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds, then exit 0.
+SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds; exit status 0,
+or 1 when prompts were dropped (recorded in /history as errors) or interrupted.
 """
 
 
@@ -90,4 +91,4 @@ def serve(settings, argv: list[str], log) -> int:
         asyncio.run(app.serve_forever())
     except KeyboardInterrupt:
         pass
-    return 0
+    return app.exit_status  # 1 when the shutdown dropped or interrupted prompts

@@ -12,9 +12,14 @@ def still_serving(srv):
     assert srv.get("/system_stats").status_code == 200
 
 
-def test_malformed_json_is_500_and_server_survives(server):
-    response = server.post("/prompt", data=b"{not json")
-    assert response.status_code == 500
+def test_malformed_json_is_400_and_server_survives(server):
+    # ComfyUI answers 500; here no bad input gets a 500 (issue #7), and the body has ComfyUI's error shape.
+    for path in ("/prompt", "/history", "/queue", "/free"):
+        response = server.post(path, data=b"{not json")
+        assert response.status_code == 400, path
+        body = response.json()
+        assert body["error"]["type"] == "invalid_json" and body["node_errors"] == {}
+        assert set(body["error"]) == {"type", "message", "details", "extra_info"}
     still_serving(server)
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger("comfy_serverless.adapters")
 LISTENING = re.compile(r"listening on http://[^ ]*:(\d+)")
 DATA_URL_PREFIX = re.compile(r"^data:[^,]*;base64,")
 PR_SET_PDEATHSIG = 1
+HISTORY_WAIT_S = 5.0  # older servers sent execution_success before writing the history entry
 
 
 class WorkflowError(Exception):
@@ -290,10 +291,7 @@ def run_workflow(base_url: str, workflow: dict, images: list[InputImage] = (),
     finally:
         ws.close()
 
-    status, history = _json(base_url, "GET", f"/history/{prompt_id}")
-    entry = history.get(prompt_id) if isinstance(history, dict) else None
-    if not entry:
-        raise WorkflowError(f"prompt {prompt_id} finished but has no history entry")
+    entry = wait_for_history(base_url, prompt_id)
     result = WorkflowResult(prompt_id)
     for node_id, outputs in entry.get("outputs", {}).items():
         for item in outputs.get("images", []) or []:
@@ -308,6 +306,20 @@ def run_workflow(base_url: str, workflow: dict, images: list[InputImage] = (),
                                              str(node_id), data))
     result.seconds = time.monotonic() - started
     return result
+
+
+def wait_for_history(base_url: str, prompt_id: str, wait: float = HISTORY_WAIT_S, interval: float = 0.05) -> dict:
+    """The prompt's history entry, polled for up to `wait` seconds; WorkflowError when it never appears."""
+    deadline = time.monotonic() + wait
+    while True:
+        status, history = _json(base_url, "GET", f"/history/{prompt_id}")
+        entry = history.get(prompt_id) if isinstance(history, dict) else None
+        if entry:
+            return entry
+        if time.monotonic() >= deadline:
+            raise WorkflowError(f"prompt {prompt_id} finished but has no history entry (HTTP {status}, "
+                                f"waited {wait:.0f} s)")
+        time.sleep(interval)
 
 
 def _node_errors_summary(details) -> str:

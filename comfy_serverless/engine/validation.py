@@ -47,7 +47,8 @@ def runs_node_code(prompt, catalog) -> bool:
     if not isinstance(prompt, dict):
         return False
     for node in prompt.values():
-        spec = catalog.spec(node.get("class_type")) if isinstance(node, dict) else None
+        class_type = node.get("class_type") if isinstance(node, dict) else None
+        spec = catalog.spec(class_type) if isinstance(class_type, str) else None
         if spec is not None and spec.facts.get("validate_inputs"):
             return True
     return False
@@ -64,12 +65,18 @@ def validate_prompt(prompt, catalog, folders, partial_targets=None) -> Validatio
         if not isinstance(node, dict) or "class_type" not in node:
             return _fail("invalid_prompt", "Cannot execute because a node is missing the class_type property.",
                          f"Node ID '#{node_id}'")
+        if not isinstance(node["class_type"], str):  # a list or dict would not even be hashable
+            return _fail("invalid_prompt", f"Cannot execute because node #{node_id} has a class_type that is "
+                         f"not a string ({type(node['class_type']).__name__}).", f"Node ID '#{node_id}'")
         if node["class_type"] not in catalog:
             return _fail("invalid_prompt", f"Cannot execute because node {node['class_type']} does not exist.",
                          f"Node ID '#{node_id}'")
         if not isinstance(node.get("inputs", {}), dict):
             return _fail("invalid_prompt", "Cannot execute because a node's inputs are not a JSON object.",
                          f"Node ID '#{node_id}'")
+    failure = _check_partial_targets(prompt, partial_targets)
+    if failure is not None:
+        return failure
 
     outputs = [node_id for node_id, node in prompt.items()
                if catalog.spec(node["class_type"]).output_node
@@ -103,6 +110,21 @@ def validate_prompt(prompt, catalog, folders, partial_targets=None) -> Validatio
                                         "message": "Prompt outputs failed validation", "details": details,
                                         "extra_info": {}}, [], node_errors)
     return ValidationResult(True, None, good, node_errors)
+
+
+def _check_partial_targets(prompt: dict, targets) -> ValidationResult | None:
+    """None (run every output) or a list of node ids of this prompt; a string would match by substring."""
+    if targets is None:
+        return None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        return _fail("invalid_prompt", "partial_execution_targets must be a list of node id strings.",
+                     f"got {type(targets).__name__}" if not isinstance(targets, list) else "a list with non-strings")
+    unknown = [t for t in targets if t not in prompt]
+    if unknown:
+        shown = ", ".join(f"'#{t}'" for t in unknown[:10])
+        return _fail("invalid_prompt", "partial_execution_targets names nodes that are not in the prompt.",
+                     f"Node ID {shown}")
+    return None
 
 
 class _Checker:

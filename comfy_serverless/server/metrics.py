@@ -6,6 +6,7 @@ the ready-time budget; the few metrics below need a counter, a histogram and a r
 
 from __future__ import annotations
 
+import math
 import threading
 
 from .. import memory, timeline
@@ -31,7 +32,8 @@ class Metrics:
                 if seconds <= bound:
                     self.duration_buckets[i] += 1
 
-    def render(self, pending: int, running: int) -> bytes:
+    def render(self, pending: int, running: int, worker_up: bool = True, worker_restarts: int = 0,
+               seconds_since_progress: float = 0.0) -> bytes:
         lines = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -44,25 +46,41 @@ class Metrics:
             metric("comfy_queue_pending", "gauge", "Prompts waiting in the queue.", [("", pending)])
             metric("comfy_queue_running", "gauge", "Prompts being executed.", [("", running)])
             metric("comfy_prompts_total", "counter", "Finished prompts by outcome.",
-                   [(f'{{outcome="{k}"}}', v) for k, v in sorted(self.prompts.items())])
+                   [(_labels(outcome=k), v) for k, v in sorted(self.prompts.items())])
             cumulative = list(zip(DURATION_BUCKETS, self.duration_buckets))
-            samples = [(f'_bucket{{le="{_number(b)}"}}', c) for b, c in cumulative]
+            samples = [("_bucket" + _labels(le=_number(b)), c) for b, c in cumulative]
             samples += [('_bucket{le="+Inf"}', self.duration_count), ("_sum", self.duration_sum),
                         ("_count", self.duration_count)]
             lines.append("# HELP comfy_prompt_duration_seconds Time from a prompt's start to its end.")
             lines.append("# TYPE comfy_prompt_duration_seconds histogram")
             lines += [f"comfy_prompt_duration_seconds{suffix} {_number(v)}" for suffix, v in samples]
             metric("comfy_startup_stage_seconds", "gauge", "Seconds from process start to each start-up stage.",
-                   [(f'{{stage="{k}"}}', v) for k, v in timeline.stages().items()])
+                   [(_labels(stage=k), v) for k, v in timeline.stages().items()])
             metric("comfy_model_load_seconds", "gauge", "Seconds the last load of each model took.",
-                   [(f'{{model="{_escape(k)}"}}', v) for k, v in sorted(memory.model_load_seconds().items())])
+                   [(_labels(model=k), v) for k, v in sorted(memory.model_load_seconds().items())])
+        metric("comfy_worker_up", "gauge", "1 while the prompt worker thread is alive.", [("", int(worker_up))])
+        metric("comfy_worker_restarts_total", "counter", "Times the supervisor restarted a dead prompt worker.",
+               [("", worker_restarts)])
+        metric("comfy_worker_seconds_since_progress", "gauge", "Seconds since the prompt worker last showed "
+               "life (a loop tick when idle, an engine event while running a prompt).",
+               [("", seconds_since_progress)])
         metric("comfy_process_resident_memory_bytes", "gauge", "Resident set size of the server process.",
                [("", rss_bytes())])
         return ("\n".join(lines) + "\n").encode()
 
 
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _labels(**labels) -> str:
+    """`{name="value",...}` with every value escaped: a model or stage name may hold any character."""
+    return "{" + ",".join(f'{name}="{_escape(str(value))}"' for name, value in labels.items()) + "}"
 
 
 def _escape(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 
 from .. import __version__
@@ -12,10 +13,75 @@ from .files import register_file_routes
 from .system import system_stats
 
 CATALOG_WAIT_S = 300
+MAX_PROMPT_ID_LENGTH = 256
 
 
 def _error_body(kind: str, message: str, details: str = "") -> dict:
     return {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}
+
+
+def _bad_request(kind: str, message: str, details: str = "") -> Response:
+    return json_response(_error_body(kind, message, details), 400)
+
+
+def json_body(request, want_object: bool = True):
+    """The parsed JSON body, or a 400 Response for unparsable JSON (or, with want_object, a non-object):
+    no body a client sends may turn into a 500."""
+    try:
+        body = request.json()
+    except (ValueError, RecursionError) as exc:  # BadJSON from the HTTP layer is a ValueError too
+        return _bad_request("invalid_json", "The request body is not valid JSON.", str(exc)[:500])
+    if want_object and not isinstance(body, dict):
+        return _bad_request("invalid_request", "The request body must be a JSON object.", type(body).__name__)
+    return body
+
+
+def _id_list(body: dict, key: str):
+    """body[key] as a list of prompt ids, or a 400 Response."""
+    value = body[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return _bad_request("invalid_request", f"'{key}' must be a list of prompt id strings.",
+                            type(value).__name__)
+    return value
+
+
+def _number_field(body: dict):
+    """The explicit priority, or a 400 Response: NaN or infinity would break the queue's ordering."""
+    value = body["number"]
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond float range
+        number = math.nan
+    if not math.isfinite(number):
+        return _bad_request("invalid_prompt", "'number' must be a finite number.", repr(value)[:100])
+    return number
+
+
+def _prompt_id_field(body: dict):
+    value = body.get("prompt_id")
+    if value is None:
+        return str(uuid.uuid4())
+    if not isinstance(value, str) or not value or len(value) > MAX_PROMPT_ID_LENGTH:
+        return _bad_request("invalid_prompt", f"'prompt_id' must be a non-empty string of at most "
+                            f"{MAX_PROMPT_ID_LENGTH} characters.", repr(value)[:100])
+    return value
+
+
+def _client_id_error(value, where: str):
+    if value is not None and not isinstance(value, str):
+        return _bad_request("invalid_prompt", f"{where} must be a string.", type(value).__name__)
+    return None
+
+
+def _query_int(request, name: str):
+    """(value or None, error Response or None) for an optional integer query parameter."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None, None
+    try:
+        return int(raw), None
+    except ValueError:
+        return None, _bad_request("invalid_request", f"'{name}' must be an integer.", raw[:100])
 
 
 def register_routes(router, app) -> None:
@@ -40,6 +106,8 @@ def register_routes(router, app) -> None:
             "frontend": None})
 
     async def health(request):
+        if app.worker_dead_for_good():  # a process that cannot run prompts is dead for a liveness probe
+            return json_response({"status": "error", "reasons": app.worker_problems()}, 503)
         return json_response({"status": "ok"})
 
     async def ready(request):
@@ -50,6 +118,7 @@ def register_routes(router, app) -> None:
             reasons.append(f"queue full ({app.queue.pending_count()} pending)")
         if app.draining:
             reasons.append("shutting down")
+        reasons += app.worker_problems()
         if reasons:
             return json_response({"ready": False, "reasons": reasons}, 503)
         return json_response({"ready": True})
@@ -71,13 +140,25 @@ def register_routes(router, app) -> None:
             return json_response(_error_body("queue_full", "The queue is full; try again later.",
                                              f"{app.queue.pending_count()} prompts pending; --max-queue-size "
                                              f"{app.settings.max_queue_size}"), 503)
-        body = request.json()  # unparsable -> 500, as ComfyUI
+        body = json_body(request, want_object=False)
+        if isinstance(body, Response):
+            return body
         if not isinstance(body, dict):
-            return json_response(_error_body("invalid_prompt", "The request body must be a JSON object.",
-                                             type(body).__name__), 400)
-        if "number" in body:
-            number = float(body["number"])
-        else:
+            return _bad_request("invalid_prompt", "The request body must be a JSON object.", type(body).__name__)
+        number = _number_field(body) if "number" in body else None
+        if isinstance(number, Response):
+            return number
+        prompt_id = _prompt_id_field(body)
+        if isinstance(prompt_id, Response):
+            return prompt_id
+        extra_data = body.get("extra_data", {})
+        if not isinstance(extra_data, dict):
+            return _bad_request("invalid_prompt", "extra_data must be a JSON object.", "")
+        error = (_client_id_error(body.get("client_id"), "client_id")
+                 or _client_id_error(extra_data.get("client_id"), "extra_data.client_id"))
+        if error is not None:
+            return error
+        if number is None:
             number = app.prompt_counter
             if body.get("front"):
                 number = -number
@@ -85,9 +166,6 @@ def register_routes(router, app) -> None:
         if "prompt" not in body:
             return json_response(_error_body("no_prompt", "No prompt provided", "No prompt provided"), 400)
         prompt = body["prompt"]
-        extra_data = body.get("extra_data", {})
-        if not isinstance(extra_data, dict):
-            return json_response(_error_body("invalid_prompt", "extra_data must be a JSON object.", ""), 400)
         catalog = await catalog_or_none()
         if catalog is None:
             return json_response(_error_body("not_ready", "The node catalogue is not loaded yet.", ""), 503)
@@ -98,10 +176,14 @@ def register_routes(router, app) -> None:
             result = validation.validate_prompt(prompt, catalog, app.folders, partial)
         if not result.ok:
             return json_response({"error": result.error, "node_errors": result.node_errors}, 400)
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        if app.draining:  # SIGTERM arrived while validating: drain() no longer looks at new items
+            return json_response(_error_body("shutting_down", "The server is shutting down; send the prompt "
+                                             "to another instance.", "SIGTERM received"), 503)
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
-        app.queue.put([number, prompt_id, prompt, extra_data, result.outputs])
+        if not app.queue.put_new([number, prompt_id, prompt, extra_data, result.outputs]):
+            return _bad_request("duplicate_prompt_id", "A prompt with this prompt_id is already queued, running "
+                                "or in the history.", prompt_id)
         return json_response({"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors})
 
     async def object_info(request):
@@ -112,43 +194,55 @@ def register_routes(router, app) -> None:
         return Response(catalog.object_info_json(app.folders, only), 200, "application/json; charset=utf-8")
 
     async def get_history(request):
-        max_items = request.query.get("max_items")
-        offset = int(request.query.get("offset", 0))  # non-integers -> 500, as ComfyUI
-        return json_response(app.queue.history(int(max_items) if max_items is not None else None, offset))
+        # ComfyUI answers non-integers with a 500; here no bad input gets a 500 (issue #7).
+        max_items, error = _query_int(request, "max_items")
+        offset, error = (None, error) if error else _query_int(request, "offset")
+        if error is not None:
+            return error
+        return json_response(app.queue.history(max_items, offset or 0))
 
     async def get_history_entry(request):
         return json_response(app.queue.history_entry(request.match_info["prompt_id"]))
 
     async def post_history(request):
-        body = request.json()
+        body = json_body(request)
+        if isinstance(body, Response):
+            return body
+        delete = _id_list(body, "delete") if "delete" in body else []
+        if isinstance(delete, Response):
+            return delete
         if body.get("clear"):
             app.queue.clear_history()
-        if "delete" in body:
-            app.queue.delete_history(body["delete"])
+        if delete:
+            app.queue.delete_history(delete)
         return Response()
 
     async def get_queue(request):
         return json_response({"queue_running": app.queue.running(), "queue_pending": app.queue.pending()})
 
     async def post_queue(request):
-        body = request.json()
+        body = json_body(request)
+        if isinstance(body, Response):
+            return body
+        delete = _id_list(body, "delete") if "delete" in body else []
+        if isinstance(delete, Response):
+            return delete
         if body.get("clear"):
             app.queue.wipe()
-        if "delete" in body:
-            app.queue.delete(body["delete"])
+        if delete:
+            app.queue.delete(delete)
         return Response()
 
     async def interrupt(request):
-        try:
-            body = request.json() if request.body else {}
-        except ValueError:
-            body = {}
+        body = json_body(request, want_object=False) if request.body else {}  # bad bodies: global interrupt
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
         app.request_interrupt(prompt_id)
         return Response()
 
     async def free(request):
-        body = request.json()
+        body = json_body(request)
+        if isinstance(body, Response):
+            return body
         if body.get("unload_models"):
             app.queue.set_flag("unload_models", True)
         if body.get("free_memory"):
@@ -160,7 +254,9 @@ def register_routes(router, app) -> None:
                         "text/plain; charset=utf-8")
 
     async def metrics(request):
-        body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()))
+        body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()), worker_up=app.worker_up,
+                                  worker_restarts=app.worker_restarts,
+                                  seconds_since_progress=app.seconds_since_progress())
         return Response(body, 200, "text/plain; version=0.0.4; charset=utf-8")
 
     async def extensions(request):

@@ -320,3 +320,88 @@ NODE_CLASS_MAPPINGS = {
     "Stateful": Stateful, "ClashingExpand": ClashingExpand,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {"Record": "Record Value"}
+
+
+class WaitForFile:
+    """Blocks, with no progress reports and deaf to /interrupt, until a file exists (or `timeout` passes):
+    a stalled node whose end the test controls."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT",), "path": ("STRING", {"default": ""}),
+                             "timeout": ("FLOAT", {"default": 60.0, "min": 0.0, "max": 600.0})}}
+
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    def run(self, value, path, timeout):
+        import os
+
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return (value,)
+
+
+class RaiseBase:
+    """Raises an exception that is not an Exception (SystemExit, KeyboardInterrupt, a bare BaseException)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT",),
+                             "kind": (["SystemExit", "KeyboardInterrupt", "BaseException"],)}}
+
+    RETURN_TYPES = ("FLOAT",)
+    FUNCTION = "run"
+    CATEGORY = "test"
+
+    def run(self, value, kind):
+        raise {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt,
+               "BaseException": BaseException}[kind](f"{kind} raised by a node")
+
+
+NODE_CLASS_MAPPINGS.update({"WaitForFile": WaitForFile, "RaiseBase": RaiseBase})
+
+
+class _DelayAfterPromptEnd:
+    """Logging handler: sleeps in the worker when it logs "prompt finished", i.e. after the executor returned
+    but before the worker's bookkeeping; widens that window so ordering bugs there show up every time."""
+
+    def __init__(self, seconds):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self._emit
+        self.seconds = seconds
+
+    def _emit(self, record):
+        if record.getMessage().startswith("prompt finished"):
+            time.sleep(self.seconds)
+
+
+class DelayPromptEnd:
+    """Output node: from now on the server pauses `seconds` between a prompt's end and its history entry."""
+
+    installed = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 5.0})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "test"
+
+    def run(self, seconds):
+        import logging
+
+        if DelayPromptEnd.installed is None:
+            DelayPromptEnd.installed = _DelayAfterPromptEnd(seconds)
+            logging.getLogger("comfy_serverless").addHandler(DelayPromptEnd.installed.handler)
+        DelayPromptEnd.installed.seconds = seconds
+        return {"ui": {"seconds": [seconds]}}
+
+
+NODE_CLASS_MAPPINGS.update({"DelayPromptEnd": DelayPromptEnd})
