@@ -47,6 +47,16 @@ def test_content_length_with_chunked_is_400(server):
         assert read_until_closed(sock).startswith(b"HTTP/1.1 400")
 
 
+def test_rejected_head_requests_are_answered_without_a_body(server):
+    big = b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    chunked = b"HEAD /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    for request, status in ((big, b"431"), (chunked, b"400")):
+        with raw(server, request) as sock:
+            reply = read_until_closed(sock)
+        assert reply.startswith(b"HTTP/1.1 " + status) and reply.endswith(b"\r\n\r\n"), reply
+    assert "connection error" not in server.log()
+
+
 def test_half_sent_headers_get_408_and_close(start_server):
     srv = start_server("--header-timeout", "0.5")
     with raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n") as sock:

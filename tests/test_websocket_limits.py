@@ -244,6 +244,9 @@ def test_invalid_upgrade_requests_get_400(start_server):
     wrong_version = upgrade_reply(srv.port, f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 8\r\n")
     assert wrong_version.startswith(b"HTTP/1.1 400"), wrong_version
     assert b"sec-websocket-version: 13" in wrong_version.lower()
+    for bad_key in ("!!not base64!!", "c2hvcnQ=", f"{key}, {key}"):  # not 16 bytes, or sent twice
+        reply = upgrade_reply(srv.port, f"Sec-WebSocket-Key: {bad_key}\r\nSec-WebSocket-Version: 13\r\n")
+        assert reply.startswith(b"HTTP/1.1 400"), (bad_key, reply)
     still_serving(srv)
     assert "Traceback" not in srv.log()
 

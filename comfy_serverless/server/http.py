@@ -158,11 +158,13 @@ class HTTPServer:
         try:
             first = True
             while True:
+                head = None
                 try:
                     head = await self._read_head(conn, reader, writer, first, probes_only)
                     first = False
                     if head is None:
                         break
+                    _check_head(head, self.limits)
                     handler, found = self.router.resolve(head.method.decode(), _path_of(head))
                     early = self._early_answer(head, handler, found, probes_only)
                     if early is not None:
@@ -173,8 +175,8 @@ class HTTPServer:
                         writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
                     request = await self._read_body(conn, reader, head, peer)
                 except _Reject as reject:
-                    if reject.response is not None:
-                        await self._write(conn, writer, reject.response, "GET")
+                    if reject.response is not None:  # a HEAD request's answer carries no body
+                        await self._write(conn, writer, reject.response, head.method.decode() if head else "GET")
                     break
                 if (self.websocket_handler is not None and request.path in WEBSOCKET_PATHS
                         and _is_websocket_upgrade(request)):
@@ -220,7 +222,6 @@ class HTTPServer:
                 status = exc.error_status_hint or 400
                 raise _Reject(_closing(text_response(f"{status}: {exc}", status))) from None
             if isinstance(event, h11.Request):
-                _check_head(event, self.limits)
                 return event
             if event is h11.NEED_DATA:
                 if started:
@@ -341,8 +342,8 @@ class HTTPServer:
                                           reason=REASONS.get(response.status, "").encode()))
         except h11.LocalProtocolError:  # the request was unparsable: answer outside h11, then close
             data = (f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
-                    f"content-length: {len(response.body)}\r\nconnection: close\r\n\r\n").encode() + response.body
-            writer.write(data)
+                    f"content-length: {len(response.body)}\r\nconnection: close\r\n\r\n").encode()
+            writer.write(data + (response.body if method != "HEAD" else b""))
             await self._drain(writer)
             return
         sends_body = method != "HEAD" and length > 0

@@ -7,6 +7,7 @@ through pings, so neither a hostile nor a vanished client can make the server ho
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import struct
@@ -90,6 +91,16 @@ class Client:
             self.writer.write(self.ws.send(CloseConnection(code=code, reason=reason)))
 
 
+def _check_key(key: str) -> None:
+    """RFC 6455 4.2.1: exactly one key, the base64 form of 16 bytes (wsproto checks only its presence)."""
+    try:
+        if len(base64.b64decode(key.strip(), validate=True)) == 16:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"Sec-WebSocket-Key must be 16 bytes in base64, got {key[:40]!r}")
+
+
 class Hub:
     """Routes messages: to one client id, or to every socket when no id is given."""
 
@@ -146,6 +157,7 @@ class Hub:
         ws = WSConnection(ConnectionType.SERVER)
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         try:
+            _check_key(request.headers.get("sec-websocket-key", ""))
             ws.initiate_upgrade_connection(headers, request.raw_target)
             accept = b"".join(ws.send(AcceptConnection()) for e in ws.events() if isinstance(e, WSRequest))
         except (ProtocolError, h11.ProtocolError, ValueError) as exc:  # the client's headers are at fault
