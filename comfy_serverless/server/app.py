@@ -24,7 +24,7 @@ from ..catalog.catalog import Catalog
 from ..engine.executor import Executor, now_ms, type_name
 from ..engine.queue import PromptQueue
 
-from .http import HTTPServer, Router
+from .http import HTTPServer, Limits, Router
 from .metrics import Metrics
 from .middleware import build_middleware
 from .websocket import Hub
@@ -178,7 +178,8 @@ class App:
         from .routes import register_routes
 
         register_routes(router, self)
-        self.http = HTTPServer(router, self.settings.max_upload_bytes, build_middleware(self.settings),
+        self.http = HTTPServer(router, Limits.from_settings(self.settings, self.folders.temp),
+                               build_middleware(self.settings, router),
                                self.hub.handle, access_log=not self.settings.dont_print_server)
         await self.http.start(self.settings.listen_addresses, self.settings.port, self._ssl_context())
         timeline.mark("listening")
