@@ -168,7 +168,12 @@ def register_file_routes(router, app) -> None:
                     upload.discard()
 
         async with image_jobs:
-            return await asyncio.to_thread(merge_with_original, request)
+            try:
+                return await asyncio.to_thread(merge_with_original, request)
+            finally:
+                from .images import release_memory
+
+                await asyncio.to_thread(release_memory)
 
     def locate_view(q) -> tuple[str | None, Response | None, str]:
         """(path, error response, filename) for /view's query."""
@@ -207,13 +212,15 @@ def register_file_routes(router, app) -> None:
         disposition = [("Content-Disposition", f'filename="{filename}"')]
         preview, channel = request.query.get("preview"), request.query.get("channel", "rgba")
         if preview or channel in ("rgb", "a"):
-            from .images import render_view
+            from .images import release_memory, render_view
 
             async with image_jobs:
                 try:
                     body, content_type = await asyncio.to_thread(render_view, path, preview, channel)
                 except (OSError, ValueError) as exc:  # not an image, or too large for Pillow
                     return _bad_request("invalid_image", f"cannot render {filename!r}: {exc}")
+                finally:
+                    await asyncio.to_thread(release_memory)
             return Response(body, 200, content_type, disposition)
         ext = os.path.splitext(filename)[1].lower()
         content_type = "application/octet-stream" if ext in FORCED_BINARY else \
