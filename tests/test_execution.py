@@ -214,7 +214,7 @@ def test_history_paging_and_deletion(start_server):
     assert list(srv.get("/history?offset=1&max_items=2").json()) == ids[1:3]
     assert list(srv.get("/history?offset=3").json()) == ids[3:]
     assert srv.get("/history?offset=9").json() == {}
-    assert srv.get("/history?max_items=abc").status_code == 500
+    assert srv.get("/history?max_items=abc").status_code == 400  # ComfyUI: 500; no bad input gets a 500 here
     assert srv.get("/history/unknown").json() == {}
     srv.post("/history", {"delete": [ids[0], "nope"]})
     assert list(srv.get("/history").json()) == ids[1:]
@@ -282,7 +282,7 @@ def test_free_memory_resets_caches(start_server):
     assert srv.post("/free", {"free_memory": True}).status_code == 200
     time.sleep(1.5)  # applied by the worker when idle
     assert srv.run(counter)["outputs"]["2"]["values"][0] == first + 1
-    assert srv.post("/free", data=b"").status_code == 500  # ComfyUI: the body must be JSON
+    assert srv.post("/free", data=b"").status_code == 400  # the body must be a JSON object (ComfyUI: 500)
 
 
 def test_identical_subgraphs_under_different_ids_share_results(server):

@@ -74,7 +74,7 @@ def test_sigterm_grace_period_interrupts(start_server):
     time.sleep(0.3)
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
-    assert srv.proc.wait(20) == 0
+    assert srv.proc.wait(20) == 1  # a prompt was interrupted and one dropped
     assert time.monotonic() - started < 8
     assert "interrupted the running prompt, dropped 1 pending" in srv.log()
 
