@@ -24,8 +24,10 @@ commands:
              write a checkpoint with random weights in the original single-file layout (tests, benchmarks)
 
 Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
-switches take 1/true/yes. Probes for platforms: GET /health (liveness), GET /ready (readiness: 503 until the
-node catalogue is loaded, while the queue is full and while shutting down), GET /metrics (Prometheus).
+switches take 1/true/yes. Probes for platforms: GET /health (liveness; 503 when the prompt worker is dead),
+GET /ready (readiness: 503 until the node catalogue is loaded, while the queue is full, while the worker is
+dead or stuck, and while shutting down), GET /metrics (Prometheus). Request limits and timeouts are the
+--max-header-*, --*-timeout, --max-connections, --max-json-depth and --ws-* flags below (README: Reliability).
 SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds; exit status 0,
 or 1 when prompts were dropped (recorded in /history as errors) or interrupted.
 """
