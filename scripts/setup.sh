@@ -18,9 +18,6 @@ stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut 
 if [ ! -f "$stamp" ] && [ ! -f "$stamp-test" ]; then
   # torch is pinned to 2.13.0 in pyproject.toml: the CPU build of that release installs from local disk here.
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".${extras}" --config-settings editable_mode=compat
-  # The CLIP BPE vocabulary ships inside this wheel; we read the data file and never import the package
-  # (it depends on torchvision, which would replace torch), hence --no-deps.
-  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps open_clip_torch==3.3.0
   # Precompiled bytecode is part of the cold-start story (PYTHONDONTWRITEBYTECODE=1 is set here). The
   # dependencies change only with an install, so they are compiled once per install, not per start.
   # Some ship files for newer Pythons (torch's py312_intrinsics.py), which cannot compile here.

@@ -1,9 +1,7 @@
 """Offline CLIP byte-pair-encoding tokenizer (the one every Stable Diffusion text encoder uses).
 
-The merge list is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT). We do not ship a copy: it is read as a
-plain data file out of an installed PyPI package that carries it (`open_clip_torch`, installed with
-`--no-deps`, or one of the `clip` packages). The package itself is never imported, so its torch and
-torchvision requirements do not matter.
+The merge list is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT), shipped unmodified as package data in
+`clip_vocab/` beside this module, with its licence in `clip_vocab/NOTICE.txt`.
 
 Output matches transformers' `CLIPTokenizer` built from the same merges: NFC, whitespace runs collapsed,
 lowercase, CLIP's pre-tokenizer split, byte-level BPE with a `</w>` end-of-word marker.
@@ -12,7 +10,6 @@ lowercase, CLIP's pre-tokenizer split, byte-level BPE with a `</w>` end-of-word 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import unicodedata
@@ -27,9 +24,7 @@ PAD_WITH_ZERO = 0
 CONTEXT_LENGTH = 77
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
-# Package directories known to ship the vocabulary file, tried in order.
-VOCAB_CARRIERS = ("open_clip", "clip")
-VOCAB_INSTALL_HINT = "pip install --no-deps open_clip_torch==3.3.0"
+VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vocab")
 
 # CLIP keeps 49152 - 256 - 2 merges: the vocabulary is 256 bytes, 256 bytes + "</w>", the merges and the
 # two special tokens, 49408 entries in all.
@@ -66,21 +61,11 @@ def _byte_alphabet() -> list[tuple[int, str]]:
 
 
 def find_vocab_file() -> str:
-    """Path of the BPE merges file inside an installed carrier package, without importing it."""
-    for package in VOCAB_CARRIERS:
-        try:
-            spec = importlib.util.find_spec(package)  # locates a top-level package without running it
-        except (ImportError, ValueError):
-            continue
-        folders = (spec.submodule_search_locations or []) if spec is not None else []
-        for folder in folders:
-            candidate = os.path.join(folder, VOCAB_FILE_NAME)
-            if os.path.isfile(candidate):
-                return candidate
-    raise FileNotFoundError(
-        f"CLIP vocabulary {VOCAB_FILE_NAME} not found in any of {VOCAB_CARRIERS}; install it with "
-        f"`{VOCAB_INSTALL_HINT}`"
-    )
+    """Path of the BPE merges file shipped with this package (pyproject.toml's package-data)."""
+    path = os.path.join(VOCAB_DIR, VOCAB_FILE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP vocabulary {path} is missing: this install of comfy-serverless is incomplete")
+    return path
 
 
 @dataclass(frozen=True)

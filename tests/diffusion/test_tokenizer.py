@@ -7,6 +7,7 @@ import random
 import sys
 import time
 import unicodedata
+from pathlib import Path
 
 import pytest
 
@@ -80,11 +81,14 @@ def test_vocabulary_matches_reference_derivation(tokenizer):
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
 
 
-def test_vocabulary_read_without_importing_the_carrier_package():
+def test_vocabulary_is_our_package_data():
     clip_tokenizer.load_bpe_tables.cache_clear()
     started = time.perf_counter()
     CLIPTokenizer()
     elapsed = time.perf_counter() - started
+    package_dir = Path(clip_tokenizer.__file__).resolve().parent
+    assert Path(clip_tokenizer.find_vocab_file()).resolve().parent == package_dir / "clip_vocab"
+    assert (package_dir / "clip_vocab" / "NOTICE.txt").is_file()  # the MIT notice travels with the file
     assert "open_clip" not in sys.modules and "clip" not in sys.modules
     # ~40 ms on a developer machine; the bound leaves room for a busy shared CPU.
     assert elapsed < 1.0
