@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from . import __version__, logs, timeline
+from . import __version__, logs
 from .settings import add_flags, settings_from
 
 SUBCOMMANDS = ("serve", "snapshot", "make-test-checkpoint")
@@ -81,10 +81,10 @@ def serve(settings, argv: list[str], log) -> int:
 
     from .server.app import App
 
-    timeline.mark("front_imported")
+    app = App(settings, argv)
+    app.context.timeline.mark("front_imported")
     for flag in settings.not_applicable_flags():
         log.info("%s: not applicable on this CPU-only server; ignored", flag)
-    app = App(settings, argv)
     app.prepare_directories()
     app.load_catalog_snapshot()
     if settings.warmup == "eager":

@@ -37,6 +37,14 @@ class FileList(list):
 class Folders:
     """Where everything lives. One instance per server, configured from Settings."""
 
+    @classmethod
+    def from_settings(cls, settings) -> "Folders":
+        folders = cls(settings.base_directory, settings.input_directory, settings.output_directory,
+                      settings.temp_directory, settings.user_directory)
+        for yaml_path in settings.values.get("extra_model_paths_config") or ():
+            folders.load_extra_model_paths(yaml_path)
+        return folders
+
     def __init__(self, base: str, input_dir: str, output_dir: str, temp_dir: str, user_dir: str):
         self.base = base
         self.input = input_dir
@@ -188,27 +196,18 @@ def is_inside(root: str, path: str, follow_links: bool = True) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-_current: Folders | None = None
-
-
 def configure(settings) -> Folders:
-    """Creates the process-wide folders from settings (called once at start, and by tools)."""
-    global _current
-    from .settings import set_current
+    """Folders and settings for code that runs outside a server (tools, scripts, unit tests).
 
-    set_current(settings)
-    folders = Folders(settings.base_directory, settings.input_directory, settings.output_directory,
-                      settings.temp_directory, settings.user_directory)
-    for yaml_path in settings.values.get("extra_model_paths_config") or ():
-        folders.load_extra_model_paths(yaml_path)
-    _current = folders
-    return folders
+    A server never calls this: it owns a `context.ServerContext` and activates it in its own threads.
+    """
+    from . import context
+
+    return context.use_as_fallback(context.ServerContext(settings)).folders
 
 
 def current() -> Folders:
-    """The configured folders; node packs call this to find inputs, outputs and models."""
-    if _current is None:
-        from .settings import default_settings
+    """The current server's folders; node packs call this to find inputs, outputs and models."""
+    from . import context
 
-        return configure(default_settings())
-    return _current
+    return context.current().folders

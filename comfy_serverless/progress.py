@@ -8,9 +8,9 @@ when `/interrupt` was called, so long loops stop between steps.
 from __future__ import annotations
 
 import contextvars
-import threading
 
-_interrupt = threading.Event()
+from . import context
+
 # Set by the executor around every node call: a callable(value, total, preview) or None.
 _reporter: contextvars.ContextVar = contextvars.ContextVar("progress_reporter", default=None)
 
@@ -20,20 +20,22 @@ class InterruptProcessingException(Exception):
 
 
 def request_interrupt() -> None:
-    _interrupt.set()
+    """Interrupts the current server's running prompt (each server has its own flag)."""
+    context.current().interrupt.set()
 
 
 def clear_interrupt() -> None:
-    _interrupt.clear()
+    context.current().interrupt.clear()
 
 
 def is_interrupted() -> bool:
-    return _interrupt.is_set()
+    return context.current().interrupt.is_set()
 
 
 def throw_exception_if_processing_interrupted() -> None:
-    if _interrupt.is_set():
-        _interrupt.clear()
+    interrupt = context.current().interrupt
+    if interrupt.is_set():
+        interrupt.clear()
         raise InterruptProcessingException()
 
 

@@ -109,7 +109,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--catalog-path", "Node catalogue snapshot file (default: <base>/.comfy-serverless/catalog.json).",
          kind="value"),
     Flag("--disable-metadata", "Do not embed the prompt and workflow in saved PNG files."),
-    Flag("--preview-method", "Latent previews over the WebSocket.", kind="value", default="none",
+    Flag("--preview-method", "Latent previews over the WebSocket; auto and taesd use latent2rgb (taesd needs "
+         "weights this server does not ship).", kind="value", default="none",
          choices=("none", "auto", "latent2rgb", "taesd")),
     Flag("--preview-size", "Largest side of preview images.", kind="value", type=int, default=512),
     Flag("--default-hashing-function", "Hash for upload duplicate detection.", kind="value",
@@ -124,7 +125,7 @@ FLAGS: tuple[Flag, ...] = (
          kind="value", type=float, default=30.0),
     # compute (CPU server: precision flags are honoured by the model packs)
     Flag("--cpu", "Run on the CPU (always true for this server)."),
-    Flag("--cpu-vae", "Run the VAE on the CPU."),
+    Flag("--cpu-vae", "The VAE always runs on the CPU here; accepted for compatibility.", applies=False),
     Flag("--force-fp32", "Compute in fp32."),
     Flag("--force-fp16", "Compute in fp16 (slow on most CPUs)."),
     Flag("--fp16-vae", "Run the VAE in fp16 (very slow on most CPUs)."),
@@ -294,17 +295,8 @@ def default_settings(**overrides) -> Settings:
     return settings
 
 
-_current: Settings | None = None
-
-
-def set_current(settings: Settings) -> None:
-    global _current
-    _current = settings
-
-
 def current() -> Settings:
     """The running server's settings (node packs read flags such as --disable-metadata here)."""
-    global _current
-    if _current is None:
-        _current = default_settings()
-    return _current
+    from . import context
+
+    return context.current().settings

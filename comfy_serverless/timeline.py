@@ -29,16 +29,16 @@ def _process_start_monotonic() -> float:
 
 
 PROCESS_START = _process_start_monotonic()
-_stages: dict[str, float] = {"process_start": 0.0}
 
 
 def mark(stage: str) -> float:
-    """Records a stage the first time it happens; returns seconds since process start."""
-    if stage not in _stages:
-        _stages[stage] = round(time.monotonic() - PROCESS_START, 4)
-        log.info("startup: %s at %.3f s", stage, _stages[stage])
-    return _stages[stage]
+    """Records a stage of the current server the first time it happens; returns seconds since process start."""
+    from . import context
+
+    return context.current().timeline.mark(stage)
 
 
 def stages() -> dict[str, float]:
-    return dict(_stages)
+    from . import context
+
+    return context.current().timeline.stages()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,20 @@ REPO = Path(__file__).resolve().parent.parent
 PACKS = Path(__file__).resolve().parent / "packs"
 COMMAND = [sys.executable, "-m", "comfy_serverless"]
 LISTENING = re.compile(r"listening on http://[^ ]*:(\d+)")
+
+
+@contextlib.contextmanager
+def server_context(**flags):
+    """Runs the block as if inside a server with these settings (its own folders, interrupt, model cache)."""
+    from comfy_serverless import context
+    from comfy_serverless.settings import default_settings
+
+    own = context.ServerContext(default_settings(**flags))
+    token = own.activate()
+    try:
+        yield own
+    finally:
+        context.deactivate(token)
 
 
 class Server:

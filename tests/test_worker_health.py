@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from comfy_serverless import cli, memory, timeline
+from comfy_serverless import cli, context
 from comfy_serverless.adapters import workflow_runner
 from comfy_serverless.server import metrics as metrics_module
 from comfy_serverless.server.app import App
@@ -98,9 +98,9 @@ def app(tmp_path):
     settings = cli.parse("serve", ["--base-directory", str(tmp_path), "--port", "0",
                                    "--worker-stall-timeout", "5"])
     app = App(settings, [])
-    app.loop = asyncio.new_event_loop()
+    app.loop = app.worker.loop = asyncio.new_event_loop()
     yield app
-    app._stopping = True
+    app.worker.stopping = True
     app.loop.close()
 
 
@@ -128,35 +128,37 @@ def test_supervisor_restarts_a_dead_worker_and_fails_its_prompt(app):
     def dying_worker():
         app.queue.get(timeout=5)  # takes the prompt, then the thread ends without finishing it
 
-    app._worker = dying_worker
-    app._start_worker()
-    app._worker_thread.join(5)
-    assert not app.worker_up
-    assert any("not running" in reason for reason in app.worker_problems())
-    app._worker = lambda: release.wait(30)
+    worker = app.worker
+    worker._loop_forever = dying_worker
+    worker.start()
+    worker._thread.join(5)
+    assert not worker.up
+    assert any("not running" in reason for reason in worker.problems())
+    worker._loop_forever = lambda: release.wait(30)
     try:
-        app.check_worker()
-        assert app.worker_up and app.worker_restarts == 1 and app.worker_problems() == []
+        worker.check()
+        assert worker.up and worker.restarts == 1 and worker.problems() == []
         entry = app.queue.history_entry("orphan")["orphan"]
         assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
         assert entry["status"]["messages"][-1][0] == "execution_error"
         assert app.queue.running() == [] and app.queue.remaining() == 0
-        values = metric_values(app.metrics.render(0, 0, app.worker_up, app.worker_restarts,
-                                                  app.seconds_since_progress()).decode())
+        values = metric_values(app.metrics.render(0, 0, app.context, worker.up, worker.restarts,
+                                                  worker.seconds_since_progress()).decode())
         assert values["comfy_worker_up"] == 1 and values["comfy_worker_restarts_total"] == 1
     finally:
         release.set()
 
 
 def test_a_worker_that_keeps_dying_fails_health(app):
-    app._worker = lambda: None
-    app._start_worker()
+    worker = app.worker
+    worker._loop_forever = lambda: None
+    worker.start()
     for _ in range(20):
-        app._worker_thread.join(5)
-        app.check_worker()
-        if app.worker_dead_for_good():
+        worker._thread.join(5)
+        worker.check()
+        if worker.dead_for_good():
             break
-    assert app.worker_dead_for_good() and not app.worker_up
+    assert worker.dead_for_good() and not worker.up
     status, body = run_handler(app, "GET", "/health")
     assert status == 503 and body["status"] == "error" and body["reasons"]
     status, body = run_handler(app, "GET", "/ready")
@@ -165,19 +167,20 @@ def test_a_worker_that_keeps_dying_fails_health(app):
 
 def test_ready_reports_a_worker_stuck_between_prompts(app):
     release = threading.Event()
-    app._worker = lambda: release.wait(30)  # alive but never takes a prompt
-    app._start_worker()
+    worker = app.worker
+    worker._loop_forever = lambda: release.wait(30)  # alive but never takes a prompt
+    worker.start()
     try:
         app.queue.put([0, "waiting", {}, {}, []])
-        assert app.worker_problems() == []
-        app._worker_beat = time.monotonic() - 60
-        problems = app.worker_problems()
+        assert worker.problems() == []
+        worker._beat = time.monotonic() - 60
+        problems = worker.problems()
         assert problems and "pending" in problems[0]
-        app._worker_prompt = "running-one"  # now a prompt runs with no engine event for 60 s (> 5 s)
-        problems = app.worker_problems()
+        worker._prompt = "running-one"  # now a prompt runs with no engine event for 60 s (> 5 s)
+        problems = worker.problems()
         assert problems and "no progress" in problems[0]
-        app._worker_beat = time.monotonic()
-        assert app.worker_problems() == []
+        worker._beat = time.monotonic()
+        assert worker.problems() == []
     finally:
         release.set()
 
@@ -288,13 +291,16 @@ def unescape(value):
     return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value)
 
 
-def test_metrics_escape_every_label_value(monkeypatch):
+def test_metrics_escape_every_label_value(tmp_path):
     odd = ['quote"model.safetensors', "back\\slash.ckpt", "new\nline.pt", 'all "\\\n three']
-    monkeypatch.setattr(memory, "model_load_seconds", lambda: {name: 1.5 for name in odd})
-    monkeypatch.setattr(timeline, "stages", lambda: {'stage "x"\n': 0.25, "ok": float("inf")})
+    server = context.ServerContext(cli.parse("serve", ["--base-directory", str(tmp_path)]))
+    server.model_load_seconds.update({name: 1.5 for name in odd})
+    server.timeline.mark('stage "x"\n')
+    server.timeline._stages["ok"] = float("inf")
     metrics = metrics_module.Metrics()
     metrics.prompt_finished('odd"outcome\\\n', 0.2)
-    text = metrics.render(1, 0, worker_up=False, worker_restarts=2, seconds_since_progress=float("nan")).decode()
+    text = metrics.render(1, 0, server, worker_up=False, worker_restarts=2,
+                          seconds_since_progress=float("nan")).decode()
     assert text.endswith("\n")
     for line in text.splitlines():
         assert COMMENT.match(line) or SAMPLE.match(line), f"not Prometheus text format: {line!r}"

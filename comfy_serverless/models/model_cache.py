@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-from .. import memory
+from .. import context, memory
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class ModelHandle:
     def prefetch(self) -> None:
         """Starts loading in a background thread, so the load overlaps other work (e.g. text encoding)."""
         if self.module is None:
-            threading.Thread(target=self.cache.acquire_quietly, args=(self,), name="model-prefetch",
-                             daemon=True).start()
+            # A new thread starts with no context: carry the server's, so the load is recorded with it.
+            threading.Thread(target=context.current().run, args=(self.cache.acquire_quietly, self),
+                             name="model-prefetch", daemon=True).start()
 
     def unload(self) -> None:
         self.cache.release(self)
@@ -177,18 +178,16 @@ def _reserve_from_settings() -> int:
     return int((DEFAULT_RESERVE_GB if reserve_gb is None else float(reserve_gb)) * GIB)
 
 
-_default: LoadedModels | None = None
-_default_lock = threading.Lock()
-
-
 def loaded_models() -> LoadedModels:
-    """The process-wide cache; registered with /free and --disable-smart-memory on first use."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = LoadedModels()
-            memory.on_unload_models(_default.unload_all)
-        return _default
+    """The current server's cache; registered with its /free and --disable-smart-memory on first use."""
+    server = context.current()
+
+    def create() -> LoadedModels:
+        cache = LoadedModels()
+        server.unloaders.append(cache.unload_all)
+        return cache
+
+    return server.slot("loaded_models", create)
 
 
 def file_stamp(path: str) -> tuple[str, int, int]:

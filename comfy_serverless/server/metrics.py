@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import threading
 
-from .. import memory, timeline
 from .system import rss_bytes
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -32,8 +31,9 @@ class Metrics:
                 if seconds <= bound:
                     self.duration_buckets[i] += 1
 
-    def render(self, pending: int, running: int, worker_up: bool = True, worker_restarts: int = 0,
-               seconds_since_progress: float = 0.0) -> bytes:
+    def render(self, pending: int, running: int, server_context, worker_up: bool = True,
+               worker_restarts: int = 0, seconds_since_progress: float = 0.0) -> bytes:
+        """The exposition text; stages and model loads come from `server_context` (one server's state)."""
         lines = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -55,9 +55,9 @@ class Metrics:
             lines.append("# TYPE comfy_prompt_duration_seconds histogram")
             lines += [f"comfy_prompt_duration_seconds{suffix} {_number(v)}" for suffix, v in samples]
             metric("comfy_startup_stage_seconds", "gauge", "Seconds from process start to each start-up stage.",
-                   [(_labels(stage=k), v) for k, v in timeline.stages().items()])
+                   [(_labels(stage=k), v) for k, v in server_context.timeline.stages().items()])
             metric("comfy_model_load_seconds", "gauge", "Seconds the last load of each model took.",
-                   [(_labels(model=k), v) for k, v in sorted(memory.model_load_seconds().items())])
+                   [(_labels(model=k), v) for k, v in sorted(server_context.model_load_seconds.items())])
         metric("comfy_worker_up", "gauge", "1 while the prompt worker thread is alive.", [("", int(worker_up))])
         metric("comfy_worker_restarts_total", "counter", "Times the supervisor restarted a dead prompt worker.",
                [("", worker_restarts)])

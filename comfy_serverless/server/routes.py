@@ -88,7 +88,7 @@ def register_routes(router, app) -> None:
     async def catalog_or_none():
         if app.catalog is None:
             try:
-                await asyncio.wait_for(app.catalog_ready.wait(), CATALOG_WAIT_S)
+                await asyncio.wait_for(app.catalogs.ready.wait(), CATALOG_WAIT_S)
             except asyncio.TimeoutError:
                 return None
         return app.catalog
@@ -106,8 +106,8 @@ def register_routes(router, app) -> None:
             "frontend": None})
 
     async def health(request):
-        if app.worker_dead_for_good():  # a process that cannot run prompts is dead for a liveness probe
-            return json_response({"status": "error", "reasons": app.worker_problems()}, 503)
+        if app.worker.dead_for_good():  # a process that cannot run prompts is dead for a liveness probe
+            return json_response({"status": "error", "reasons": app.worker.problems()}, 503)
         return json_response({"status": "ok"})
 
     async def ready(request):
@@ -118,7 +118,7 @@ def register_routes(router, app) -> None:
             reasons.append(f"queue full ({app.queue.pending_count()} pending)")
         if app.draining:
             reasons.append("shutting down")
-        reasons += app.worker_problems()
+        reasons += app.worker.problems()
         if reasons:
             return json_response({"ready": False, "reasons": reasons}, 503)
         return json_response({"ready": True})
@@ -254,9 +254,9 @@ def register_routes(router, app) -> None:
                         "text/plain; charset=utf-8")
 
     async def metrics(request):
-        body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()), worker_up=app.worker_up,
-                                  worker_restarts=app.worker_restarts,
-                                  seconds_since_progress=app.seconds_since_progress())
+        body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()), app.context,
+                                  worker_up=app.worker.up, worker_restarts=app.worker.restarts,
+                                  seconds_since_progress=app.worker.seconds_since_progress())
         return Response(body, 200, "text/plain; version=0.0.4; charset=utf-8")
 
     async def extensions(request):

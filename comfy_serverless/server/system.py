@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import __version__, timeline
+from .. import __version__
 
 COMFYUI_VERSION = "0.3.64"  # the ComfyUI release whose API this server follows
 FRONTEND_VERSION = "1.27.10"
@@ -65,9 +65,9 @@ def system_stats(app) -> dict:
                      "torch_vram_total": total, "torch_vram_free": free}],
         "comfy_serverless": {
             "version": __version__,
-            "startup": timeline.stages(),
-            "warmup": {"mode": app.settings.warmup, "state": app.warmup_state},
-            "catalog": {"nodes": len(app.catalog) if app.catalog else 0, "stale": app.catalog_stale},
+            "startup": app.context.timeline.stages(),
+            "warmup": {"mode": app.settings.warmup, "state": app.catalogs.state},
+            "catalog": {"nodes": len(app.catalog) if app.catalog else 0, "stale": app.catalogs.stale},
             "heavy_modules_loaded": [m for m in HEAVY_MODULES if m in sys.modules],
             "rss_bytes": rss_bytes(),
             "cache_mode": app.settings.cache_mode,

@@ -12,25 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_serverless import paths, settings
+from comfy_serverless import paths
 from comfy_serverless.nodes import image_files
 from comfy_serverless.nodes.image_files import LoadImage, LoadImageMask, PreviewImage, SaveImage
-from comfy_serverless.settings import default_settings
-
-
-def configure(base, **overrides):
-    return paths.configure(default_settings(base_directory=str(base), **overrides))
+from conftest import server_context
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch):
-    # Put the process-wide folders and settings back afterwards.
-    monkeypatch.setattr(paths, "_current", None)
-    monkeypatch.setattr(settings, "_current", None)
-    found = configure(tmp_path)
-    for directory in (found.input, found.output):
-        os.makedirs(directory)
-    return found
+def folders(tmp_path):
+    with server_context(base_directory=str(tmp_path)) as server:
+        for directory in (server.folders.input, server.folders.output):
+            os.makedirs(directory)
+        yield server.folders
 
 
 def write_png(path, pixels, mode=None):
@@ -103,8 +96,8 @@ def test_save_writes_prompt_and_extra_pnginfo_as_text_chunks(folders):
 
 
 def test_save_without_metadata_when_disabled(tmp_path, folders):
-    configure(tmp_path, disable_metadata=True)
-    SaveImage().save_images(torch.rand(1, 2, 2, 3), "plain", prompt={"1": {}}, extra_pnginfo={"workflow": {}})
+    with server_context(base_directory=str(tmp_path), disable_metadata=True):
+        SaveImage().save_images(torch.rand(1, 2, 2, 3), "plain", prompt={"1": {}}, extra_pnginfo={"workflow": {}})
     with Image.open(os.path.join(folders.output, "plain_00001_.png")) as png:
         assert "prompt" not in png.text and "workflow" not in png.text
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_serverless import paths, settings
+from comfy_serverless import paths
 from comfy_serverless.diffusion import samplers, schedules
 from comfy_serverless.nodes import conditioning, latents, loaders, sampling_nodes, vae_nodes
 from comfy_serverless.nodes.conditioning import (
@@ -29,7 +29,8 @@ from comfy_serverless.nodes.loaders import (
 )
 from comfy_serverless.nodes.sampling_nodes import KSampler, KSamplerAdvanced
 from comfy_serverless.nodes.vae_nodes import VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint
-from comfy_serverless.settings import default_settings
+
+from conftest import server_context
 
 from .conftest import install_models
 
@@ -37,12 +38,10 @@ PACKS = (loaders, conditioning, latents, sampling_nodes, vae_nodes)
 
 
 @pytest.fixture
-def folders(tmp_path, monkeypatch, model_files):
-    monkeypatch.setattr(paths, "_current", None)
-    monkeypatch.setattr(settings, "_current", None)
-    found = paths.configure(default_settings(base_directory=str(install_models(tmp_path, model_files))))
-    (tmp_path / "input").mkdir()
-    return found
+def folders(tmp_path, model_files):
+    with server_context(base_directory=str(install_models(tmp_path, model_files))) as server:
+        (tmp_path / "input").mkdir()
+        yield server.folders
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +49,9 @@ def sd15(model_files):
     """fp32 here: on tiny models bf16's one-off kernel set-up per shape costs more than the compute."""
     from comfy_serverless.models.loading import load_checkpoint
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(settings, "_current", default_settings(force_fp32=True))
-        yield load_checkpoint(str(model_files["sd15"]))
+    with server_context(force_fp32=True):
+        loaded = load_checkpoint(str(model_files["sd15"]))
+    yield loaded
 
 
 @pytest.fixture(scope="module")
@@ -151,14 +150,15 @@ def test_ksampler_is_deterministic_and_reports_each_step(sd15, prompts):
     assert all(preview is None for _, _, preview in reports)  # --preview-method none
 
 
-def test_previews_when_enabled(sd15, prompts, monkeypatch):
+def test_previews_when_enabled(sd15, prompts):
     from comfy_serverless import progress
 
-    monkeypatch.setattr(settings, "_current", default_settings(preview_method="auto"))
     reports = []
     token = progress.set_reporter(lambda value, total, preview: reports.append(preview))
     try:
-        KSampler().sample(sd15[0], 1, 2, 6.0, "euler", "normal", *prompts, EmptyLatentImage().generate(32, 32, 1)[0])
+        with server_context(preview_method="auto"):
+            KSampler().sample(sd15[0], 1, 2, 6.0, "euler", "normal", *prompts,
+                              EmptyLatentImage().generate(32, 32, 1)[0])
     finally:
         progress.reset_reporter(token)
     assert [p[0] for p in reports] == ["JPEG", "JPEG"] and reports[0][1].size == (4, 4) and reports[0][2] == 512
