@@ -136,6 +136,7 @@ def test_comfyui_launch_flags_are_accepted(start_server):
     assert srv.get("/system_stats").status_code == 200
     log = srv.log()
     assert "--disable-xformers: not applicable" in log and "--some-future-flag" in log
+    assert "--cpu-vae: not applicable" in log  # always on the CPU here
 
 
 def test_help_lists_flags_and_environment_variables():

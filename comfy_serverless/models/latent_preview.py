@@ -10,6 +10,10 @@ They are approximations (undersaturated); the real VAE decode is two thousand ti
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 # rows: latent channels 1-4; columns: R, G, B
 SD1_FACTORS = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 SD1_BIAS = (0.0, 0.0, 0.0)
@@ -17,6 +21,20 @@ SD1_RANGE = (-1.0, 1.0)
 SDXL_FACTORS = ((60, 60, 60), (-60, -5, 10), (25, 15, -5), (-70, -50, -35))
 SDXL_BIAS = (150, 140, 130)
 SDXL_RANGE = (0.0, 255.0)
+
+_taesd_logged = False
+
+
+def preview_method(requested: str) -> str:
+    """The method --preview-method gets here: "none", or "latent2rgb" for every other choice (auto picks it,
+    and taesd falls back to it: logged once per process)."""
+    global _taesd_logged
+    if requested == "none":
+        return "none"
+    if requested == "taesd" and not _taesd_logged:
+        _taesd_logged = True
+        log.warning("--preview-method taesd: taesd needs weights this server does not ship; using latent2rgb")
+    return "latent2rgb"
 
 
 def latent_to_rgb(latent, family: str):

@@ -85,6 +85,20 @@ def _measured_default():
     return torch.bfloat16 if measure_bf16().bf16_is_faster else torch.float32
 
 
+def apply_torch_flags() -> None:
+    """Process-wide torch switches from the server's flags, applied before a model is built (each dtype choice
+    below calls this; torch is already imported by then): --deterministic."""
+    from .. import settings as settings_module
+
+    if not getattr(settings_module.current(), "deterministic", False):
+        return
+    import torch
+
+    if not torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(True)
+        log.info("--deterministic: torch.use_deterministic_algorithms(True)")
+
+
 def _flags(settings):
     if settings is None:
         from .. import settings as settings_module
@@ -97,6 +111,7 @@ def unet_dtype(settings=None):
     """--force-fp32/--fp32-unet, --bf16-unet, --fp16-unet/--force-fp16, else measured."""
     import torch
 
+    apply_torch_flags()
     flag = _flags(settings)
     if flag("force_fp32") or flag("fp32_unet"):
         return torch.float32
@@ -111,6 +126,7 @@ def text_encoder_dtype(settings=None):
     """--fp32-text-enc/--force-fp32, --bf16-text-enc, --fp16-text-enc, else measured."""
     import torch
 
+    apply_torch_flags()
     flag = _flags(settings)
     if flag("fp32_text_enc") or flag("force_fp32"):
         return torch.float32
@@ -126,6 +142,7 @@ def vae_dtype(settings=None):
     else measured. --force-fp16 does not touch the VAE (ComfyUI's behaviour)."""
     import torch
 
+    apply_torch_flags()
     flag = _flags(settings)
     if flag("fp16_vae"):
         return torch.float16

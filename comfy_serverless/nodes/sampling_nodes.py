@@ -8,11 +8,7 @@ fails validation with ComfyUI's value_not_in_list error. Standard library only a
 
 from __future__ import annotations
 
-import logging
-
 from .. import progress, settings
-
-log = logging.getLogger(__name__)
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -29,8 +25,10 @@ def step_callback(model, steps: int):
     """callback(step, x, x0, total) for the samplers: progress per step, plus a preview when enabled."""
     bar = progress.ProgressBar(steps)
     method = settings.current().preview_method
-    if method == "taesd":
-        log.debug("TAESD previews are not available; using latent2rgb")
+    if method != "none":
+        from ..models.latent_preview import preview_method
+
+        method = preview_method(method)
     preview_size = settings.current().preview_size
 
     def callback(step, x, denoised, total):

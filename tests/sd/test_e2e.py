@@ -251,3 +251,19 @@ def test_disable_smart_memory_unloads_after_each_prompt(start_server, model_file
     while "unloaded tiny-sd15.safetensors UNet" not in srv.log():
         assert time.monotonic() < deadline, srv.log()[-2000:]
         time.sleep(0.02)
+
+
+def test_deterministic_and_taesd_fallback(start_server, model_files, tmp_path):
+    srv = start_server("--deterministic", "--preview-method", "taesd", packs=(),
+                       base=install_models(tmp_path / "det", model_files))
+    ws = srv.ws()
+    for seed in (21, 22):
+        queued = srv.queue_prompt(txt2img(CKPT, seed=seed, steps=2, prefix="det"), client_id=ws.client_id)
+        messages = ws.until_done(queued["prompt_id"])
+        saved_images(srv, srv.wait_history(queued["prompt_id"]))
+        previews = [m for m in messages if isinstance(m, bytes)]
+        assert len(previews) == 2  # latent2rgb previews stand in for taesd
+    ws.close()
+    log = srv.log()
+    assert "--deterministic: torch.use_deterministic_algorithms(True)" in log
+    assert log.count("taesd needs weights this server does not ship; using latent2rgb") == 1
