@@ -1,4 +1,4 @@
-"""Cold start, idle memory and API latency (figures 1-3 of shared/BENCHMARKS.md).
+"""Cold start, idle memory and API latency (figures 1-3 of docs/benchmarks.md).
 
 Runs the server the way a user starts it (`.venv/bin/comfy-serverless serve`), alternating with
 `python -c "import torch"` so the ratio is measured in the same conditions, and prints min / median / max.

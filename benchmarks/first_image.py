@@ -1,10 +1,10 @@
-"""Time to first image (figures 4-6 of shared/BENCHMARKS.md).
+"""Time to first image (figures 4-6 of docs/benchmarks.md).
 
-The default txt2img workflow (contract 4.1) at 256x256, 4 steps, cfg 7, euler / normal, batch 1, on a
-full-size SD1.5-architecture checkpoint with random weights made by `comfy-serverless make-test-checkpoint`
-(about 2.1 GB, cached under benchmarks/.cache/). For each run a fresh server is spawned as a user starts it;
-the cold time runs from the spawn to the PNG file on disk. Then the same workflow with a new seed on the
-running server gives the warm time. Peak RSS is the server's VmHWM.
+The default txt2img workflow (docs/comfy-api-contract.md §4.1) at 256x256, 4 steps, cfg 7, euler / normal,
+batch 1, on a full-size SD1.5-architecture checkpoint with random weights made by
+`comfy-serverless make-test-checkpoint` (about 2.1 GB, cached under benchmarks/.cache/). For each run a fresh
+server is spawned as a user starts it; the cold time runs from the spawn to the PNG file on disk. Then the same
+workflow with a new seed on the running server gives the warm time. Peak RSS is the server's VmHWM.
 
     .venv/bin/python benchmarks/first_image.py [--runs 3] [--size 256] [--steps 4] [--json out.json]
 """

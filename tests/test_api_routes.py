@@ -1,4 +1,4 @@
-"""Every core route of contract section 1.3 over real HTTP, and the serverless probes."""
+"""Every core route of docs/comfy-api-contract.md §1.3 over real HTTP, and the serverless probes."""
 
 import json
 

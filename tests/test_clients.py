@@ -1,4 +1,4 @@
-"""Real client libraries from PyPI, used unmodified against the server (contract section 5).
+"""Real client libraries from PyPI, used unmodified against the server (docs/comfy-api-contract.md §5).
 
 Each test submits an image workflow built from model-free built-in nodes, follows the WebSocket progress the
 way the library (or ComfyUI's own script example) does, fetches the result through /history and /view and

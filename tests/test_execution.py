@@ -1,5 +1,5 @@
 """Execution semantics over the real API: message order, lists, lazy inputs, expansion, blockers, async,
-errors, caching (contract sections 1.7 and 3)."""
+errors, caching (docs/comfy-api-contract.md §1.7 and §3)."""
 
 import time
 

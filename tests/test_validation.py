@@ -1,4 +1,4 @@
-"""POST /prompt validation: every error type and message of contract section 3.1, over HTTP."""
+"""POST /prompt validation: every error type and message of docs/comfy-api-contract.md §3.1, over HTTP."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Result caches between prompts, keyed by an input signature (contract section 3.3).
+"""Result caches between prompts, keyed by an input signature (docs/comfy-api-contract.md §3.3).
 
 A node's signature is its own entry followed by its ancestors' entries (depth-first over sorted input
 names), so identical sub-graphs under different ids share results. An entry holds the class, the

@@ -1,4 +1,4 @@
-"""Runs one validated prompt with ComfyUI's semantics (contract sections 3.2-3.8).
+"""Runs one validated prompt with ComfyUI's semantics (docs/comfy-api-contract.md §3.2-3.8).
 
 Plain Python: node classes come from a loader, messages leave through a `notify(event, data, to_client)`
 callback, and nothing here knows about HTTP or torch.

@@ -1,4 +1,5 @@
-"""The prompt queue and the history, with ComfyUI's ordering and paging rules (contract 1.2-1.3, 3.8)."""
+"""The prompt queue and the history, with ComfyUI's ordering and paging rules
+(docs/comfy-api-contract.md §1.2-1.3, §3.8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which node runs next: the topological "dissolve" of contract section 3.2.
+"""Which node runs next: the topological "dissolve" of docs/comfy-api-contract.md §3.2.
 
 Nodes are staged on demand: adding an output pulls in, transitively, the sources of its non-lazy links that
 have no result yet. A node is ready when nothing it waits on is unfinished; among ready nodes, outputs and

@@ -1,4 +1,4 @@
-"""Prompt validation with ComfyUI's error types and messages (contract section 3.1).
+"""Prompt validation with ComfyUI's error types and messages (docs/comfy-api-contract.md §3.1).
 
 Works from the catalogue snapshot: only nodes that define VALIDATE_INPUTS need their class, loaded through
 `load_class` (the caller runs validation off the event loop when that may import a pack).
@@ -192,7 +192,7 @@ class _Checker:
         if isinstance(value[0], int) and not isinstance(value[0], bool):
             value[0] = str(value[0])  # some clients send numeric ids; ComfyUI's keys are strings
         source_id, slot = value
-        source = self.prompt[source_id]  # KeyError -> exception reason for this node (contract 3.1)
+        source = self.prompt[source_id]  # KeyError -> exception reason for this node (docs/comfy-api-contract.md §3.1)
         return_types = self.catalog.spec(source["class_type"]).return_types
         received = return_types[slot]
         if isinstance(received, dict):  # a disk-backed combo output

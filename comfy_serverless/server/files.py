@@ -1,4 +1,4 @@
-"""File routes: uploads, `/view`, model lists (contract 1.3). Traversal is refused everywhere.
+"""File routes: uploads, `/view`, model lists (docs/comfy-api-contract.md §1.3). Traversal is refused everywhere.
 
 Every disk walk, hash and Pillow call runs in a worker thread, so `/health` never waits on file work.
 Symbolic links: model folders may be links (volumes are mounted that way); `/view` and uploads never follow

@@ -1,4 +1,5 @@
-"""ComfyUI's core API routes (contract 1.3-1.4) plus the health and readiness probes platforms need."""
+"""ComfyUI's core API routes (docs/comfy-api-contract.md §1.3-1.4) plus the health and readiness probes
+platforms need."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The `/ws` hub: one socket per client id, ComfyUI's message envelope and routing rules (contract 1.7).
+"""The `/ws` hub: one socket per client id, ComfyUI's message envelope and routing rules
+(docs/comfy-api-contract.md §1.7).
 
 Every connection is bounded (the --ws-* flags): incoming message size, unsent outgoing data, and liveness
 through pings, so neither a hostile nor a vanished client can make the server hold memory without limit.

@@ -45,7 +45,7 @@ def install_models(base: Path, model_files: dict[str, Path]) -> Path:
 
 def txt2img(ckpt: str, seed: int = 8566257, steps: int = 2, size: int = 64, batch: int = 1, cfg: float = 8.0,
             sampler: str = "euler", scheduler: str = "normal", prefix: str = "ComfyUI") -> dict:
-    """The default workflow of contract section 4.1, small and short."""
+    """The default workflow of docs/comfy-api-contract.md §4.1, small and short."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
