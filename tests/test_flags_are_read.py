@@ -6,7 +6,7 @@ The scan is over the syntax tree, so comments, docstrings and look-alike names (
   `settings.current().port`, `context.settings.port`;
 - `settings.values["port"]`, `settings.values.get("port")`, `getattr(settings, "port", ...)`;
 - `flag("port")`, the helper models/precision.py calls with a flag's dest;
-- a property of Settings (settings.py) that is itself read, for the dests that property reads
+- a property or method of Settings (settings.py) that is itself read, for the dests its body reads
   (`max_upload_bytes` reads `max_upload_size`).
 """
 
@@ -65,16 +65,21 @@ def names_read(tree: ast.AST) -> set[str]:
     return found
 
 
-def property_reads() -> dict[str, set[str]]:
-    """Settings property name -> the flag dests (string constants) its body uses."""
-    dests = {flag.dest for flag in settings.FLAGS}
+def member_reads() -> dict[str, set[str]]:
+    """Settings method or property name -> what its body uses: `self.<name>` attributes and string constants
+    (flag dests in either spelling, and the other members it relies on)."""
     tree = ast.parse(Path(settings.__file__).read_text())
     [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"]
     reads = {}
     for item in cls.body:
-        if isinstance(item, ast.FunctionDef) and any(
-                isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list):
-            reads[item.name] = {c for n in ast.walk(item) if (c := _constant(n)) in dests}
+        if isinstance(item, ast.FunctionDef):
+            used = set()
+            for node in ast.walk(item):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                    used.add(node.attr)
+                elif (constant := _constant(node)) is not None:
+                    used.add(constant)
+            reads[item.name] = used
     return reads
 
 
@@ -83,9 +88,15 @@ def dests_read_outside_settings() -> set[str]:
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.resolve() != Path(settings.__file__).resolve():
             found |= names_read(ast.parse(path.read_text(), str(path)))
-    for name, dests in property_reads().items():
-        if name in found:
-            found |= dests
+    # A member of Settings read outside reads what its body reads (`max_upload_bytes` -> `max_upload_size`,
+    # `output_dir` -> `_under_base` -> `base_dir` -> `base_directory`).
+    members = member_reads()
+    pending = [name for name in found if name in members]
+    while pending:
+        for name in members[pending.pop()] - found:
+            found.add(name)
+            if name in members:
+                pending.append(name)
     return found
 
 
