@@ -39,9 +39,9 @@ class Folders:
 
     @classmethod
     def from_settings(cls, settings) -> "Folders":
-        folders = cls(settings.base_directory, settings.input_directory, settings.output_directory,
-                      settings.temp_directory, settings.user_directory)
-        for yaml_path in settings.values.get("extra_model_paths_config") or ():
+        folders = cls(settings.base_dir, settings.input_dir, settings.output_dir, settings.temp_dir,
+                      settings.user_dir)
+        for yaml_path in settings.extra_model_paths_config or ():
             folders.load_extra_model_paths(yaml_path)
         return folders
 

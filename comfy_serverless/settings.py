@@ -9,8 +9,9 @@ platforms configure through the environment. Precedence: command line, then envi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ENV_PREFIX = "COMFY_"
 WARMUP_MODES = ("lazy", "background", "eager")
@@ -172,64 +173,162 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Parsed settings. ``values`` holds every flag by dest; the properties resolve derived paths."""
+    """Parsed settings: one typed field per flag of FLAGS (same name as the flag's dest; a test keeps the two
+    in step), plus the resolved paths and values derived from them. Frozen: a server's settings never change.
+    """
 
-    values: dict = field(default_factory=dict)
-    explicitly_set: frozenset = frozenset()
-    ignored_arguments: tuple = ()
-
-    def __getattr__(self, name: str):
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    listen: str
+    port: int
+    tls_keyfile: str | None
+    tls_certfile: str | None
+    enable_cors_header: str | None
+    max_upload_size: float
+    max_header_size: int
+    max_header_count: int
+    header_timeout: float
+    body_timeout: float
+    keep_alive_timeout: float
+    max_connections: int
+    max_json_depth: int
+    ws_max_message_size: float
+    ws_max_send_buffer: float
+    ws_ping_interval: float
+    ws_ping_timeout: float
+    worker_stall_timeout: float
+    allow_external_symlinks: bool
+    enable_compress_response_body: bool
+    dont_print_server: bool
+    multi_user: bool
+    base_directory: str | None
+    extra_model_paths_config: tuple[str, ...] | None
+    output_directory: str | None
+    input_directory: str | None
+    temp_directory: str | None
+    user_directory: str | None
+    disable_all_custom_nodes: bool
+    whitelist_custom_nodes: tuple[str, ...] | None
+    disable_api_nodes: bool
+    cache_classic: bool
+    cache_lru: int
+    cache_none: bool
+    max_queue_size: int
+    warmup: str
+    catalog_path: str | None
+    disable_metadata: bool
+    preview_method: str
+    preview_size: int
+    default_hashing_function: str
+    verbose: str
+    log_stdout: bool
+    log_format: str
+    shutdown_grace: float
+    cpu: bool
+    cpu_vae: bool
+    force_fp32: bool
+    force_fp16: bool
+    fp16_vae: bool
+    fp32_vae: bool
+    bf16_vae: bool
+    bf16_unet: bool
+    fp16_unet: bool
+    fp32_unet: bool
+    fp16_text_enc: bool
+    fp32_text_enc: bool
+    bf16_text_enc: bool
+    disable_smart_memory: bool
+    reserve_ram: float | None
+    deterministic: bool
+    fast: tuple[str, ...] | None
+    cuda_device: int | None
+    default_device: int | None
+    cuda_malloc: bool
+    disable_cuda_malloc: bool
+    fp64_unet: bool
+    fp8_e4m3fn_unet: bool
+    fp8_e5m2_unet: bool
+    fp8_e8m0fnu_unet: bool
+    fp8_e4m3fn_text_enc: bool
+    fp8_e5m2_text_enc: bool
+    force_channels_last: bool
+    directml: int | None
+    oneapi_device_selector: str | None
+    disable_ipex_optimize: bool
+    supports_fp8_compute: bool
+    use_split_cross_attention: bool
+    use_quad_cross_attention: bool
+    use_pytorch_cross_attention: bool
+    use_sage_attention: bool
+    use_flash_attention: bool
+    disable_xformers: bool
+    force_upcast_attention: bool
+    dont_upcast_attention: bool
+    gpu_only: bool
+    highvram: bool
+    normalvram: bool
+    lowvram: bool
+    novram: bool
+    reserve_vram: float | None
+    async_offload: bool
+    disable_pinned_memory: bool
+    mmap_torch_files: bool
+    disable_mmap: bool
+    auto_launch: bool
+    disable_auto_launch: bool
+    front_end_version: str | None
+    front_end_root: str | None
+    windows_standalone_build: bool
+    quick_test_for_ci: bool
+    comfy_api_base: str | None
+    database_url: str | None
+    explicitly_set: frozenset = frozenset()  # dests given on the command line or in the environment
+    ignored_arguments: tuple = ()  # unknown arguments, logged and ignored
 
     @property
-    def base_directory(self) -> str:
-        return os.path.abspath(self.values.get("base_directory") or os.getcwd())
+    def base_dir(self) -> str:
+        return os.path.abspath(self.base_directory or os.getcwd())
 
-    def _under_base(self, dest: str, default_leaf: str) -> str:
-        given = self.values.get(dest)
-        return os.path.abspath(given) if given else os.path.join(self.base_directory, default_leaf)
-
-    @property
-    def output_directory(self) -> str:
-        return self._under_base("output_directory", "output")
+    def _under_base(self, given: str | None, default_leaf: str) -> str:
+        return os.path.abspath(given) if given else os.path.join(self.base_dir, default_leaf)
 
     @property
-    def input_directory(self) -> str:
-        return self._under_base("input_directory", "input")
+    def output_dir(self) -> str:
+        return self._under_base(self.output_directory, "output")
 
     @property
-    def temp_directory(self) -> str:
-        parent = self.values.get("temp_directory")
-        return os.path.join(os.path.abspath(parent) if parent else self.base_directory, "temp")
+    def input_dir(self) -> str:
+        return self._under_base(self.input_directory, "input")
 
     @property
-    def user_directory(self) -> str:
-        return self._under_base("user_directory", "user")
+    def temp_dir(self) -> str:
+        """--temp-directory names the parent, as in ComfyUI."""
+        parent = self.temp_directory
+        return os.path.join(os.path.abspath(parent) if parent else self.base_dir, "temp")
 
     @property
-    def catalog_path(self) -> str:
-        return self._under_base("catalog_path", os.path.join(".comfy-serverless", "catalog.json"))
+    def user_dir(self) -> str:
+        return self._under_base(self.user_directory, "user")
+
+    @property
+    def catalog_file(self) -> str:
+        return self._under_base(self.catalog_path, os.path.join(".comfy-serverless", "catalog.json"))
 
     @property
     def cache_mode(self) -> str:
-        if self.values.get("cache_none"):
+        if self.cache_none:
             return "none"
-        if (self.values.get("cache_lru") or 0) > 0:
+        if (self.cache_lru or 0) > 0:
             return "lru"
         return "classic"
 
     @property
     def max_upload_bytes(self) -> int:
-        return int(round(self.values["max_upload_size"] * 1024 * 1024))
+        return int(round(self.max_upload_size * 1024 * 1024))
 
     @property
     def listen_addresses(self) -> list[str]:
-        return [a.strip() for a in str(self.values["listen"]).split(",") if a.strip()]
+        return [a.strip() for a in str(self.listen).split(",") if a.strip()]
 
     def not_applicable_flags(self) -> list[str]:
         return [f.name for f in FLAGS if not f.applies and f.dest in self.explicitly_set]
@@ -282,17 +381,18 @@ def settings_from(namespace: argparse.Namespace, argv: list[str], environ: dict,
         explicitly.add(flag.dest)
     if values.get("extra_model_paths_config"):
         values["extra_model_paths_config"] = [p for group in values["extra_model_paths_config"] for p in group]
+    for flag in FLAGS:  # lists become tuples: the settings are immutable
+        if flag.kind in ("list", "append-list") and values.get(flag.dest) is not None:
+            values[flag.dest] = tuple(values[flag.dest])
     values["verbose"] = str(values.get("verbose") or "INFO").upper()
-    return Settings(values=values, explicitly_set=frozenset(explicitly), ignored_arguments=tuple(ignored))
+    return Settings(**values, explicitly_set=frozenset(explicitly), ignored_arguments=tuple(ignored))
 
 
 def default_settings(**overrides) -> Settings:
     """Settings with every default, for tools and tests that run without a command line."""
     parser = argparse.ArgumentParser(add_help=False)
     add_flags(parser)
-    settings = settings_from(parser.parse_args([]), [], {})
-    settings.values.update(overrides)
-    return settings
+    return dataclasses.replace(settings_from(parser.parse_args([]), [], {}), **overrides)
 
 
 def current() -> Settings:

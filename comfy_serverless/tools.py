@@ -18,15 +18,15 @@ def write_snapshot(settings) -> int:
     folders = paths.configure(settings)
     refs = packs.all_pack_refs(folders.model_dirs("custom_nodes"), settings.disable_all_custom_nodes,
                                settings.whitelist_custom_nodes)
-    existing = snapshot.load(settings.catalog_path)
+    existing = snapshot.load(settings.catalog_file)
     if existing is not None and existing.get("fingerprint") == snapshot.fingerprint(refs):
         # Nothing that describes a node changed: importing every pack again (seconds) would change nothing.
-        log.info("catalogue snapshot up to date: %s", settings.catalog_path)
+        log.info("catalogue snapshot up to date: %s", settings.catalog_file)
         return 0
     snap = snapshot.build(refs)
-    snapshot.save(snap, settings.catalog_path)
+    snapshot.save(snap, settings.catalog_file)
     log.info("catalogue snapshot: %d nodes (%d failed) in %.2f s -> %s", len(snap["nodes"]), len(snap["failed"]),
-             snap["built_in_s"], settings.catalog_path)
+             snap["built_in_s"], settings.catalog_file)
     return 0
 
 

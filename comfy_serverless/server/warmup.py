@@ -43,15 +43,15 @@ class CatalogLoader:
         self.pack_refs = packs.all_pack_refs(self.context.folders.model_dirs("custom_nodes"),
                                              s.disable_all_custom_nodes, s.whitelist_custom_nodes)
         expected = snapshot.fingerprint(self.pack_refs)
-        snap = snapshot.load(s.catalog_path)
+        snap = snapshot.load(s.catalog_file)
         if snap is not None:
             self.catalog = Catalog(snap)
             self.stale = snap.get("fingerprint") != expected
-            log.info("catalogue: %d nodes from %s%s", len(self.catalog), s.catalog_path,
+            log.info("catalogue: %d nodes from %s%s", len(self.catalog), s.catalog_file,
                      " (stale: rebuilding in the background)" if self.stale else "")
         else:
             self.stale = True
-            log.info("catalogue: no snapshot at %s yet; building it", s.catalog_path)
+            log.info("catalogue: no snapshot at %s yet; building it", s.catalog_file)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Called on the event loop once it runs."""
@@ -101,7 +101,7 @@ class CatalogLoader:
     def _install(self, snap: dict, save: bool) -> None:
         if save:
             try:
-                snapshot.save(snap, self.settings.catalog_path)
+                snapshot.save(snap, self.settings.catalog_file)
             except OSError as exc:
                 log.warning("cannot save the catalogue snapshot: %s", exc)
         catalog = Catalog(snap)
@@ -125,7 +125,7 @@ class CatalogLoader:
             if result.returncode != 0:
                 log.error("catalogue rebuild failed (exit status %s)", result.returncode)
                 return
-            snap = snapshot.load(self.settings.catalog_path)
+            snap = snapshot.load(self.settings.catalog_file)
             if snap is not None:
                 self._install(snap, save=False)
         except Exception:
