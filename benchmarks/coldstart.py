@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe as describe_machine  # run as a script: benchmarks/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 SERVER = [str(VENV_BIN / "comfy-serverless"), "serve"]
@@ -120,6 +122,8 @@ def main() -> int:
     args = parser.parse_args()
     if not (VENV_BIN / "comfy-serverless").exists():
         sys.exit("run scripts/setup.sh first")
+    machine = describe_machine()
+    print(machine, flush=True)  # the figures below hold for this CPU only
 
     base = Path(tempfile.mkdtemp(prefix="coldstart-"))
     results: dict[str, list[float]] = {k: [] for k in (
@@ -169,7 +173,7 @@ def main() -> int:
     ratio_bg = statistics.median(results["ready_background_s"]) / torch_median
     print(f"\nready / import torch (medians): lazy {ratio_lazy:.3f}, background {ratio_bg:.3f} (target <= 0.15)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": args.runs, "results": results,
+        Path(args.json).write_text(json.dumps({"runs": args.runs, "machine": machine, "results": results,
                                                "ratio_lazy": ratio_lazy, "ratio_background": ratio_bg}, indent=2))
     return 0
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "deploy"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import local_image  # noqa: E402
 from coldstart import SERVER, free_port, row, rss_tree_kb  # noqa: E402
+from machine import describe as describe_machine  # noqa: E402
 
 DEFAULT_TAG = "localhost/comfy-serverless:bench"
 POLL_S = 0.005
@@ -159,6 +160,8 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("podman") is None:
         sys.exit("podman is missing: scripts/container_tools.sh")
+    machine = describe_machine()
+    print(machine, flush=True)  # the figures below hold for this CPU only
     image = args.image or DEFAULT_TAG
     build_s = None
     if args.build or (not args.image and not local_image.image_exists(image)):
@@ -209,9 +212,9 @@ def main() -> int:
         matrix = env_matrix(image, args.runs)
         print_env_matrix(matrix)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": args.runs, "image": image, "image_mb": size_mb,
-                                               "build_s": build_s, "results": results, "env_matrix": matrix},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"runs": args.runs, "machine": machine, "image": image,
+                                               "image_mb": size_mb, "build_s": build_s, "results": results,
+                                               "env_matrix": matrix}, indent=2))
     return 0
 
 

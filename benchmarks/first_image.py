@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -24,12 +25,17 @@ import uuid
 from pathlib import Path
 
 import websocket  # websocket-client (a test dependency)
+
 from coldstart import free_port  # run as a script: benchmarks/ is on sys.path
+from machine import describe as describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 CACHE = Path(__file__).resolve().parent / ".cache"
 CHECKPOINT = "sd15-random-full.safetensors"
+# The server's log lines that say which dtype each model computes in (models/precision.py, model_cache.py).
+MEASURED = re.compile(r"precision: fp32 ([\d.]+) ms, bf16 ([\d.]+) ms \(ratio ([\d.]+)\)")
+LOADED = re.compile(r"loaded \S+ (UNet|text encoder|VAE) \((\w+)\)")
 
 
 def workflow(seed: int, size: int, steps: int) -> dict:
@@ -62,6 +68,15 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def chosen_precision(log: str) -> str:
+    """e.g. "UNet bfloat16, text encoder bfloat16, VAE bfloat16 (measured: fp32 9.1 ms, bf16 3.9 ms, ratio 0.43)"."""
+    models = ", ".join(f"{what} {dtype}" for what, dtype in dict(LOADED.findall(log)).items()) or "unknown"
+    measured = MEASURED.search(log)
+    how = (f"measured: fp32 {measured[1]} ms, bf16 {measured[2]} ms, ratio {measured[3]}" if measured
+           else "set by flags")
+    return f"{models} ({how})"
 
 
 def http_json(url: str, payload=None):
@@ -148,9 +163,11 @@ def one_run(checkpoint: Path, size: int, steps: int, seed: int) -> dict:
     port = free_port()
     spawned = time.perf_counter()
     wall_start = time.time()
-    proc = subprocess.Popen([str(VENV_BIN / "comfy-serverless"), "serve", "--port", str(port), "--base-directory",
-                             str(base), "--dont-print-server"], cwd=base,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = base / "server.log"  # read back for the chosen precision
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([str(VENV_BIN / "comfy-serverless"), "serve", "--port", str(port),
+                                 "--base-directory", str(base), "--dont-print-server"], cwd=base,
+                                stdout=log_file, stderr=subprocess.STDOUT)
     try:
         while True:
             try:
@@ -173,7 +190,8 @@ def one_run(checkpoint: Path, size: int, steps: int, seed: int) -> dict:
                 "peak_rss_mb": peak_rss_mb(proc.pid), "server_stages": stages,
                 "health_p50_ms": percentile(health, 0.5) * 1000, "health_p99_ms": percentile(health, 0.99) * 1000,
                 "health_max_ms": max(health) * 1000,
-                "cold_node_start": cold["node_start"], "cold_done": cold["done"]}
+                "cold_node_start": cold["node_start"], "cold_done": cold["done"],
+                "precision": chosen_precision(log_path.read_text(errors="replace"))}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -204,6 +222,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)  # the figures below hold for this CPU only
     checkpoint = ensure_checkpoint()
     runs = []
     for i in range(args.runs):
@@ -215,7 +234,10 @@ def main() -> int:
         return min(values), statistics.median(values), max(values)
 
     print(f"\nfirst image, {args.size}x{args.size}, {args.steps} steps, euler/normal, cfg 7, full-size SD1.5 random "
-          f"weights, {args.runs} runs\n")
+          f"weights, {args.runs} runs")
+    for precision in dict.fromkeys(r["precision"] for r in runs):  # one line unless runs differed
+        print(f"precision: {precision}")
+    print()
     print("| figure | min | median | max |\n|---|---|---|---|")
     for label, key, unit in (("cold: spawn to image file", "cold_image_s", "s"),
                              ("warm: POST to done", "warm_image_s", "s"),
@@ -223,6 +245,9 @@ def main() -> int:
                              ("GET /health during generation, p50", "health_p50_ms", "ms"),
                              ("GET /health during generation, p99", "health_p99_ms", "ms"),
                              ("GET /health during generation, max", "health_max_ms", "ms")):
+        if not any(r[key] is not None for r in runs):  # e.g. no per-step time with --steps 1
+            print(f"| {label} ({unit}) | n/a | n/a | n/a |")
+            continue
         lo, mid, hi = stat(key)
         print(f"| {label} ({unit}) | {lo:.2f} | {mid:.2f} | {hi:.2f} |")
     median_run = sorted(runs, key=lambda r: r["cold_image_s"])[len(runs) // 2]
