@@ -67,7 +67,8 @@ def test_output_lists_fan_out_and_input_is_list_gathers(server):
 
 def test_lazy_input_not_requested_never_runs(server):
     prompt = {"1": {"class_type": "Fail", "inputs": {"value": 1.0, "message": "must not run"}},
-              "2": number(7), "3": {"class_type": "LazySwitch", "inputs": {"use_a": False, "a": ["1", 0], "b": ["2", 0]}},
+              "2": number(7),
+              "3": {"class_type": "LazySwitch", "inputs": {"use_a": False, "a": ["1", 0], "b": ["2", 0]}},
               "4": record(["3", 0])}
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success" and entry["outputs"]["4"]["values"] == [7.0]

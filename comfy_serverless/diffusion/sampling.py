@@ -29,10 +29,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .samplers import (DISCARD_PENULTIMATE_SIGMA_SAMPLERS, DenoiseFn, StepCallback, default_noise_sampler,
-                       get_sampler)
-from .schedules import (SD_BETA_END, SD_BETA_START, SD_TRAIN_TIMESTEPS, DiscreteSchedule, SCHEDULERS,
-                        SCHEDULER_NAMES, calculate_sigmas)
+from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, DenoiseFn, StepCallback, default_noise_sampler, get_sampler
+from .schedules import (
+    SCHEDULER_NAMES,
+    SCHEDULERS,
+    SD_BETA_END,
+    SD_BETA_START,
+    SD_TRAIN_TIMESTEPS,
+    DiscreteSchedule,
+    calculate_sigmas,
+)
 
 UnetApply = Callable[..., torch.Tensor]
 

@@ -334,7 +334,8 @@ def test_lambda_image_serves_on_a_read_only_file_system_as_an_arbitrary_user(req
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", timeout=120, container=name)  # the adapter's readiness check
-        report(request, f"lambda image (eager warm-up): podman run -> /health 200 in {time.monotonic() - started:.2f} s")
+        report(request, "lambda image (eager warm-up): podman run -> /health 200 in "
+                        f"{time.monotonic() - started:.2f} s")
         entry = run_prompt(url, SMALL_WORKFLOW)  # the ComfyUI API, passed through
         assert entry["status"]["status_str"] == "success", entry["status"]
         listing = podman("exec", name, "ls", "/tmp/comfy/output").stdout.split()

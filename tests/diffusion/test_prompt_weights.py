@@ -14,7 +14,7 @@ from comfy_serverless.diffusion.prompt_weights import (
     tokenize_weighted,
     weighted_token_groups,
 )
-from comfy_serverless.diffusion.tokenizer import CLIPTokenizer, PAD_WITH_ZERO
+from comfy_serverless.diffusion.tokenizer import PAD_WITH_ZERO, CLIPTokenizer
 
 START, END = 49406, 49407
 CAT = 2368  # "cat</w>"

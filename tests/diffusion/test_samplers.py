@@ -6,11 +6,26 @@ import pytest
 import torch
 
 from comfy_serverless.diffusion import samplers
-from comfy_serverless.diffusion.sampling import (CFGDenoiser, ModelSampling, cfg_denoiser, compute_sigmas, ksampler,
-                                                 ksampler_advanced, prepare_noise, prepare_noise_mask, run_sampler,
-                                                 slice_sigmas)
-from comfy_serverless.diffusion.samplers import (SAMPLER_NAMES, STOCHASTIC_SAMPLERS, ancestral_step,
-                                                 default_noise_sampler, linear_multistep_coefficients, sample)
+from comfy_serverless.diffusion.samplers import (
+    SAMPLER_NAMES,
+    STOCHASTIC_SAMPLERS,
+    ancestral_step,
+    default_noise_sampler,
+    linear_multistep_coefficients,
+    sample,
+)
+from comfy_serverless.diffusion.sampling import (
+    CFGDenoiser,
+    ModelSampling,
+    cfg_denoiser,
+    compute_sigmas,
+    ksampler,
+    ksampler_advanced,
+    prepare_noise,
+    prepare_noise_mask,
+    run_sampler,
+    slice_sigmas,
+)
 from comfy_serverless.diffusion.schedules import calculate_sigmas
 
 DETERMINISTIC_SAMPLERS = [name for name in SAMPLER_NAMES if name not in STOCHASTIC_SAMPLERS]

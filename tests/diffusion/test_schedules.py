@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from comfy_serverless.diffusion import schedules
-from comfy_serverless.diffusion.schedules import (SCHEDULER_NAMES, DiscreteSchedule, beta_ppf, calculate_sigmas,
-                                                  regularized_incomplete_beta)
+from comfy_serverless.diffusion.schedules import (
+    SCHEDULER_NAMES,
+    DiscreteSchedule,
+    beta_ppf,
+    calculate_sigmas,
+    regularized_incomplete_beta,
+)
 
 # diffusers' EulerDiscreteScheduler trips a numpy 2 deprecation warning that is not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

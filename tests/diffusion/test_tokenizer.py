@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from comfy_serverless.diffusion import tokenizer as clip_tokenizer
-from comfy_serverless.diffusion.tokenizer import CLIPTokenizer, PAD_WITH_END, PAD_WITH_ZERO
+from comfy_serverless.diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
 

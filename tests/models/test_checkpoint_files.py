@@ -25,10 +25,10 @@ from comfy_serverless.models.checkpoint_files import (
 )
 from comfy_serverless.models.test_checkpoints import (
     ARCHES,
+    checkpoint_configs,
     make_test_checkpoint,
     make_test_lora,
     make_test_vae,
-    checkpoint_configs,
 )
 
 FAMILY = {"sd15": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}

@@ -10,8 +10,17 @@ from PIL import Image
 
 from comfy_serverless.nodes import images, masks
 from comfy_serverless.nodes.images import (
-    EmptyImage, ImageBatch, ImageBlur, ImageCompositeMasked, ImageCrop, ImageInvert, ImagePadForOutpaint,
-    ImageScale, ImageScaleBy, ImageSharpen, RebatchImages,
+    EmptyImage,
+    ImageBatch,
+    ImageBlur,
+    ImageCompositeMasked,
+    ImageCrop,
+    ImageInvert,
+    ImagePadForOutpaint,
+    ImageScale,
+    ImageScaleBy,
+    ImageSharpen,
+    RebatchImages,
 )
 from comfy_serverless.nodes.masks import ImageToMask, InvertMask, MaskToImage, SolidMask
 

@@ -16,20 +16,41 @@ from comfy_serverless import paths
 from comfy_serverless.diffusion import samplers, schedules
 from comfy_serverless.nodes import conditioning, latents, loaders, sampling_nodes, vae_nodes
 from comfy_serverless.nodes.conditioning import (
-    CLIPSetLastLayer, CLIPTextEncode, ConditioningAverage, ConditioningCombine, ConditioningConcat,
-    ConditioningSetArea, ConditioningSetMask, ConditioningSetTimestepRange, ConditioningZeroOut,
+    CLIPSetLastLayer,
+    CLIPTextEncode,
+    ConditioningAverage,
+    ConditioningCombine,
+    ConditioningConcat,
+    ConditioningSetArea,
+    ConditioningSetMask,
+    ConditioningSetTimestepRange,
+    ConditioningZeroOut,
     InpaintModelConditioning,
 )
 from comfy_serverless.nodes.latents import (
-    EmptyLatentImage, LatentBlend, LatentComposite, LatentCrop, LatentFlip, LatentFromBatch, LatentRotate,
-    LatentUpscale, LatentUpscaleBy, LoadLatent, RepeatLatentBatch, SaveLatent, SetLatentNoiseMask,
+    EmptyLatentImage,
+    LatentBlend,
+    LatentComposite,
+    LatentCrop,
+    LatentFlip,
+    LatentFromBatch,
+    LatentRotate,
+    LatentUpscale,
+    LatentUpscaleBy,
+    LoadLatent,
+    RepeatLatentBatch,
+    SaveLatent,
+    SetLatentNoiseMask,
 )
 from comfy_serverless.nodes.loaders import (
-    CheckpointLoader, CheckpointLoaderSimple, LoraLoader, LoraLoaderModelOnly, VAELoader,
+    CheckpointLoader,
+    CheckpointLoaderSimple,
+    LoraLoader,
+    LoraLoaderModelOnly,
+    VAELoader,
 )
 from comfy_serverless.nodes.sampling_nodes import KSampler, KSamplerAdvanced
 from comfy_serverless.nodes.vae_nodes import VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint
-
 from conftest import server_context
 
 from .conftest import install_models
