@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh --test
+# Lint and type check first (ruff, mypy; pyproject.toml): a finding fails the run before any test starts.
+scripts/lint.sh
 # podman, runc and debootstrap for the container tests (tests/deploy/test_container.py, which fail clearly
 # if this could not install them).
 if conf=$(scripts/container_tools.sh); then

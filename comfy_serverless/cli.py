@@ -52,7 +52,7 @@ def parse(command: str, argv: list[str], environ=None):
     parser = build_parser(command)
     namespace, unknown = parser.parse_known_args(argv)
     try:
-        return settings_from(namespace, argv, os.environ if environ is None else environ, tuple(unknown))
+        return settings_from(namespace, argv, dict(os.environ) if environ is None else environ, tuple(unknown))
     except ValueError as exc:
         parser.error(str(exc))
 
