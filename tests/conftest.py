@@ -167,6 +167,41 @@ def types_of(messages) -> list[str]:
     return [m["type"] for m in messages if not isinstance(m, bytes)]
 
 
+# -- prompts of the test pack's nodes (tests/packs/engine_test_nodes.py), and reading what servers report --
+def number(value):
+    return {"class_type": "Number", "inputs": {"value": value}}
+
+
+def record(value):
+    return {"class_type": "Record", "inputs": {"value": value}}
+
+
+def simple_prompt(value=1):
+    """Number -> Record: the smallest prompt that runs a node and has an output."""
+    return {"1": number(value), "2": record(["1", 0])}
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "condition"):
+    """Polls predicate until it returns something true (and returns that), or fails after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One shared server (lazy warm-up, classic cache) for tests that don't need special flags."""

@@ -6,16 +6,7 @@ import time
 import pytest
 
 
-def number(value):
-    return {"class_type": "Number", "inputs": {"value": value}}
-
-
-def record(value):
-    return {"class_type": "Record", "inputs": {"value": value}}
-
-
-def simple_prompt(value=1):
-    return {"1": number(value), "2": record(["1", 0])}
+from conftest import number, record, simple_prompt
 
 
 def assert_400(response, kind=None):

@@ -14,44 +14,14 @@ from comfy_serverless import cli, context
 from comfy_serverless.adapters import workflow_runner
 from comfy_serverless.server import metrics as metrics_module
 from comfy_serverless.server.app import App
+from conftest import metric_values, number, record, simple_prompt, wait_until
 
 SHUTDOWN_MESSAGE = "server shut down before the prompt ran"
-
-
-def number(value):
-    return {"class_type": "Number", "inputs": {"value": value}}
-
-
-def record(value):
-    return {"class_type": "Record", "inputs": {"value": value}}
-
-
-def simple_prompt(value=1):
-    return {"1": number(value), "2": record(["1", 0])}
 
 
 def waiting_prompt(path, value=1.0):
     return {"1": number(value), "2": {"class_type": "WaitForFile", "inputs": {
         "value": ["1", 0], "path": str(path), "timeout": 60.0}}, "3": record(["2", 0])}
-
-
-def metric_values(text):
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
-
-
-def wait_until(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
 # -- the worker survives -------------------------------------------------------------------------------

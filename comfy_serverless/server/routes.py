@@ -205,34 +205,28 @@ def register_routes(router, app) -> None:
     async def get_history_entry(request):
         return json_response(app.queue.history_entry(request.match_info["prompt_id"]))
 
-    async def post_history(request):
+    def clear_and_delete(request, clear, delete) -> Response:
+        """`{"clear": bool, "delete": [prompt_id, ...]}`, as POST /history and POST /queue take it."""
         body = json_body(request)
         if isinstance(body, Response):
             return body
-        delete = _id_list(body, "delete") if "delete" in body else []
-        if isinstance(delete, Response):
-            return delete
+        ids = _id_list(body, "delete") if "delete" in body else []
+        if isinstance(ids, Response):
+            return ids
         if body.get("clear"):
-            app.queue.clear_history()
-        if delete:
-            app.queue.delete_history(delete)
+            clear()
+        if ids:
+            delete(ids)
         return Response()
+
+    async def post_history(request):
+        return clear_and_delete(request, app.queue.clear_history, app.queue.delete_history)
 
     async def get_queue(request):
         return json_response({"queue_running": app.queue.running(), "queue_pending": app.queue.pending()})
 
     async def post_queue(request):
-        body = json_body(request)
-        if isinstance(body, Response):
-            return body
-        delete = _id_list(body, "delete") if "delete" in body else []
-        if isinstance(delete, Response):
-            return delete
-        if body.get("clear"):
-            app.queue.wipe()
-        if delete:
-            app.queue.delete(delete)
-        return Response()
+        return clear_and_delete(request, app.queue.wipe, app.queue.delete)
 
     async def interrupt(request):
         body = json_body(request, want_object=False) if request.body else {}  # bad bodies: global interrupt
