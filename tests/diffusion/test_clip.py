@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from comfy_serverless.diffusion.clip import (
     SD1_CLIP_L_PREFIX,
@@ -23,8 +24,6 @@ from comfy_serverless.diffusion.clip import (
 )
 from comfy_serverless.diffusion.prompt_weights import EmbeddingVector, tokenize_weighted
 from comfy_serverless.diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
-
-transformers = pytest.importorskip("transformers")
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 START, END, CAT = 49406, 49407, 2368

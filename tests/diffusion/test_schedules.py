@@ -2,6 +2,7 @@
 
 import math
 
+import diffusers
 import pytest
 import torch
 
@@ -24,7 +25,6 @@ def table():
 
 
 def _diffusers_euler(**options):
-    diffusers = pytest.importorskip("diffusers")
     return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                             **options)
 

@@ -10,11 +10,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import transformers
 
 from comfy_serverless.diffusion import tokenizer as clip_tokenizer
 from comfy_serverless.diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
-
-transformers = pytest.importorskip("transformers")
 
 MERGES_USED = 48894
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import diffusers
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from comfy_serverless.diffusion.build import (
     UNET_PREFIX,
@@ -21,9 +23,6 @@ from comfy_serverless.diffusion.unet import (
     UNetModel,
     sdxl_adm_vector,
 )
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 
 FAMILIES = ["sd15", "sd2", "sdxl"]
 # Max abs difference allowed, relative to the largest output magnitude (fp32, different kernels order).

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from comfy_serverless.diffusion.build import VAE_PREFIX, build_from_state_dict, build_on_meta, random_state_dict
 from comfy_serverless.diffusion.vae import AutoencoderKL, VAEConfig, run_tiled
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 # Max abs difference allowed, relative to the largest output magnitude.
 FP32_RELATIVE_TOLERANCE = 1e-4

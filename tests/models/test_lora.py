@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from comfy_serverless.diffusion.build import UNET_PREFIX, build_from_state_dict, random_state_dict
 from comfy_serverless.diffusion.clip import load_text_model
@@ -79,14 +80,14 @@ def test_diffusers_names_of_tiny_sd15():
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_diffusers_names_match_the_diffusers_converter(family):
-    convert = pytest.importorskip("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
     config = dataclasses.replace(UNetConfig.tiny(family), num_res_blocks=2)
     weights = random_state_dict(lambda: UNetModel(config), generator=torch.Generator().manual_seed(0), std=1.0,
                                 affine_std=1.0)
     converter_config = {"layers_per_block": config.num_res_blocks}
     if config.adm_in_channels:
         converter_config["addition_embed_type"] = "text_time"
-    converted = convert({UNET_PREFIX + key: value for key, value in weights.items()}, converter_config)
+    converted = convert_ldm_unet_checkpoint({UNET_PREFIX + key: value for key, value in weights.items()},
+                                            converter_config)
     # Every tensor is random, so its values identify it.
     ours_by_value = {(tuple(value.shape), tuple(value.flatten()[:4].tolist())): key for key, value in weights.items()}
     assert len(ours_by_value) == len(weights) == len(converted)
