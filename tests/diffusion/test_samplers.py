@@ -1,6 +1,8 @@
 """Samplers on problems with known answers, and the KSampler glue (model sampling, CFG, noise, inpainting)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,16 +433,22 @@ def test_model_kwargs_are_batched(model_sampling, noisy):
 # Noise, sigmas and the KSampler entry points
 # --------------------------------------------------------------------------------------------------------
 
-def test_prepare_noise_matches_comfyui():
-    latent = torch.zeros(3, 4, 8, 8)
-    noise = prepare_noise(latent, 1234)
-    assert noise.dtype == torch.float32
-    assert torch.equal(noise, torch.randn(latent.shape, generator=torch.Generator().manual_seed(1234)))
-    # batch_index: per-item draws up to the largest index, picked by index (duplicates share noise)
-    picked = prepare_noise(latent, 1234, batch_index=[2, 0, 2])
-    generator = torch.Generator().manual_seed(1234)
-    items = [torch.randn(1, 4, 8, 8, generator=generator) for _ in range(3)]
-    assert torch.equal(picked, torch.cat([items[2], items[0], items[2]]))
+COMFYUI_FACTS = json.loads((Path(__file__).parents[1] / "fixtures" / "comfyui_facts.json").read_text())
+
+
+@pytest.mark.parametrize("fact", COMFYUI_FACTS["noise"],
+                         ids=lambda f: f"seed{f['seed']}-{'x'.join(map(str, f['latent_shape']))}-{f['batch_index']}")
+def test_prepare_noise_matches_values_observed_from_comfyui(fact):
+    """Initial noise must be ComfyUI's to the bit, so a seed gives the same image (values observed by running
+    ComfyUI's own prepare_noise: see the fixture's "source")."""
+    noise = prepare_noise(torch.zeros(fact["latent_shape"]), fact["seed"], fact["batch_index"])
+    assert noise.dtype == getattr(torch, fact["dtype"])
+    assert list(noise.shape) == fact["noise_shape"]
+    for item, expected in zip(noise, fact["first_values_per_item"], strict=True):
+        assert torch.equal(item.flatten()[:len(expected)], torch.tensor(expected, dtype=torch.float32))
+    assert noise.flatten()[-1].item() == fact["last_value"]
+    assert noise.double().sum().item() == pytest.approx(fact["sum"], rel=1e-12, abs=1e-9)
+    assert (noise.double() ** 2).sum().item() == pytest.approx(fact["sum_of_squares"], rel=1e-12)
 
 
 def test_prepare_noise_mask_shapes():

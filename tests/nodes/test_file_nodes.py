@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +95,38 @@ def test_save_writes_prompt_and_extra_pnginfo_as_text_chunks(folders):
         assert json.loads(png.text["note"]) == "hi"
     raw = open(path, "rb").read()
     assert b"tEXtprompt\x00" in raw and b"tEXtworkflow\x00" in raw
+
+
+COMFYUI_FACTS = json.loads((Path(__file__).parents[1] / "fixtures" / "comfyui_facts.json").read_text())
+
+
+def png_text_chunks(path):
+    """(type, keyword, text) of every tEXt / zTXt / iTXt chunk, in file order, read from the raw PNG."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, position = [], 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            keyword, _, text = data[position + 8:position + 8 + length].partition(b"\x00")
+            chunks.append({"type": kind.decode(), "keyword": keyword.decode("latin-1"), "text": text.decode("latin-1")})
+        position += 12 + length
+    return chunks
+
+
+def test_save_text_chunks_are_byte_for_byte_comfyuis(tmp_path, folders):
+    """The PNG text chunks ComfyUI's SaveImage was observed to write for this prompt and workflow (fixture
+    "source"): 'prompt' then each extra_pnginfo key, JSON with ASCII escapes, uncompressed tEXt; none at all
+    with --disable-metadata."""
+    fact = COMFYUI_FACTS["save_image"]
+    images = torch.linspace(0, 1, 18).reshape(1, 2, 3, 3)
+    result = SaveImage().save_images(images, "facts", prompt=fact["prompt"], extra_pnginfo=fact["extra_pnginfo"])
+    assert result["ui"]["images"][0]["filename"] == fact["filename"]
+    assert png_text_chunks(os.path.join(folders.output, fact["filename"])) == fact["text_chunks"]
+    with server_context(base_directory=str(tmp_path), disable_metadata=True):
+        plain = SaveImage().save_images(images, "plain", prompt=fact["prompt"], extra_pnginfo=fact["extra_pnginfo"])
+    saved = os.path.join(folders.output, plain["ui"]["images"][0]["filename"])
+    assert png_text_chunks(saved) == fact["text_chunks_with_disable_metadata"] == []
 
 
 def test_save_without_metadata_when_disabled(tmp_path, folders):
