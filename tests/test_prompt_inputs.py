@@ -5,7 +5,6 @@ import time
 
 import pytest
 
-
 from conftest import number, record, simple_prompt
 
 
