@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import random
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
@@ -82,15 +81,11 @@ def test_vocabulary_matches_reference_derivation(tokenizer):
 
 def test_vocabulary_is_our_package_data():
     clip_tokenizer.load_bpe_tables.cache_clear()
-    started = time.perf_counter()
     CLIPTokenizer()
-    elapsed = time.perf_counter() - started
     package_dir = Path(clip_tokenizer.__file__).resolve().parent
     assert Path(clip_tokenizer.find_vocab_file()).resolve().parent == package_dir / "clip_vocab"
     assert (package_dir / "clip_vocab" / "NOTICE.txt").is_file()  # the MIT notice travels with the file
     assert "open_clip" not in sys.modules and "clip" not in sys.modules
-    # ~40 ms on a developer machine; the bound leaves room for a busy shared CPU.
-    assert elapsed < 1.0
     assert clip_tokenizer.load_bpe_tables() is clip_tokenizer.load_bpe_tables()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -30,10 +29,7 @@ def digest(path) -> str:
 @pytest.mark.parametrize("arch", ["sd15", "sd2", "sdxl"])
 def test_original_single_file_layout(tmp_path, arch):
     path = tmp_path / "model.safetensors"
-    started = time.perf_counter()
     make_test_checkpoint(arch, "tiny", path)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 5  # about 0.1 s once torch is warm; generous for a shared machine
     assert path.stat().st_size < 15_000_000
     with safe_open(str(path), "pt") as file:
         keys = list(file.keys())
