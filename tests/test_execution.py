@@ -1,9 +1,7 @@
 """Execution semantics over the real API: message order, lists, lazy inputs, expansion, blockers, async,
 errors, caching (docs/comfy-api-contract.md §1.7 and §3)."""
 
-import time
-
-from conftest import types_of
+from conftest import types_of, wait_until
 
 
 def number(value):
@@ -126,12 +124,20 @@ def test_execution_blocker_silent_and_with_message(server):
 
 
 def test_async_nodes_run_concurrently(server):
-    prompt = {str(i): {"class_type": "Sleep", "inputs": {"value": float(i), "seconds": 1.0}} for i in range(1, 4)}
+    ws = server.ws()
+    prompt = {str(i): {"class_type": "Sleep", "inputs": {"value": float(i), "seconds": 0.5}} for i in range(1, 4)}
     prompt.update({str(10 + i): record([str(i), 0]) for i in range(1, 4)})
-    started = time.monotonic()
-    entry = server.run(prompt)
-    assert time.monotonic() - started < 2.5  # three 1-second sleeps overlap
+    queued = server.queue_prompt(prompt, client_id=ws.client_id)
+    messages = ws.until_done(queued["prompt_id"])
+    entry = server.wait_history(queued["prompt_id"])
     assert sorted(v["values"][0] for v in entry["outputs"].values()) == [1.0, 2.0, 3.0]
+    # The three sleeps overlap: all three are running at once, and all start before any result is recorded.
+    states = [m["data"]["nodes"] for m in messages if m["type"] == "progress_state"]
+    assert any(all(nodes.get(i, {}).get("state") == "running" for i in ("1", "2", "3")) for nodes in states)
+    events = [(m["type"], m["data"].get("node")) for m in messages if m["type"] in ("executing", "executed")]
+    first_result = next(i for i, (kind, _) in enumerate(events) if kind == "executed")
+    assert {("executing", i) for i in ("1", "2", "3")} <= set(events[:first_result])
+    ws.close()
 
 
 def test_node_error_reports_and_keeps_serving(server):
@@ -281,7 +287,7 @@ def test_free_memory_resets_caches(start_server):
     first = srv.run(counter)["outputs"]["2"]["values"][0]
     assert srv.run(counter)["outputs"]["2"]["values"][0] == first
     assert srv.post("/free", {"free_memory": True}).status_code == 200
-    time.sleep(1.5)  # applied by the worker when idle
+    wait_until(lambda: "caches and models freed" in srv.log(), what="the idle worker applying /free")
     assert srv.run(counter)["outputs"]["2"]["values"][0] == first + 1
     assert srv.post("/free", data=b"").status_code == 400  # the body must be a JSON object (ComfyUI: 500)
 
@@ -313,6 +319,22 @@ def test_binary_preview_frames(server):
     assert (event, image_format) == (1, 1)  # PREVIEW_IMAGE, JPEG
     image = Image.open(io.BytesIO(frames[0][8:]))
     assert image.format == "JPEG" and image.size == (512, 256)  # scaled to fit --preview-size
+    ws.close()
+
+
+def test_preview_size_flag_bounds_the_preview_frames(start_server):
+    import io
+
+    from PIL import Image
+
+    srv = start_server("--preview-size", "100")
+    ws = srv.ws()
+    queued = srv.queue_prompt(_preview_prompt(), client_id=ws.client_id)
+    ws.until_done(queued["prompt_id"])
+    frames = [m for m in ws.messages if isinstance(m, bytes)]
+    assert len(frames) == 2
+    # The node offers 600x300 and asks for at most 512; the server's --preview-size 100 is smaller and wins.
+    assert Image.open(io.BytesIO(frames[0][8:])).size == (100, 50)
     ws.close()
 
 
