@@ -137,7 +137,10 @@ class Folders:
         """'sub/x.png [output]' -> absolute path under the output directory (not checked for existence)."""
         match = _ANNOTATION.match(name)
         kind, name = (match.group(2), match.group(1)) if match else (default_kind, name)
-        path = safe_join(self.directory_for(kind), name)
+        root = self.directory_for(kind)
+        if root is None:
+            raise ValueError(f"Invalid file path: {name!r}: no {kind!r} directory (input, output or temp)")
+        path = safe_join(root, name)
         if path is None:
             raise ValueError(f"Invalid file path: {name!r} leaves the {kind} directory")
         return path

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 ENV_PREFIX = "COMFY_"
 WARMUP_MODES = ("lazy", "background", "eager")
@@ -338,7 +339,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (ComfyUI-compatible; each flag also reads COMFY_<FLAG>)")
     for flag in FLAGS:
         help_text = f"{flag.help} [env {flag.env_name}]"
-        common = {"dest": flag.dest, "help": help_text}
+        common: dict[str, Any] = {"dest": flag.dest, "help": help_text}
         if flag.metavar:
             common["metavar"] = flag.metavar
         if flag.kind == "switch":

@@ -7,6 +7,7 @@ callback, and nothing here knows about HTTP or torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -134,7 +135,8 @@ class PromptRun:
     def input_data(self, node_id: str):
         """{name: list of values} for one call, and the names of links whose results are missing."""
         node = self.dynprompt.get_node(node_id)
-        data, missing = {}, set()
+        data: dict[str, list] = {}
+        missing: set[str] = set()
         for name, value in node.get("inputs", {}).items():
             category, options = self.input_info(node_id, name)
             if is_link(value) and not (options or {}).get("rawLink"):
@@ -196,9 +198,7 @@ class Executor:
                 done = await self._execute_node(run, order, node_id)
                 if done:
                     order.complete(node_id)
-        except NodeFailure as exc:
-            failure = exc
-        except progress.InterruptProcessingException as exc:
+        except (NodeFailure, progress.InterruptProcessingException) as exc:
             failure = exc
         except Exception as exc:  # scheduling errors: cycles, duplicate ids, missing nodes
             failure = NodeFailure(getattr(exc, "node_id", None) or "", "", exc, None)
@@ -293,7 +293,7 @@ class Executor:
                     run.pending_async[node_id] = results
                     for r in results:
                         if isinstance(r, asyncio.Task) and not r.done():
-                            r.add_done_callback(lambda _t, u=unblock, rs=results: _unblock_when_all_done(rs, u))
+                            r.add_done_callback(functools.partial(_unblock_when_all_done, results, unblock))
                             break
                     return False
                 results = [r.result() if isinstance(r, asyncio.Task) else r for r in results]
@@ -354,7 +354,7 @@ class Executor:
                 "current_outputs": []}, broadcast_without_client=True)
             return ExecutionBlocker(None)
 
-        results = []
+        results: list = []
         for index, kwargs in _calls(data, input_is_list):
             progress.throw_exception_if_processing_interrupted()
             blocker = _find_blocker(kwargs, input_is_list)
@@ -422,7 +422,7 @@ class Executor:
             resolved.append(tuple(values))
         return _merge_outputs(resolved, cls)
 
-    def _report_failure(self, run: PromptRun, failure: Exception) -> None:
+    def _report_failure(self, run: PromptRun, failure: NodeFailure | progress.InterruptProcessingException) -> None:
         if isinstance(failure, progress.InterruptProcessingException):
             node_id = run.dynprompt.get_real_node_id(run.current_node) if run.current_node else None
             node_type = run.dynprompt.get_node(node_id)["class_type"] if node_id else None
@@ -470,10 +470,11 @@ def _class_of(run: PromptRun, node_id: str):
         return None
 
 
-def _unblock_when_all_done(results: list, unblock) -> None:
+def _unblock_when_all_done(results: list, unblock, _done_task=None) -> None:
+    """A done-callback: unblocks the node once every task among its results has finished."""
     pending = [r for r in results if isinstance(r, asyncio.Task) and not r.done()]
     if pending:
-        pending[0].add_done_callback(lambda _t: _unblock_when_all_done(results, unblock))
+        pending[0].add_done_callback(functools.partial(_unblock_when_all_done, results, unblock))
     else:
         unblock()
 
@@ -530,7 +531,7 @@ def _unpack_returns(results: list, cls):
                 r = ()
             tuples.append(r)
             expansions.append((None, r))
-    ui = {}
+    ui: dict[str, list] = {}
     for u in uis:
         for key, values in u.items():
             ui.setdefault(key, [])
@@ -546,7 +547,7 @@ def _merge_outputs(tuples: list, cls) -> list:
     merged = []
     for slot in range(width):
         if slot < len(is_list) and is_list[slot]:
-            values = []
+            values: list = []
             for t in tuples:
                 item = t[slot]
                 values.extend([item] if isinstance(item, ExecutionBlocker) else item)

@@ -7,7 +7,7 @@ from .executor import now_ms
 
 def failure_entry(prompt_id: str, message: str, exception_type: str, tb=(), node_id=None, node_type=None) -> dict:
     """ComfyUI's history shape for a prompt that failed outside any node's own error handling."""
-    data = {"prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
+    data: dict = {"prompt_id": prompt_id, "node_id": node_id, "node_type": node_type, "executed": [],
             "exception_message": message, "exception_type": exception_type, "traceback": list(tb),
             "current_inputs": {}, "current_outputs": [], "timestamp": now_ms()}
     return {"outputs": {}, "meta": {},
@@ -15,7 +15,8 @@ def failure_entry(prompt_id: str, message: str, exception_type: str, tb=(), node
 
 
 def interrupted_entry(prompt_id: str) -> dict:
-    data = {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [], "timestamp": now_ms()}
+    data: dict = {"prompt_id": prompt_id, "node_id": None, "node_type": None, "executed": [],
+                  "timestamp": now_ms()}
     return {"outputs": {}, "meta": {},
             "status": {"status_str": "error", "completed": False, "messages": [["execution_interrupted", data]]}}
 

@@ -16,8 +16,8 @@ import os
 import shutil
 
 from ..paths import atomic_path, is_inside, safe_join
-from .responses import FileResponse, Response, json_response, storage_error
 from .multipart import parse_multipart
+from .responses import FileResponse, Response, json_response, storage_error
 
 log = logging.getLogger(__name__)
 

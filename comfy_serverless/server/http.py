@@ -20,8 +20,7 @@ from urllib.parse import unquote
 import h11
 
 from .requests import Request
-from .responses import (REASONS, FileResponse, Response, error_response, json_response, storage_error,
-                        text_response)
+from .responses import REASONS, FileResponse, Response, error_response, json_response, storage_error, text_response
 from .routing import Router
 
 __all__ = ["HTTPServer", "Limits", "Request", "Response", "FileResponse", "Router", "json_response",
@@ -330,8 +329,8 @@ class HTTPServer:
     # -- writing -----------------------------------------------------------------------------------
     async def _write(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response,
                      method: str) -> None:
-        is_file = isinstance(response, FileResponse) and response.status in (200, 206)
-        length = response.length if is_file else len(response.body)
+        file = response if isinstance(response, FileResponse) and response.status in (200, 206) else None
+        length = file.length if file is not None else len(response.body)
         headers = [(b"server", SERVER_HEADER), (b"content-length", str(length).encode())]
         if response.content_type:
             headers.append((b"content-type", response.content_type.encode()))
@@ -347,10 +346,10 @@ class HTTPServer:
             await self._drain(writer)
             return
         sends_body = method != "HEAD" and length > 0
-        if is_file and sends_body:
+        if file is not None and sends_body:
             writer.write(data)
-            conn.send_with_data_passthrough(h11.Data(data=_Unsent(length)))
-            await self._send_file(writer, response)
+            conn.send_with_data_passthrough(h11.Data(data=_Unsent(length)))  # type: ignore[arg-type]
+            await self._send_file(writer, file)
             writer.write(conn.send(h11.EndOfMessage()))
         else:
             if sends_body:

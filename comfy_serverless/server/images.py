@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
-_libc_trim = None
+_libc_trim: Any = None  # malloc_trim, False where there is none, None until looked up
 
 
 def release_memory() -> None:

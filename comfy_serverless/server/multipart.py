@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 MAX_FIELD_BYTES = 1 << 20  # text fields (type, subfolder, original_ref) are short
 
@@ -49,7 +50,7 @@ def parse_multipart(request, spool_dir: str | None) -> tuple[dict[str, str], dic
     fields: dict[str, str] = {}
     files: dict[str, UploadedFile] = {}
     extra: list[UploadedFile] = []  # parts beyond the first of a name, removed at the end
-    state = {"part": None, "name": [], "value": []}
+    state: dict[str, Any] = {"part": None, "name": [], "value": []}
 
     def on_part_begin():
         state["part"] = _Part()

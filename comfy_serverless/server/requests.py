@@ -35,14 +35,15 @@ class Request:
         """The whole body in memory (reads a spooled body from its file once)."""
         if self._body is None:
             self._body_file.seek(0)
-            self._body = self._body_file.read()
+            self._body = bytes(self._body_file.read())
         return self._body
 
     def stream(self, chunk_size: int = STREAM_CHUNK):
         """The body in chunks, without holding it all in memory."""
         if self._body_file is None:
-            for start in range(0, len(self._body), chunk_size):
-                yield self._body[start:start + chunk_size]
+            body = self.body
+            for start in range(0, len(body), chunk_size):
+                yield body[start:start + chunk_size]
             return
         self._body_file.seek(0)
         while chunk := self._body_file.read(chunk_size):

@@ -17,8 +17,8 @@ import uuid
 import h11
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Message, Ping, RejectConnection,
-                            Request as WSRequest, TextMessage)
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, RejectConnection, TextMessage
+from wsproto.events import Request as WSRequest
 from wsproto.utilities import ProtocolError
 
 log = logging.getLogger(__name__)

@@ -132,11 +132,10 @@ class PromptWorker:
         self.executing_node = None
         try:
             for event, data, sid in held:
-                self.loop.call_soon_threadsafe(self.hub.send, event, data, sid)
+                self._post(self.hub.send, event, data, sid)
             self.on_queue_changed()
             if client is not None:
-                self.loop.call_soon_threadsafe(self.hub.send, "executing", {"node": None, "prompt_id": prompt_id},
-                                               client)
+                self._post(self.hub.send, "executing", {"node": None, "prompt_id": prompt_id}, client)
         except Exception:  # e.g. the event loop closed at exit
             log.error("prompt %s: sending its final messages failed:\n%s", prompt_id, traceback.format_exc())
         self.context.timeline.mark("first_prompt_done")
@@ -158,6 +157,12 @@ class PromptWorker:
             log.info("caches and models freed")
 
     # -- engine events (worker thread) -------------------------------------------------------------
+    def _post(self, callback, *args) -> None:
+        """Runs callback on the server's event loop (messages go out from there)."""
+        if self.loop is None:
+            raise RuntimeError("the prompt worker runs before the server's event loop is attached")
+        self.loop.call_soon_threadsafe(callback, *args)
+
     def notify(self, event: str, data: dict, sid: str | None) -> None:
         self._beat = time.monotonic()
         if event in FINAL_EVENTS and self._prompt is not None and data.get("prompt_id") == self._prompt:
@@ -166,7 +171,7 @@ class PromptWorker:
             return
         if self._held:  # a held message was not the last one (a blocker's execution_error): keep the order
             for held_event, held_data, held_sid in self._take_held():
-                self.loop.call_soon_threadsafe(self.hub.send, held_event, held_data, held_sid)
+                self._post(self.hub.send, held_event, held_data, held_sid)
         if event == "executing":
             self.executing_node = data.get("node")
         if event == "__preview__":
@@ -177,9 +182,9 @@ class PromptWorker:
             metadata = {"node_id": data["node_id"], "prompt_id": data["prompt_id"],
                         "display_node_id": meta["display_node"], "parent_node_id": meta["parent_node"],
                         "real_node_id": meta["real_node_id"]}
-            self.loop.call_soon_threadsafe(self.hub.send_preview, encoded[0], encoded[1], metadata, sid)
+            self._post(self.hub.send_preview, encoded[0], encoded[1], metadata, sid)
             return
-        self.loop.call_soon_threadsafe(self.hub.send, event, data, sid)
+        self._post(self.hub.send, event, data, sid)
 
     # -- supervision (event loop) ------------------------------------------------------------------
     def supervise(self) -> None:
@@ -188,7 +193,7 @@ class PromptWorker:
             self.check()
         except Exception:
             log.error("worker supervision failed:\n%s", traceback.format_exc())
-        if not self.stopping:
+        if not self.stopping and self.loop is not None:
             self.loop.call_later(SUPERVISE_INTERVAL_S, self.supervise)
 
     def check(self) -> None:
