@@ -3,9 +3,10 @@
 import json
 import socket
 import threading
-import time
 
 import requests
+
+from conftest import wait_until
 
 
 def still_serving(srv):
@@ -107,9 +108,7 @@ def test_queue_full_answers_503_and_ready_reports_it(start_server):
             "2": {"class_type": "SlowSteps", "inputs": {"value": ["1", 0], "steps": 40, "step_seconds": 0.05}},
             "3": {"class_type": "Record", "inputs": {"value": ["2", 0]}}}
     running = srv.queue_prompt(slow)
-    deadline = time.monotonic() + 10
-    while not srv.get("/queue").json()["queue_running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: srv.get("/queue").json()["queue_running"], timeout=10, what="the first prompt running")
     pending = srv.queue_prompt({**slow, "1": {"class_type": "Number", "inputs": {"value": 2}}})
     rejected = srv.post("/prompt", {"prompt": slow})
     assert rejected.status_code == 503 and rejected.json()["error"]["type"] == "queue_full"
