@@ -102,7 +102,14 @@ def import_pack(ref: str) -> Pack | None:
             if kind == "builtin":
                 module, python_module = importlib.import_module(target), "nodes"
             else:
-                module, name = _import_custom(target)
+                from . import comfy_modules  # ComfyUI's module names (folder_paths, nodes, comfy...)
+
+                comfy_modules.install()
+                with comfy_modules.recording() as touched:
+                    module, name = _import_custom(target)
+                if touched:
+                    log.warning("pack %s uses ComfyUI names this server lacks: %s", name,
+                                ", ".join(comfy_modules.summarize(touched)))
                 python_module = f"custom_nodes.{name}"
             classes = dict(getattr(module, "NODE_CLASS_MAPPINGS", None) or {})
             if not classes:
