@@ -1,0 +1,85 @@
+"""ComfyUI's `comfy.samplers` for custom node packs: the sampler and scheduler names this server implements, the
+noise schedules, and `KSampler` over comfy_serverless.diffusion.
+
+The name lists are what KSampler's combos offer here (comfy_serverless/nodes/sampling_nodes.py), so a pack that
+builds its combos from `comfy.samplers.KSampler.SAMPLERS` validates against the samplers that exist. torch is
+imported only when sampling or computing sigmas.
+"""
+
+from __future__ import annotations
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.sampling_nodes import SAMPLER_NAMES as _SAMPLERS
+from comfy_serverless.nodes.sampling_nodes import SCHEDULER_NAMES as _SCHEDULERS
+
+SAMPLER_NAMES = list(_SAMPLERS)
+SCHEDULER_NAMES = list(_SCHEDULERS)
+KSAMPLER_NAMES = [name for name in SAMPLER_NAMES if name not in ("ddim", "uni_pc", "uni_pc_bh2")]
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+
+
+def calculate_sigmas(model_sampling, scheduler_name: str, steps: int):
+    """The noise levels of a scheduler for `steps` steps (float32, ending in 0). model_sampling: a MODEL's
+    `model_sampling`."""
+    from comfy_serverless.diffusion.schedules import calculate_sigmas as ours
+
+    return ours(model_sampling, scheduler_name, steps)
+
+
+class KSampler:
+    """KSampler as an object: `KSampler(model, steps, device, sampler, scheduler, denoise).sample(noise, positive,
+    negative, cfg, latent_image, ...)` with a MODEL from this server's loaders."""
+
+    SCHEDULERS = SCHEDULER_NAMES
+    SAMPLERS = SAMPLER_NAMES
+    DISCARD_PENULTIMATE_SIGMA_SAMPLERS = DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+
+    def __init__(self, model, steps, device=None, sampler=None, scheduler=None, denoise=None, model_options=None):
+        self.model = model
+        self.device = device
+        self.sampler = sampler if sampler is not None else SAMPLER_NAMES[0]
+        self.scheduler = scheduler if scheduler is not None else SCHEDULER_NAMES[0]
+        self.denoise = denoise
+        self.model_options = model_options or {}
+        self.set_steps(steps, denoise)
+
+    def set_steps(self, steps, denoise=None) -> None:
+        from comfy_serverless.diffusion.sampling import compute_sigmas
+
+        self.steps = steps
+        self.sigmas = compute_sigmas(self.model.model_sampling, self.scheduler, self.sampler, steps, denoise)
+
+    def sample(self, noise, positive, negative, cfg, latent_image=None, start_step=None, last_step=None,
+               force_full_denoise=False, denoise_mask=None, sigmas=None, callback=None, disable_pbar=False,
+               seed=None):
+        """Samples from `latent_image` (zeros when None) noised with `noise`; returns the latent in the same space
+        as the input. callback(step, x0, x, total_steps) is called after every step, as in ComfyUI."""
+        import torch
+
+        from comfy_serverless.diffusion import sampling
+
+        model = self.model
+        latent = torch.zeros_like(noise) if latent_image is None else latent_image
+        latent = latent.to(torch.float32)
+        sigmas = sampling.slice_sigmas(self.sigmas if sigmas is None else sigmas, start_step, last_step,
+                                       force_full_denoise)
+        if sigmas is None or sigmas.shape[-1] == 0:
+            return latent
+        model_latent = model.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else latent
+        mask = None
+        if denoise_mask is not None:
+            mask = sampling.prepare_noise_mask(denoise_mask, latent.shape, latent.device)
+        denoiser = sampling.CFGDenoiser(model.unet_apply, positive, negative, cfg,
+                                        model_sampling=model.model_sampling, encode_extra=model.encode_extra)
+
+        def step(index, x, denoised, total):
+            callback(index, denoised, x, total)
+
+        samples = sampling.run_sampler(denoiser, model.model_sampling, self.sampler,
+                                       noise.to(latent.device, torch.float32), model_latent, sigmas, seed=seed,
+                                       denoise_mask=mask, callback=None if callback is None else step)
+        return model.process_latent_out(samples.to(torch.float32))
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)

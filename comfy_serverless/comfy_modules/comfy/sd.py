@@ -1,0 +1,37 @@
+"""ComfyUI's `comfy.sd` for custom node packs: loading single-file checkpoints with this server's loader.
+
+`VAE` and `CLIP` are the ComfyUI names of what the loaders return here (comfy_serverless.models.VAEModel and
+TextEncoder): isinstance checks accept ours; building one from a state dict the ComfyUI way is not provided.
+"""
+
+from __future__ import annotations
+
+from comfy_serverless.catalog.comfy_modules import MissingComfyInternal, missing_attribute, stand_in_type
+from comfy_serverless.models.text_encoder import TextEncoder
+from comfy_serverless.models.vae_model import VAEModel
+
+VAE = stand_in_type("comfy.sd.VAE", VAEModel)
+CLIP = stand_in_type("comfy.sd.CLIP", TextEncoder)
+
+
+def load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, output_clipvision=False,
+                                 embedding_directory=None, output_model=True, model_options=None,
+                                 te_model_options=None):
+    """(MODEL, CLIP, VAE, CLIP_VISION) of a single-file SD1.x/SD2.x/SDXL checkpoint; CLIP vision is always None
+    here, and so is any part not asked for."""
+    from comfy_serverless.models.loading import load_checkpoint
+
+    model, clip, vae = load_checkpoint(str(ckpt_path), want_clip=output_clip, want_vae=output_vae)
+    return (model if output_model else None), clip, vae, None
+
+
+def load_checkpoint(config_path=None, ckpt_path=None, output_vae=True, output_clip=True, embedding_directory=None,
+                    state_dict=None, config=None):
+    """The deprecated config-file loader: the architecture is read from the weights, the config is not needed."""
+    if ckpt_path is None:
+        raise MissingComfyInternal("comfy.sd.load_checkpoint from a state dict")
+    return load_checkpoint_guess_config(ckpt_path, output_vae, output_clip)[:3]
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)

@@ -1,0 +1,164 @@
+"""ComfyUI's `nodes` for custom node packs: the node registry, the core node classes under their ComfyUI names,
+and the helpers packs import from it.
+
+`NODE_CLASS_MAPPINGS` / `NODE_DISPLAY_NAME_MAPPINGS` are live views of what catalog/packs.py has imported: every
+built-in node, then each custom pack's nodes (a built-in name is never overridden), so a pack that keeps a
+reference from import time sees packs imported after it. Entries a pack writes into them are kept in the view
+but register no node (this server's catalogue is built from each pack's own NODE_CLASS_MAPPINGS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+from comfy_serverless import progress
+from comfy_serverless.catalog import packs
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes import sampling_nodes
+from comfy_serverless.nodes.conditioning import (  # noqa: F401  (ComfyUI's names, for packs)
+    CLIPSetLastLayer,
+    CLIPTextEncode,
+    ConditioningAverage,
+    ConditioningCombine,
+    ConditioningConcat,
+    ConditioningSetArea,
+    ConditioningSetMask,
+    ConditioningSetTimestepRange,
+    ConditioningZeroOut,
+    InpaintModelConditioning,
+)
+from comfy_serverless.nodes.image_files import LoadImage, LoadImageMask, PreviewImage, SaveImage  # noqa: F401
+from comfy_serverless.nodes.images import (  # noqa: F401
+    EmptyImage,
+    ImageBatch,
+    ImageInvert,
+    ImagePadForOutpaint,
+    ImageScale,
+    ImageScaleBy,
+)
+from comfy_serverless.nodes.latents import (  # noqa: F401
+    EmptyLatentImage,
+    LatentBlend,
+    LatentComposite,
+    LatentCrop,
+    LatentFlip,
+    LatentFromBatch,
+    LatentRotate,
+    LatentUpscale,
+    LatentUpscaleBy,
+    LoadLatent,
+    RepeatLatentBatch,
+    SaveLatent,
+    SetLatentNoiseMask,
+)
+from comfy_serverless.nodes.loaders import (  # noqa: F401
+    CheckpointLoader,
+    CheckpointLoaderSimple,
+    LoraLoader,
+    LoraLoaderModelOnly,
+    VAELoader,
+)
+from comfy_serverless.nodes.sampling_nodes import KSampler, KSamplerAdvanced  # noqa: F401
+from comfy_serverless.nodes.vae_nodes import (  # noqa: F401
+    VAEDecode,
+    VAEDecodeTiled,
+    VAEEncode,
+    VAEEncodeForInpaint,
+    VAEEncodeTiled,
+)
+
+MAX_RESOLUTION = 16384
+
+# Folders of packs' web extensions and of loaded packs, as ComfyUI keeps them; informational here.
+EXTENSION_WEB_DIRS: dict[str, str] = {}
+LOADED_MODULE_DIRS: dict[str, str] = {}
+
+
+_builtins_imported = False
+
+
+class _Registry(MutableMapping):
+    """The merged node registry of every imported pack: built-ins first, then custom packs in import order."""
+
+    def __init__(self, field: str):
+        self._field = field  # "classes" or "display_names"
+        self._written: dict = {}
+        self._cache: tuple | None = None
+
+    def _merged(self) -> dict:
+        global _builtins_imported
+        if not _builtins_imported:
+            for module in packs.BUILTIN_PACKS:
+                packs.import_pack(f"builtin:{module}")  # light modules: no torch at import
+            _builtins_imported = True
+        imported = list(packs._imported.values())
+        stamp = (len(imported), len(self._written))
+        if self._cache is not None and self._cache[0] == stamp:
+            return self._cache[1]
+        builtin = [p for p in imported if p is not None and p.is_builtin]
+        custom = [p for p in imported if p is not None and not p.is_builtin]
+        reserved = {name for p in builtin for name in p.classes}
+        merged: dict = {}
+        for pack in builtin + custom:
+            for name, value in getattr(pack, self._field).items():
+                if pack.is_builtin or name not in reserved:
+                    merged[name] = value
+        merged.update(self._written)
+        self._cache = (stamp, merged)
+        return merged
+
+    def __getitem__(self, name):
+        return self._merged()[name]
+
+    def __setitem__(self, name, value) -> None:
+        self._written[name] = value
+        self._cache = None
+
+    def __delitem__(self, name) -> None:
+        del self._written[name]
+        self._cache = None
+
+    def __iter__(self):
+        return iter(list(self._merged()))
+
+    def __len__(self) -> int:
+        return len(self._merged())
+
+    def __contains__(self, name) -> bool:
+        return name in self._merged()
+
+    def copy(self) -> dict:
+        return dict(self._merged())
+
+    def __repr__(self) -> str:
+        return repr(self._merged())
+
+
+NODE_CLASS_MAPPINGS = _Registry("classes")
+NODE_DISPLAY_NAME_MAPPINGS = _Registry("display_names")
+
+
+def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
+                    disable_noise=False, start_step=None, last_step=None, force_full_denoise=False):
+    """KSampler's work as a function: returns (latent dict with new samples,), with progress per step."""
+    return sampling_nodes.common_ksampler(
+        model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=denoise,
+        disable_noise=disable_noise, start_step=start_step, last_step=last_step,
+        force_full_denoise=force_full_denoise)
+
+
+def before_node_execution() -> None:
+    """Raises the interrupt exception when /interrupt was called for the running prompt."""
+    progress.throw_exception_if_processing_interrupted()
+
+
+def interrupt_processing(value: bool = True) -> None:
+    """Interrupts (or, with False, un-interrupts) the current server's running prompt."""
+    if value:
+        progress.request_interrupt()
+    else:
+        progress.clear_interrupt()
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)
