@@ -46,8 +46,12 @@ class Server:
         self.base = base
         custom = base / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
-        for name in packs:
-            shutil.copy2(PACKS / name, custom / name)  # keeps mtimes: the catalogue fingerprint uses them
+        for name in packs:  # a file or a package folder under tests/packs, copied to custom_nodes/<its name>
+            source, target = PACKS / name, custom / Path(name).name
+            if source.is_dir():  # copytree copies with copy2 too, keeping mtimes
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)  # keeps mtimes: the catalogue fingerprint uses them
         self.log_path = base / f"server-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, **(env or {})}
