@@ -35,7 +35,6 @@ class CPUState(enum.Enum):
 vram_state = VRAMState.DISABLED
 set_vram_to = VRAMState.DISABLED
 cpu_state = CPUState.CPU
-total_vram = 0
 XFORMERS_IS_AVAILABLE = False
 XFORMERS_ENABLED_VAE = False
 ENABLE_PYTORCH_ATTENTION = True
@@ -101,6 +100,10 @@ def text_encoder_initial_device(load_device=None, offload_device=None, model_siz
 
 def get_torch_device_name(device=None) -> str:
     return "cpu"
+
+
+def get_autocast_device(device) -> str:
+    return getattr(device, "type", "cpu")
 
 
 def cpu_mode() -> bool:
@@ -258,6 +261,11 @@ def get_free_memory(dev=None, torch_free_too: bool = False):
 def get_total_memory(dev=None, torch_total_too: bool = False):
     total = _meminfo("MemTotal")
     return (total, total) if torch_total_too else total
+
+
+# In MB, as ComfyUI has them; the CPU's memory is the "VRAM" here (packs size their tiles by it).
+total_ram = get_total_memory() / (1024 * 1024)
+total_vram = total_ram
 
 
 def minimum_inference_memory() -> int:
