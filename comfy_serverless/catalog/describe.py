@@ -1,4 +1,7 @@
-"""Turns a V1 node class into its `/object_info` entry and the facts the engine needs to run it.
+"""Turns a node class into its `/object_info` entry and the facts the engine needs to run it.
+
+V3 classes (comfy_api's ComfyNode, run through the adapter in v3.py) are described from their schema in the
+shape ComfyUI gives V3 nodes; everything else is read through the V1 attributes.
 
 The result is plain JSON, so the front can validate prompts and answer `/object_info` from a snapshot
 without importing the class. Combo lists read from disk (`paths.FileList`) become `{"__files__": source}`
@@ -10,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 from ..paths import FileList
+from . import v3
 
 FILES_MARKER = "__files__"
 
@@ -33,6 +37,8 @@ def _hidden_kind(spec) -> str:
 
 def public_info(cls, class_name: str, display_name: str | None, python_module: str) -> dict:
     """The `/object_info` entry, in ComfyUI's key order."""
+    if v3.is_v3(cls):
+        return to_json_value(v3.public_info(cls, python_module))
     input_types = cls.INPUT_TYPES()
     inputs: dict = {}
     order: dict = {}

@@ -28,11 +28,17 @@ def reason(kind: str, message: str, details: str = "", **extra_info) -> dict:
     return {"type": kind, "message": message, "details": details, "extra_info": extra_info}
 
 
+WILDCARD_TYPES = ("*", "COMFY_MATCHTYPE_V3")  # V3 match types are checked by the frontend, not the server
+
+
 def types_match(received, expected) -> bool:
-    """Equal types, `*` on either side, or comma unions that overlap."""
+    """Equal types, `*` on either side, or comma unions that overlap. A V3 "COMBO" input also takes a V1 combo
+    list (nodes that output their list of options as a type)."""
     if received == expected:
         return True
-    if received == "*" or expected == "*":
+    if received in WILDCARD_TYPES or expected in WILDCARD_TYPES:
+        return True
+    if isinstance(received, list) and expected == "COMBO":
         return True
     if isinstance(received, str) and isinstance(expected, str):
         got = {t.strip() for t in received.split(",")}
