@@ -52,6 +52,7 @@ class Catalog:
     def __init__(self, snapshot: dict):
         self.fingerprint = snapshot.get("fingerprint")
         self.specs = {name: NodeSpec(name, entry) for name, entry in snapshot["nodes"].items()}
+        self.routes: dict[str, list] = snapshot.get("routes") or {}  # pack ref -> HTTP routes it registers
         # Pre-rendered `"name": {...}` fragments; nodes with disk-backed combos are rendered per request.
         self._static: dict[str, str] = {}
         self._dynamic: set[str] = set()

@@ -1,20 +1,28 @@
 """Finding and importing node packs: the built-in ones and ComfyUI-style custom node folders.
 
 A pack is a module exposing `NODE_CLASS_MAPPINGS` (and optionally `NODE_DISPLAY_NAME_MAPPINGS`), the V1
-protocol custom nodes written for ComfyUI use. Importing is the expensive part of a cold start, so nothing
-here runs at server start unless the warm-up policy asks for it.
+protocol custom nodes written for ComfyUI use, or else a `comfy_entrypoint()` (sync or async) returning a V3
+`ComfyExtension` whose `get_node_list()` names V3 node classes. V3 classes, from either place, are turned into
+V1 classes by v3.adapt. Importing is the expensive part of a cold start, so nothing here runs at server start
+unless the warm-up policy asks for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
+
+from . import v3
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,7 @@ class Pack:
     classes: dict = field(default_factory=dict)
     display_names: dict = field(default_factory=dict)
     python_module: str = "nodes"
+    routes: list = field(default_factory=list)  # HTTP routes it registered: [method or "STATIC", path, under /api]
 
     @property
     def is_builtin(self) -> bool:
@@ -90,6 +99,25 @@ def _import_custom(path: str):
 
 _import_lock = threading.RLock()
 _imported: dict[str, Pack | None] = {}
+_routes_of_import: contextvars.ContextVar[list | None] = contextvars.ContextVar("pack_routes_seen", default=None)
+
+
+def note_route(method: str, path: str, api_alias: bool) -> None:
+    """Records an HTTP route the pack being imported registers (server/pack_routes.py calls this). The catalogue
+    snapshot keeps them, so a lazy server can serve a pack's route before anything else imported the pack."""
+    routes = _routes_of_import.get()
+    if routes is not None:
+        routes.append([method, path, api_alias])
+
+
+def route_table(refs: list[str]) -> dict[str, list]:
+    """ref -> the routes of each imported pack that registered any (for the catalogue snapshot)."""
+    table = {}
+    for ref in refs:
+        pack = _imported.get(ref)
+        if pack is not None and pack.routes:
+            table[ref] = [list(route) for route in pack.routes]
+    return table
 
 
 def import_pack(ref: str) -> Pack | None:
@@ -98,6 +126,8 @@ def import_pack(ref: str) -> Pack | None:
         if ref in _imported:
             return _imported[ref]
         kind, _, target = ref.partition(":")
+        routes: list = []
+        token = _routes_of_import.set(routes)
         try:
             if kind == "builtin":
                 module, python_module = importlib.import_module(target), "nodes"
@@ -111,11 +141,11 @@ def import_pack(ref: str) -> Pack | None:
                     log.warning("pack %s uses ComfyUI names this server lacks: %s", name,
                                 ", ".join(comfy_modules.summarize(touched)))
                 python_module = f"custom_nodes.{name}"
-            classes = dict(getattr(module, "NODE_CLASS_MAPPINGS", None) or {})
+            classes = _node_classes(module, target)
             if not classes:
-                log.warning("node pack %s has no NODE_CLASS_MAPPINGS; skipped", target)
+                log.warning("node pack %s has no NODE_CLASS_MAPPINGS (nor comfy_entrypoint nodes); skipped", target)
             pack = Pack(ref, classes, dict(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None) or {}),
-                        python_module)
+                        python_module, routes)
             if kind == "custom":
                 for cls in classes.values():
                     if not getattr(cls, "RELATIVE_PYTHON_MODULE", None):
@@ -126,8 +156,67 @@ def import_pack(ref: str) -> Pack | None:
         except Exception:
             log.error("cannot import node pack %s; skipped:\n%s", target, traceback.format_exc())
             pack = None
+        finally:
+            _routes_of_import.reset(token)
         _imported[ref] = pack
         return pack
+
+
+def _node_classes(module, target: str) -> dict:
+    """name -> V1 class: NODE_CLASS_MAPPINGS when the module has it (as ComfyUI, which then ignores
+    comfy_entrypoint), else the nodes of its V3 extension. A V3 class that cannot describe itself is logged and
+    left out; the rest of the pack still loads."""
+    mapping = getattr(module, "NODE_CLASS_MAPPINGS", None)
+    if mapping is not None:
+        listed = list(dict(mapping).items())
+    else:
+        entrypoint = getattr(module, "comfy_entrypoint", None)
+        listed = [(None, cls) for cls in _extension_nodes(entrypoint)] if callable(entrypoint) else []
+    classes = {}
+    for name, cls in listed:
+        if not v3.is_v3(cls):
+            classes[name] = cls
+            continue
+        try:
+            adapter = v3.adapt(cls)
+            classes[name if name is not None else v3.node_id(adapter)] = adapter
+        except Exception:
+            log.error("V3 node %s of pack %s cannot describe itself; left out:\n%s",
+                      getattr(cls, "__name__", cls), target, traceback.format_exc())
+    return classes
+
+
+def _extension_nodes(entrypoint) -> list:
+    """The node classes of a pack's V3 extension: comfy_entrypoint(), on_load(), get_node_list()."""
+
+    async def collect():
+        extension = entrypoint()
+        if inspect.isawaitable(extension):
+            extension = await extension
+        on_load = getattr(extension, "on_load", None)
+        if callable(on_load):
+            loaded = on_load()
+            if inspect.isawaitable(loaded):
+                await loaded
+        nodes = extension.get_node_list()
+        if inspect.isawaitable(nodes):
+            nodes = await nodes
+        if not isinstance(nodes, (list, tuple)):
+            raise TypeError(f"get_node_list() returned {type(nodes).__name__}, not a list of node classes")
+        return list(nodes)
+
+    return _run_coroutine(collect())
+
+
+def _run_coroutine(coroutine):
+    """Runs a pack's coroutine to completion from the importing thread. A thread whose event loop is running
+    (the prompt worker imports packs lazily from inside one) hands it to a helper thread, context included."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pack-entrypoint") as pool:
+        return pool.submit(contextvars.copy_context().run, asyncio.run, coroutine).result()
 
 
 def is_imported(ref: str) -> bool:

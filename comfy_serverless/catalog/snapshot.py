@@ -17,7 +17,7 @@ from . import describe, packs
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: "routes", the HTTP routes each pack registers (server/pack_routes.py serves them lazily)
 _NODES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nodes")
 
 
@@ -72,7 +72,7 @@ def build(refs: list[str]) -> dict:
     started = time.monotonic()
     nodes, failed = describe_classes(packs.import_all(refs))
     return {"format": FORMAT, "fingerprint": fingerprint(refs), "built_in_s": round(time.monotonic() - started, 3),
-            "nodes": nodes, "failed": failed}
+            "nodes": nodes, "failed": failed, "routes": packs.route_table(refs)}
 
 
 def save(snapshot: dict, path: str) -> None:

@@ -78,7 +78,7 @@ class CatalogLoader:
         if self.stale or self.catalog is None:
             nodes, failed = snapshot.describe_classes(classes)
             snap = {"format": snapshot.FORMAT, "fingerprint": snapshot.fingerprint(self.pack_refs),
-                    "nodes": nodes, "failed": failed}
+                    "nodes": nodes, "failed": failed, "routes": packs.route_table(self.pack_refs)}
             self._install(snap, save=True)
         self.state = "done"
 
