@@ -16,6 +16,7 @@ import signal
 
 from .. import context
 from ..engine.queue import PromptQueue
+from . import pack_routes
 from .http import HTTPServer, Limits, Router
 from .metrics import Metrics
 from .middleware import build_middleware
@@ -32,6 +33,7 @@ WARMUP_FALLBACK_DELAY_S = 0.5
 class App:
     def __init__(self, settings, argv: list[str]):
         self.context = context.ServerContext(settings)  # this server's state; nothing process-wide is set
+        self.context.slot("app", lambda: self)  # what node packs reach as PromptServer.instance (pack_routes.py)
         self.settings = settings
         self.folders = self.context.folders
         self.argv = argv
@@ -74,6 +76,7 @@ class App:
         from .routes import register_routes
 
         register_routes(router, self)
+        pack_routes.attach(self, router)  # routes node packs registered, now and later (imports after listening)
         self.http = HTTPServer(router, Limits.from_settings(self.settings, self.folders.temp),
                                build_middleware(self.settings, router),
                                self.hub.handle, access_log=not self.settings.dont_print_server)

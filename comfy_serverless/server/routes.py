@@ -10,6 +10,7 @@ import uuid
 from .. import __version__
 from ..engine import validation
 from .http import Response, json_response
+from . import pack_routes
 from .files import register_file_routes
 from .system import system_stats
 
@@ -146,6 +147,10 @@ def register_routes(router, app) -> None:
             return body
         if not isinstance(body, dict):
             return _bad_request("invalid_prompt", "The request body must be a JSON object.", type(body).__name__)
+        body = pack_routes.on_prompt(app, body)  # node packs' PromptServer.add_on_prompt_handler hooks
+        if not isinstance(body, dict):
+            return _bad_request("invalid_prompt", "An on-prompt handler of a node pack returned no JSON object.",
+                                type(body).__name__)
         number = _number_field(body) if "number" in body else None
         if isinstance(number, Response):
             return number
