@@ -282,6 +282,10 @@ def test_object_info_of_a_v3_extension_node(srv):
     assert output_node["input"]["hidden"] == {"unique_id": ["UNIQUE_ID"], "prompt": ["PROMPT"],
                                               "extra_pnginfo": ["EXTRA_PNGINFO"]}
     assert output_node["input_order"]["hidden"] == ["unique_id", "prompt", "extra_pnginfo"]
+    # a node built on an io type of a later ComfyUI is left out, with the missing name in the log
+    assert srv.get("/object_info/V3FromTheFuture").json() == {}
+    assert "V3 node V3FromTheFuture of pack" in srv.log()
+    assert "comfy_api.latest._io.Autogrow" in srv.log()
 
 
 # -- routes of packs imported later, and aiohttp on demand --------------------------------------------------

@@ -207,11 +207,23 @@ class V3Gate(io.ComfyNode):
         return io.NodeOutput(value) if open else io.NodeOutput(block_execution="the gate is closed")
 
 
+class V3FromTheFuture(io.ComfyNode):
+    """Uses an io type of a later ComfyUI: this node is left out, the pack's others load."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="V3FromTheFuture", inputs=[io.Autogrow.Input("many", template=io.Int.Input("n"))])
+
+    @classmethod
+    def execute(cls, many) -> io.NodeOutput:
+        return io.NodeOutput()
+
+
 class V3TestExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [V3Widgets, V3Show, V3Even, V3Counter, V3Source, V3Switch, V3RunLog, V3Preview, V3Text,
-                V3AsyncDouble, V3Gate, V3Fancy]
+                V3AsyncDouble, V3Gate, V3Fancy, V3FromTheFuture]
 
 
 async def comfy_entrypoint() -> V3TestExtension:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import abc
 
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+
 from . import _io as io
 from . import _ui as ui
 from ._io import ComfyNode  # noqa: F401
@@ -90,6 +92,12 @@ class InputImpl:
 
 class Types:
     pass
+
+
+def __getattr__(name: str):
+    """A name from a later ComfyUI API: a placeholder, so the pack still loads and only what uses it fails
+    (catalog/comfy_modules.py); probes such as hasattr see an AttributeError."""
+    return missing_attribute(__name__, name)
 
 
 __all__ = ["ComfyAPI", "ComfyAPISync", "Input", "InputImpl", "Types", "ComfyExtension", "io", "IO", "ui", "UI"]

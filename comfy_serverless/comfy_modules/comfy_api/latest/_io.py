@@ -14,6 +14,7 @@ import enum
 from typing import Any
 
 from comfy_serverless.catalog import v3 as _v3
+from comfy_serverless.catalog.comfy_modules import missing_attribute
 from comfy_serverless.engine.graph import ExecutionBlocker  # noqa: F401  (packs import it from here too)
 
 HiddenHolder = _v3.HiddenHolder
@@ -664,6 +665,12 @@ class _UIOutput:
 
     def as_dict(self) -> dict:
         raise NotImplementedError
+
+
+def __getattr__(name: str):
+    """A name from a later ComfyUI API: a placeholder, so the pack still loads and only what uses it fails
+    (catalog/comfy_modules.py); probes such as hasattr see an AttributeError."""
+    return missing_attribute(__name__, name)
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import random
 import string
 
 from comfy_serverless import paths, settings
+from comfy_serverless.catalog.comfy_modules import missing_attribute
 from comfy_serverless.nodes import image_files
 
 from ._io import FolderType, _UIOutput
@@ -228,6 +229,12 @@ class PreviewText(_UIOutput):
 
     def as_dict(self) -> dict:
         return {"text": [self.value]}
+
+
+def __getattr__(name: str):
+    """A name from a later ComfyUI API: a placeholder, so the pack still loads and only what uses it fails
+    (catalog/comfy_modules.py); probes such as hasattr see an AttributeError."""
+    return missing_attribute(__name__, name)
 
 
 __all__ = ["SavedResult", "SavedImages", "SavedAudios", "ImageSaveHelper", "AudioSaveHelper", "PreviewImage",
