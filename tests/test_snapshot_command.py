@@ -30,3 +30,18 @@ def test_snapshot_is_skipped_when_nothing_changed_and_rebuilt_when_a_pack_change
     os.utime(pack, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     third = snapshot(tmp_path)
     assert "catalogue snapshot:" in third.stdout and catalog.stat().st_mtime_ns != built
+
+
+def test_fingerprint_follows_comfyuis_module_names_only_for_custom_packs(tmp_path, monkeypatch):
+    from comfy_serverless.catalog import snapshot as snapshot_module
+
+    adapters = tmp_path / "comfy_modules"
+    adapters.mkdir()
+    (adapters / "folder_paths.py").write_text("x = 1\n")
+    monkeypatch.setattr(snapshot_module, "_COMFY_MODULES_DIR", str(adapters))
+    builtin_only = ["builtin:comfy_serverless.nodes.images"]
+    with_pack = builtin_only + [f"custom:{PACKS / 'engine_test_nodes.py'}"]
+    before = snapshot_module.fingerprint(builtin_only), snapshot_module.fingerprint(with_pack)
+    (adapters / "folder_paths.py").write_text("x = 22\n")
+    assert snapshot_module.fingerprint(builtin_only) == before[0]  # no custom pack imports the adapters
+    assert snapshot_module.fingerprint(with_pack) != before[1]

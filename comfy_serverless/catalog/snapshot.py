@@ -18,7 +18,11 @@ from . import describe, packs
 log = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: "routes", the HTTP routes each pack registers (server/pack_routes.py serves them lazily)
-_NODES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nodes")
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NODES_DIR = os.path.join(_PACKAGE_DIR, "nodes")
+# ComfyUI's module names that custom packs import: what they answer (file lists, type names) can change a
+# pack's description, so an edited adapter rebuilds the catalogue of a server that has custom packs.
+_COMFY_MODULES_DIR = os.path.join(_PACKAGE_DIR, "comfy_modules")
 
 
 def _stat_line(path: str) -> str:
@@ -45,6 +49,8 @@ def fingerprint(refs: list[str]) -> str:
 
     lines = [f"format={FORMAT}", f"version={__version__}"]
     lines += [_stat_line(p) for p in _python_files(_NODES_DIR)]
+    if any(ref.startswith("custom:") for ref in refs):
+        lines += [_stat_line(p) for p in _python_files(_COMFY_MODULES_DIR)]
     for ref in refs:
         lines.append(ref)
         if ref.startswith("custom:"):
