@@ -47,7 +47,7 @@ def make_test_checkpoint_command(argv: list[str]) -> int:
 
     import torch  # only this tool needs it; the server's front stays light
 
-    from .models.test_checkpoints import make_test_checkpoint
+    from .models.random_checkpoints import make_test_checkpoint
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     started = time.perf_counter()

@@ -58,7 +58,7 @@ def run_in_pack_process(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from comfy_serverless.models.test_checkpoints import make_test_checkpoint
+    from comfy_serverless.models.random_checkpoints import make_test_checkpoint
 
     path = tmp_path_factory.mktemp("comfy-style-models") / "tiny-sd15.safetensors"
     make_test_checkpoint("sd15", "tiny", path, seed=1)

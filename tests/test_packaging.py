@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PROBE = """
 import importlib.util, json
-from comfy_serverless.diffusion.tokenizer import CLIPTokenizer, find_vocab_file
+from comfy_serverless.text.tokenizer import CLIPTokenizer, find_vocab_file
 print(json.dumps({"vocab": find_vocab_file(), "ids": CLIPTokenizer().tokenize("a photo of a cat")[:7],
                   "open_clip": importlib.util.find_spec("open_clip") is not None}))
 """

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.build import UNET_PREFIX, VAE_PREFIX, strip_prefix
-from ..diffusion.clip import (
+from ..networks.build import UNET_PREFIX, VAE_PREFIX, strip_prefix
+from ..networks.clip import (
     SD1_CLIP_L_PREFIX,
     SD2_CLIP_H_PREFIX,
     SDXL_CLIP_G_PREFIX,
@@ -33,8 +33,8 @@ from ..diffusion.clip import (
     UNUSED_CHECKPOINT_KEYS,
     CLIPTextConfig,
 )
-from ..diffusion.unet import UNetConfig
-from ..diffusion.vae import VAEConfig
+from ..networks.unet import UNetConfig
+from ..networks.vae import VAEConfig
 
 log = logging.getLogger(__name__)
 

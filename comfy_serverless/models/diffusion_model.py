@@ -37,7 +37,7 @@ class DiffusionModel:
     @property
     def model_sampling(self):
         if not self._sampling:
-            from ..diffusion.sampling import ModelSampling
+            from ..sampling.sampling import ModelSampling
 
             self._sampling.append(ModelSampling(self.prediction))
         return self._sampling[0]
@@ -75,7 +75,7 @@ class DiffusionModel:
             return {}
         import torch
 
-        from ..diffusion.unet import sdxl_adm_vector
+        from ..networks.unet import sdxl_adm_vector
 
         height = options.get("height", latent_shape[2] * LATENT_TO_PIXELS)
         width = options.get("width", latent_shape[3] * LATENT_TO_PIXELS)

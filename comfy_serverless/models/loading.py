@@ -172,15 +172,15 @@ _libc = _load_libc()
 
 
 def _build_unet(path: str, arch, dtype):
-    from ..diffusion.build import build_from_state_dict
-    from ..diffusion.unet import UNetModel
+    from ..networks.build import build_from_state_dict
+    from ..networks.unet import UNetModel
 
     weights = _converted(path, _parts(path, arch)[0], dtype)
     return build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype)
 
 
 def _build_text_encoder(path: str, arch, dtype):
-    from ..diffusion.clip import SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder
+    from ..networks.clip import SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder
 
     weights = _parts(path, arch)[1]
 
@@ -195,15 +195,15 @@ def _build_text_encoder(path: str, arch, dtype):
 
 
 def _build_text_model(weights: dict, config, dtype):
-    from ..diffusion.build import build_from_state_dict
-    from ..diffusion.clip import CLIPTextModel
+    from ..networks.build import build_from_state_dict
+    from ..networks.clip import CLIPTextModel
 
     return build_from_state_dict(lambda: CLIPTextModel(config), weights, dtype)
 
 
 def _build_vae(path: str, weights: dict, config, dtype):
-    from ..diffusion.build import build_from_state_dict
-    from ..diffusion.vae import AutoencoderKL
+    from ..networks.build import build_from_state_dict
+    from ..networks.vae import AutoencoderKL
 
     return build_from_state_dict(lambda: AutoencoderKL(config), _converted(path, weights, dtype), dtype)
 

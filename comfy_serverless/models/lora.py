@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..diffusion.unet import UNetConfig
+from ..networks.unet import UNetConfig
 
 
 class LoraEntry(NamedTuple):

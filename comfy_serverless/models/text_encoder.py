@@ -45,7 +45,7 @@ class TextEncoder:
 
     def tokenize(self, text: str) -> list:
         """Weighted 77-token windows per encoder (one list for SD1/SD2, two for SDXL)."""
-        from ..diffusion.prompt_weights import tokenize_weighted
+        from ..text.prompt_weights import tokenize_weighted
 
         return [tokenize_weighted(text, tokenizer, self._embedding_lookup(key))
                 for tokenizer, key in zip(_tokenizers(self.family), EMBEDDING_KEYS[self.family])]
@@ -72,7 +72,7 @@ _tokenizer_cache: dict[int, object] = {}
 
 def _tokenizers(family: str) -> list:
     """CLIP-L pads with the end token, OpenCLIP models (SD2's ViT-H, SDXL's bigG) with 0."""
-    from ..diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
+    from ..text.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
     def tokenizer(pad: int):
         if pad not in _tokenizer_cache:

@@ -2,7 +2,7 @@
 
 Each step reports progress through ProgressBar (which is also where /interrupt stops the sampler) and, with
 --preview-method other than none, sends a latent2rgb preview of the step's x0 estimate. Sampler and
-scheduler combos list exactly what diffusion.samplers / diffusion.schedules implement, so an unknown name
+scheduler combos list exactly what sampling.samplers / sampling.schedules implement, so an unknown name
 fails validation with ComfyUI's value_not_in_list error. Standard library only at module level.
 """
 
@@ -13,7 +13,7 @@ from .. import progress, settings
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
-# Exactly the names diffusion.samplers / diffusion.schedules implement, in ComfyUI's order. Kept here as
+# Exactly the names sampling.samplers / sampling.schedules implement, in ComfyUI's order. Kept here as
 # plain lists because those modules import torch and INPUT_TYPES must not (tests check the lists agree).
 SAMPLER_NAMES = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc"]
@@ -44,7 +44,7 @@ def step_callback(model, steps: int):
 
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **options):
     """Samples `latent` (a LATENT dict) and returns a copy with new samples (noise_mask and batch_index kept)."""
-    from ..diffusion.sampling import ksampler
+    from ..sampling.sampling import ksampler
 
     samples = ksampler(
         model.unet_apply, model.model_sampling, latent["samples"], seed=seed, steps=steps, cfg=cfg,

@@ -9,10 +9,6 @@ import struct
 import pytest
 import torch
 
-from comfy_serverless.diffusion.build import UNET_PREFIX, build_from_state_dict, build_on_meta
-from comfy_serverless.diffusion.clip import CLIPTextModel, SD1TextEncoder, load_text_model
-from comfy_serverless.diffusion.unet import UNetConfig, UNetModel
-from comfy_serverless.diffusion.vae import AutoencoderKL, VAEConfig
 from comfy_serverless.models.checkpoint_files import (
     CheckpointError,
     detect_architecture,
@@ -23,13 +19,17 @@ from comfy_serverless.models.checkpoint_files import (
     split_checkpoint,
     split_vae,
 )
-from comfy_serverless.models.test_checkpoints import (
+from comfy_serverless.models.random_checkpoints import (
     ARCHES,
     checkpoint_configs,
     make_test_checkpoint,
     make_test_lora,
     make_test_vae,
 )
+from comfy_serverless.networks.build import UNET_PREFIX, build_from_state_dict, build_on_meta
+from comfy_serverless.networks.clip import CLIPTextModel, SD1TextEncoder, load_text_model
+from comfy_serverless.networks.unet import UNetConfig, UNetModel
+from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig
 
 FAMILY = {"sd15": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
 

@@ -8,9 +8,6 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from comfy_serverless.diffusion.build import UNET_PREFIX, build_from_state_dict, random_state_dict
-from comfy_serverless.diffusion.clip import load_text_model
-from comfy_serverless.diffusion.unet import UNetConfig, UNetModel
 from comfy_serverless.models.checkpoint_files import CheckpointError, open_checkpoint, open_state_dict
 from comfy_serverless.models.lora import (
     LoraEntry,
@@ -20,7 +17,10 @@ from comfy_serverless.models.lora import (
     load_lora,
     parse_lora,
 )
-from comfy_serverless.models.test_checkpoints import make_test_checkpoint, make_test_lora
+from comfy_serverless.models.random_checkpoints import make_test_checkpoint, make_test_lora
+from comfy_serverless.networks.build import UNET_PREFIX, build_from_state_dict, random_state_dict
+from comfy_serverless.networks.clip import load_text_model
+from comfy_serverless.networks.unet import UNetConfig, UNetModel
 
 
 def load_models(path) -> dict[str, torch.nn.Module]:

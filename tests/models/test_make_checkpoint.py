@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from comfy_serverless.models.checkpoint_files import open_checkpoint, read_metadata
-from comfy_serverless.models.test_checkpoints import make_test_checkpoint
+from comfy_serverless.models.random_checkpoints import make_test_checkpoint
 from comfy_serverless.tools import make_test_checkpoint_command
 
 PREFIXES = {

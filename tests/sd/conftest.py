@@ -16,7 +16,7 @@ ARCHES = ("sd15", "sd2", "sd2-v", "sdxl")
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory) -> dict[str, Path]:
     """arch -> tiny checkpoint, "<arch>-lora" -> its LoRA, "vae" -> a standalone VAE file."""
-    from comfy_serverless.models.test_checkpoints import make_test_checkpoint, make_test_lora, make_test_vae
+    from comfy_serverless.models.random_checkpoints import make_test_checkpoint, make_test_lora, make_test_vae
 
     folder = tmp_path_factory.mktemp("sd-models")
     files = {}

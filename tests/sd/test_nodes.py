@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_serverless import paths
-from comfy_serverless.diffusion import samplers, schedules
 from comfy_serverless.nodes import conditioning, latents, loaders, sampling_nodes, vae_nodes
 from comfy_serverless.nodes.conditioning import (
     CLIPSetLastLayer,
@@ -51,6 +50,7 @@ from comfy_serverless.nodes.loaders import (
 )
 from comfy_serverless.nodes.sampling_nodes import KSampler, KSamplerAdvanced
 from comfy_serverless.nodes.vae_nodes import VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint
+from comfy_serverless.sampling import samplers, schedules
 from conftest import server_context
 
 from .conftest import install_models

@@ -1,5 +1,5 @@
 """ComfyUI's `comfy.sample` for custom node packs: initial noise and sampling with a MODEL from this server's
-loaders (comfy_serverless.diffusion does the work)."""
+loaders (comfy_serverless.sampling does the work)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from comfy_serverless.catalog.comfy_modules import missing_attribute
 def prepare_noise(latent_image, seed: int, noise_inds=None):
     """ComfyUI's initial noise for a latent batch (CPU generator seeded with seed); with noise_inds (a LATENT's
     batch_index), each item gets the noise it would have had in the full batch."""
-    from comfy_serverless.diffusion.sampling import prepare_noise as ours
+    from comfy_serverless.sampling.sampling import prepare_noise as ours
 
     return ours(latent_image, seed, noise_inds)
 

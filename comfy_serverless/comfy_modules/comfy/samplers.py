@@ -1,5 +1,5 @@
 """ComfyUI's `comfy.samplers` for custom node packs: the sampler and scheduler names this server implements, the
-noise schedules, and `KSampler` over comfy_serverless.diffusion.
+noise schedules, and `KSampler` over comfy_serverless.sampling.
 
 The name lists are what KSampler's combos offer here (comfy_serverless/nodes/sampling_nodes.py), so a pack that
 builds its combos from `comfy.samplers.KSampler.SAMPLERS` validates against the samplers that exist. torch is
@@ -21,7 +21,7 @@ DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni
 def calculate_sigmas(model_sampling, scheduler_name: str, steps: int):
     """The noise levels of a scheduler for `steps` steps (float32, ending in 0). model_sampling: a MODEL's
     `model_sampling`."""
-    from comfy_serverless.diffusion.schedules import calculate_sigmas as ours
+    from comfy_serverless.sampling.schedules import calculate_sigmas as ours
 
     return ours(model_sampling, scheduler_name, steps)
 
@@ -44,7 +44,7 @@ class KSampler:
         self.set_steps(steps, denoise)
 
     def set_steps(self, steps, denoise=None) -> None:
-        from comfy_serverless.diffusion.sampling import compute_sigmas
+        from comfy_serverless.sampling.sampling import compute_sigmas
 
         self.steps = steps
         self.sigmas = compute_sigmas(self.model.model_sampling, self.scheduler, self.sampler, steps, denoise)
@@ -56,7 +56,7 @@ class KSampler:
         as the input. callback(step, x0, x, total_steps) is called after every step, as in ComfyUI."""
         import torch
 
-        from comfy_serverless.diffusion import sampling
+        from comfy_serverless.sampling import sampling
 
         model = self.model
         latent = torch.zeros_like(noise) if latent_image is None else latent_image

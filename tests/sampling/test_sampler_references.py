@@ -34,8 +34,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from comfy_serverless.diffusion import samplers
-from comfy_serverless.diffusion.schedules import DiscreteSchedule, karras_scheduler, normal_scheduler
+from comfy_serverless.sampling import samplers
+from comfy_serverless.sampling.schedules import DiscreteSchedule, karras_scheduler, normal_scheduler
 
 # diffusers' schedulers pass torch tensors through numpy the pre-2.0 way, which numpy 2 warns about thousands
 # of times per test

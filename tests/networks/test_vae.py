@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from comfy_serverless.diffusion.build import VAE_PREFIX, build_from_state_dict, build_on_meta, random_state_dict
-from comfy_serverless.diffusion.vae import AutoencoderKL, VAEConfig, run_tiled
+from comfy_serverless.networks.build import VAE_PREFIX, build_from_state_dict, build_on_meta, random_state_dict
+from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig, run_tiled
 
 # Max abs difference allowed, relative to the largest output magnitude.
 FP32_RELATIVE_TOLERANCE = 1e-4

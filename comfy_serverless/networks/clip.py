@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prompt_weights import EmbeddingVector, WeightedToken
+from ..text.prompt_weights import EmbeddingVector, WeightedToken
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from comfy_serverless.diffusion.build import (
+from comfy_serverless.networks.build import (
     UNET_PREFIX,
     build_from_state_dict,
     build_on_meta,
     random_state_dict,
     strip_prefix,
 )
-from comfy_serverless.diffusion.unet import (
+from comfy_serverless.networks.unet import (
     TINY_SDXL_POOLED_DIM,
     TINY_SDXL_SIZE_DIM,
     UNetConfig,

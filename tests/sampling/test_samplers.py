@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_serverless.diffusion import samplers
-from comfy_serverless.diffusion.samplers import (
+from comfy_serverless.sampling import samplers
+from comfy_serverless.sampling.samplers import (
     SAMPLER_NAMES,
     STOCHASTIC_SAMPLERS,
     ancestral_step,
@@ -16,7 +16,7 @@ from comfy_serverless.diffusion.samplers import (
     linear_multistep_coefficients,
     sample,
 )
-from comfy_serverless.diffusion.sampling import (
+from comfy_serverless.sampling.sampling import (
     CFGDenoiser,
     ModelSampling,
     cfg_denoiser,
@@ -28,7 +28,7 @@ from comfy_serverless.diffusion.sampling import (
     run_sampler,
     slice_sigmas,
 )
-from comfy_serverless.diffusion.schedules import calculate_sigmas
+from comfy_serverless.sampling.schedules import calculate_sigmas
 
 DETERMINISTIC_SAMPLERS = [name for name in SAMPLER_NAMES if name not in STOCHASTIC_SAMPLERS]
 SDE_SAMPLERS = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde",

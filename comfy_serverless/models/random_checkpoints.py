@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diffusion.build import UNET_PREFIX, VAE_PREFIX, build_on_meta
-from ..diffusion.clip import (
+from ..networks.build import UNET_PREFIX, VAE_PREFIX, build_on_meta
+from ..networks.clip import (
     SD1_CLIP_L_PREFIX,
     SD2_CLIP_H_PREFIX,
     SDXL_CLIP_G_PREFIX,
@@ -27,8 +27,8 @@ from ..diffusion.clip import (
     CLIPTextConfig,
     CLIPTextModel,
 )
-from ..diffusion.unet import TINY_SDXL_POOLED_DIM, UNetConfig, UNetModel
-from ..diffusion.vae import AutoencoderKL, VAEConfig
+from ..networks.unet import TINY_SDXL_POOLED_DIM, UNetConfig, UNetModel
+from ..networks.vae import AutoencoderKL, VAEConfig
 from .checkpoint_files import PREDICTION_METADATA_KEY, TEST_CHECKPOINT_METADATA_KEY
 from .lora import diffusers_unet_name
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from comfy_serverless.diffusion import tokenizer as clip_tokenizer
-from comfy_serverless.diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
+from comfy_serverless.text import tokenizer as clip_tokenizer
+from comfy_serverless.text.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
 MERGES_USED = 48894
 

@@ -6,8 +6,8 @@ import diffusers
 import pytest
 import torch
 
-from comfy_serverless.diffusion import schedules
-from comfy_serverless.diffusion.schedules import (
+from comfy_serverless.sampling import schedules
+from comfy_serverless.sampling.schedules import (
     SCHEDULER_NAMES,
     DiscreteSchedule,
     beta_ppf,

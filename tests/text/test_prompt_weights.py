@@ -7,14 +7,14 @@ import logging
 import pytest
 import torch
 
-from comfy_serverless.diffusion.prompt_weights import (
+from comfy_serverless.text.prompt_weights import (
     EmbeddingVector,
     chunk_token_groups,
     parse_prompt_weights,
     tokenize_weighted,
     weighted_token_groups,
 )
-from comfy_serverless.diffusion.tokenizer import PAD_WITH_ZERO, CLIPTokenizer
+from comfy_serverless.text.tokenizer import PAD_WITH_ZERO, CLIPTokenizer
 
 START, END = 49406, 49407
 CAT = 2368  # "cat</w>"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from comfy_serverless.diffusion.clip import (
+from comfy_serverless.networks.clip import (
     SD1_CLIP_L_PREFIX,
     SD2_CLIP_H_PREFIX,
     SDXL_CLIP_G_PREFIX,
@@ -22,8 +22,8 @@ from comfy_serverless.diffusion.clip import (
     SDXLTextEncoder,
     load_text_model,
 )
-from comfy_serverless.diffusion.prompt_weights import EmbeddingVector, tokenize_weighted
-from comfy_serverless.diffusion.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
+from comfy_serverless.text.prompt_weights import EmbeddingVector, tokenize_weighted
+from comfy_serverless.text.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 START, END, CAT = 49406, 49407, 2368
