@@ -37,7 +37,7 @@ class DiffusionModel:
     @property
     def model_sampling(self):
         if not self._sampling:
-            from ..sampling.sampling import ModelSampling
+            from ..sampling.denoising import ModelSampling
 
             self._sampling.append(ModelSampling(self.prediction))
         return self._sampling[0]

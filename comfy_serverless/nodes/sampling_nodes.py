@@ -44,7 +44,7 @@ def step_callback(model, steps: int):
 
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, **options):
     """Samples `latent` (a LATENT dict) and returns a copy with new samples (noise_mask and batch_index kept)."""
-    from ..sampling.sampling import ksampler
+    from ..sampling.ksampler import ksampler
 
     samples = ksampler(
         model.unet_apply, model.model_sampling, latent["samples"], seed=seed, steps=steps, cfg=cfg,

@@ -8,18 +8,8 @@ import pytest
 import torch
 
 from comfy_serverless.sampling import samplers
-from comfy_serverless.sampling.samplers import (
-    SAMPLER_NAMES,
-    STOCHASTIC_SAMPLERS,
-    ancestral_step,
-    default_noise_sampler,
-    linear_multistep_coefficients,
-    sample,
-)
-from comfy_serverless.sampling.sampling import (
-    CFGDenoiser,
-    ModelSampling,
-    cfg_denoiser,
+from comfy_serverless.sampling.denoising import CFGDenoiser, ModelSampling, cfg_denoiser
+from comfy_serverless.sampling.ksampler import (
     compute_sigmas,
     ksampler,
     ksampler_advanced,
@@ -27,6 +17,14 @@ from comfy_serverless.sampling.sampling import (
     prepare_noise_mask,
     run_sampler,
     slice_sigmas,
+)
+from comfy_serverless.sampling.samplers import (
+    SAMPLER_NAMES,
+    STOCHASTIC_SAMPLERS,
+    ancestral_step,
+    default_noise_sampler,
+    linear_multistep_coefficients,
+    sample,
 )
 from comfy_serverless.sampling.schedules import calculate_sigmas
 

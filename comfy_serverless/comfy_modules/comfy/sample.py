@@ -9,7 +9,7 @@ from comfy_serverless.catalog.comfy_modules import missing_attribute
 def prepare_noise(latent_image, seed: int, noise_inds=None):
     """ComfyUI's initial noise for a latent batch (CPU generator seeded with seed); with noise_inds (a LATENT's
     batch_index), each item gets the noise it would have had in the full batch."""
-    from comfy_serverless.sampling.sampling import prepare_noise as ours
+    from comfy_serverless.sampling.ksampler import prepare_noise as ours
 
     return ours(latent_image, seed, noise_inds)
 

@@ -44,7 +44,7 @@ class KSampler:
         self.set_steps(steps, denoise)
 
     def set_steps(self, steps, denoise=None) -> None:
-        from comfy_serverless.sampling.sampling import compute_sigmas
+        from comfy_serverless.sampling.ksampler import compute_sigmas
 
         self.steps = steps
         self.sigmas = compute_sigmas(self.model.model_sampling, self.scheduler, self.sampler, steps, denoise)
@@ -56,26 +56,27 @@ class KSampler:
         as the input. callback(step, x0, x, total_steps) is called after every step, as in ComfyUI."""
         import torch
 
-        from comfy_serverless.sampling import sampling
+        from comfy_serverless.sampling import ksampler
+        from comfy_serverless.sampling.denoising import CFGDenoiser
 
         model = self.model
         latent = torch.zeros_like(noise) if latent_image is None else latent_image
         latent = latent.to(torch.float32)
-        sigmas = sampling.slice_sigmas(self.sigmas if sigmas is None else sigmas, start_step, last_step,
+        sigmas = ksampler.slice_sigmas(self.sigmas if sigmas is None else sigmas, start_step, last_step,
                                        force_full_denoise)
         if sigmas is None or sigmas.shape[-1] == 0:
             return latent
         model_latent = model.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else latent
         mask = None
         if denoise_mask is not None:
-            mask = sampling.prepare_noise_mask(denoise_mask, latent.shape, latent.device)
-        denoiser = sampling.CFGDenoiser(model.unet_apply, positive, negative, cfg,
-                                        model_sampling=model.model_sampling, encode_extra=model.encode_extra)
+            mask = ksampler.prepare_noise_mask(denoise_mask, latent.shape, latent.device)
+        denoiser = CFGDenoiser(model.unet_apply, positive, negative, cfg,
+                               model_sampling=model.model_sampling, encode_extra=model.encode_extra)
 
         def step(index, x, denoised, total):
             callback(index, denoised, x, total)
 
-        samples = sampling.run_sampler(denoiser, model.model_sampling, self.sampler,
+        samples = ksampler.run_sampler(denoiser, model.model_sampling, self.sampler,
                                        noise.to(latent.device, torch.float32), model_latent, sigmas, seed=seed,
                                        denoise_mask=mask, callback=None if callback is None else step)
         return model.process_latent_out(samples.to(torch.float32))

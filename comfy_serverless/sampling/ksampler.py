@@ -1,0 +1,207 @@
+"""KSampler glue: noise, inpainting masks, noise levels, running a sampler, and the KSampler nodes' functions.
+
+The pieces, in the order a KSampler node uses them:
+
+* :func:`prepare_noise` draws the initial noise exactly as ComfyUI does (CPU generator seeded with ``seed``).
+* :func:`compute_sigmas` / :func:`slice_sigmas` pick the noise levels (scheduler, ``denoise``, start/end step).
+* the guided denoiser comes from :mod:`.denoising` (ModelSampling, CFGDenoiser).
+* :func:`run_sampler` noises the latent, wraps the denoiser for inpainting masks and runs the sampler.
+* :func:`ksampler` / :func:`ksampler_advanced` do all of that with the KSampler / KSamplerAdvanced inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .denoising import CFGDenoiser, ModelSampling, UnetApply, per_item_view, repeat_to_batch
+from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, DenoiseFn, StepCallback, default_noise_sampler, get_sampler
+from .schedules import SCHEDULER_NAMES, SCHEDULERS, calculate_sigmas
+
+# --------------------------------------------------------------------------------------------------------
+# Noise, masks, sigmas
+# --------------------------------------------------------------------------------------------------------
+
+def prepare_noise(latent: torch.Tensor, seed: int, batch_index: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """ComfyUI's initial noise: float32 standard normal from a CPU generator seeded with ``seed``.
+
+    With ``batch_index`` (a latent batch carved out of a larger one), item i gets the noise the full batch
+    would have given index ``batch_index[i]``: noises are drawn one item at a time up to the largest index.
+    """
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(latent.size(), dtype=torch.float32, layout=latent.layout, generator=generator,
+                           device="cpu")
+    wanted = sorted(set(int(i) for i in batch_index))
+    item_shape = [1] + list(latent.size())[1:]
+    drawn = {}
+    for index in range(wanted[-1] + 1):
+        noise = torch.randn(item_shape, dtype=torch.float32, layout=latent.layout, generator=generator,
+                            device="cpu")
+        if index in wanted:
+            drawn[index] = noise
+    return torch.cat([drawn[int(i)] for i in batch_index], dim=0)
+
+
+def prepare_noise_mask(noise_mask: torch.Tensor, shape: Sequence[int], device=None) -> torch.Tensor:
+    """Resize a [H, W] / [B, H, W] / [B, 1, H, W] inpainting mask to the latent's shape (bilinear, per channel)."""
+    mask = torch.as_tensor(noise_mask, dtype=torch.float32)
+    mask = mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
+    if mask.shape[1] < shape[1]:
+        mask = mask.repeat(1, shape[1], 1, 1)[:, :shape[1]]
+    mask = repeat_to_batch(mask, shape[0])
+    return mask.to(device) if device is not None else mask
+
+
+def check_names(sampler_name: str, scheduler: str) -> None:
+    get_sampler(sampler_name)
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULER_NAMES}")
+
+
+def compute_sigmas(model_sampling, scheduler: str, sampler_name: str, steps: int,
+                   denoise: Optional[float] = 1.0) -> torch.Tensor:
+    """KSampler's noise levels: the scheduler's, minus the next-to-last level for samplers that waste it,
+    and for ``denoise`` < 1 the last steps+1 levels of a schedule for int(steps / denoise) steps."""
+    check_names(sampler_name, scheduler)
+
+    def full_schedule(count: int) -> torch.Tensor:
+        discard_penultimate = sampler_name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+        sigmas = calculate_sigmas(model_sampling, scheduler, count + 1 if discard_penultimate else count)
+        if discard_penultimate:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        return sigmas
+
+    if denoise is None or denoise > 0.9999:
+        return full_schedule(steps)
+    if denoise <= 0.0:
+        return torch.zeros([0])
+    return full_schedule(int(steps / denoise))[-(steps + 1):]
+
+
+def slice_sigmas(sigmas: torch.Tensor, start_step: Optional[int] = None, last_step: Optional[int] = None,
+                 force_full_denoise: bool = False) -> Optional[torch.Tensor]:
+    """KSamplerAdvanced's window.  Ending early keeps the remaining noise unless ``force_full_denoise`` makes
+    the last level 0.  Returns None when ``start_step`` leaves nothing to do (the latent passes through)."""
+    sigmas = sigmas.clone()
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1]
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step < len(sigmas) - 1:
+            sigmas = sigmas[start_step:]
+        else:
+            return None
+    return sigmas
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running a sampler
+# --------------------------------------------------------------------------------------------------------
+
+def inpainting_denoiser(denoise_fn: DenoiseFn, model_sampling: ModelSampling, latent_image: torch.Tensor,
+                        noise: torch.Tensor, denoise_mask: torch.Tensor) -> DenoiseFn:
+    """Keep the unmasked region on the original latent's trajectory: before each model call it is replaced
+    by the latent noised with the fixed ``noise`` to the current sigma, and the x_0 estimate there is the
+    latent itself (mask 1 = regenerate, 0 = keep)."""
+    keep = 1.0 - denoise_mask
+
+    def denoise(x, sigma):
+        noised_latent = model_sampling.noise_scaling(per_item_view(sigma, noise), noise, latent_image)
+        x = x * denoise_mask + noised_latent * keep
+        return denoise_fn(x, sigma) * denoise_mask + latent_image * keep
+
+    return denoise
+
+
+def run_sampler(denoise_fn: DenoiseFn, model_sampling: ModelSampling, sampler_name: str, noise: torch.Tensor,
+                latent_image: torch.Tensor, sigmas: torch.Tensor, *, seed: Optional[int] = None,
+                denoise_mask: Optional[torch.Tensor] = None, callback: Optional[StepCallback] = None,
+                sampler_options: Optional[dict] = None) -> torch.Tensor:
+    """Noise ``latent_image`` to ``sigmas[0]`` with ``noise`` and run ``sampler_name`` along ``sigmas``.
+
+    ``denoise_mask`` (already at latent shape, 1 = regenerate) restricts the change to the masked region.
+    """
+    sampler = get_sampler(sampler_name)
+    if sigmas.shape[-1] == 0:
+        return latent_image
+    sigmas = sigmas.to(latent_image.device)
+    if denoise_mask is not None:
+        inpaint_noise = noise
+        if sampler_name == "ddim":
+            # ComfyUI's ddim re-noises the kept region with independent noise seeded seed + 1.
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed((41 if seed is None else seed) + 1)
+            inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise)
+        denoise_fn = inpainting_denoiser(denoise_fn, model_sampling, latent_image, inpaint_noise, denoise_mask)
+    sigma_max = float(model_sampling.sigma_max)
+    first = float(sigmas[0])
+    max_denoise = math.isclose(sigma_max, first, rel_tol=1e-5) or first > sigma_max
+    x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
+    if len(sigmas) > 1:
+        noise_sampler = default_noise_sampler(x, seed=seed)
+        x = sampler(denoise_fn, x, sigmas, noise_sampler=noise_sampler, callback=callback,
+                    **(sampler_options or {}))
+    return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+
+
+def ksampler(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image: torch.Tensor, *, seed: int,
+             steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
+             denoise: float = 1.0, disable_noise: bool = False, start_step: Optional[int] = None,
+             last_step: Optional[int] = None, force_full_denoise: bool = False,
+             noise_mask: Optional[torch.Tensor] = None, batch_index: Optional[Sequence[int]] = None,
+             callback: Optional[StepCallback] = None,
+             process_latent_in: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             process_latent_out: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             encode_extra: Optional[Callable[[dict, torch.Size], dict]] = None,
+             model_dtype: Optional[torch.dtype] = None, sampler_options: Optional[dict] = None) -> torch.Tensor:
+    """ComfyUI's KSampler (common_ksampler): returns the sampled latent, in the same space as the input.
+
+    ``process_latent_in`` / ``process_latent_out`` map between the stored latent and the model's latent space
+    (e.g. multiply / divide by the VAE scale factor); like ComfyUI, an all-zero input latent is not mapped in.
+    ``batch_index`` is the LATENT's "batch_index", ``noise_mask`` its "noise_mask".
+    """
+    check_names(sampler_name, scheduler)
+    latent_image = latent_image.to(torch.float32)
+    if disable_noise:
+        noise = torch.zeros(latent_image.size(), dtype=torch.float32, layout=latent_image.layout, device="cpu")
+    else:
+        noise = prepare_noise(latent_image, seed, batch_index)
+    noise = noise.to(latent_image.device)
+
+    sigmas = compute_sigmas(model_sampling, scheduler, sampler_name, steps, denoise)
+    sigmas = slice_sigmas(sigmas, start_step, last_step, force_full_denoise)
+    if sigmas is None or sigmas.shape[-1] == 0:
+        return latent_image
+
+    model_latent = latent_image
+    if process_latent_in is not None and torch.count_nonzero(latent_image) > 0:
+        model_latent = process_latent_in(latent_image)
+    denoise_mask = None
+    if noise_mask is not None:
+        denoise_mask = prepare_noise_mask(noise_mask, latent_image.shape, latent_image.device)
+
+    denoiser = CFGDenoiser(unet_apply, positive, negative, cfg, model_sampling=model_sampling,
+                           encode_extra=encode_extra, model_dtype=model_dtype)
+    samples = run_sampler(denoiser, model_sampling, sampler_name, noise, model_latent, sigmas, seed=seed,
+                          denoise_mask=denoise_mask, callback=callback, sampler_options=sampler_options)
+    samples = samples.to(torch.float32)
+    if process_latent_out is not None:
+        samples = process_latent_out(samples)
+    return samples
+
+
+def ksampler_advanced(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image: torch.Tensor, *,
+                      noise_seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive,
+                      negative, add_noise: bool = True, start_at_step: int = 0, end_at_step: int = 10000,
+                      return_with_leftover_noise: bool = False, **options) -> torch.Tensor:
+    """ComfyUI's KSamplerAdvanced: full-strength schedule, run from ``start_at_step`` to ``end_at_step``."""
+    return ksampler(unet_apply, model_sampling, latent_image, seed=noise_seed, steps=steps, cfg=cfg,
+                    sampler_name=sampler_name, scheduler=scheduler, positive=positive, negative=negative,
+                    denoise=1.0, disable_noise=not add_noise, start_step=start_at_step, last_step=end_at_step,
+                    force_full_denoise=not return_with_leftover_noise, **options)
