@@ -214,7 +214,9 @@ class Architecture:
     unet_config: UNetConfig
     vae_config: VAEConfig | None  # None: the checkpoint carries no VAE
     text_encoders: dict[str, TextEncoderSpec]  # "clip_l" (SD1, SDXL), "clip_h" (SD2), "clip_g" (SDXL)
-    size: str  # "full" (the released models), "tiny" (the test configs) or "custom" (read from shapes)
+    # "full": the UNet is the released config; "custom": another size, read from the shapes with the family's
+    # head rule (SD1 8 heads, SD2/SDXL 64-wide heads).
+    size: str
 
     @property
     def description(self) -> str:
@@ -252,17 +254,14 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mappin
         raise CheckpointError(_not_supported(state_dict, "an SDXL model with EDM sampling (Playground v2.5, CosXL)"))
     family = "sdxl" if has_label_emb else "sd2" if shape_config["use_linear_in_transformer"] else "sd15"
 
-    full, tiny = _FULL_UNET[family](), UNetConfig.tiny(family)
-    if context_dim not in (full.context_dim, tiny.context_dim):
-        raise CheckpointError(_not_supported(
-            state_dict, f"a {FAMILY_NAMES[family]}-like UNet with an unknown text width {context_dim} "
-                        f"(expected {full.context_dim})"))
-    unet_config, size = _with_known_heads(shape_config, full, tiny)
+    unet_config, size = _with_family_heads(shape_config, _FULL_UNET[family]())
+    text_encoders = _text_encoders(state_dict, family)
+    _check_text_widths(unet_config, text_encoders, family, state_dict)
     prediction, reason = _prediction(family, state_dict, metadata, unet)
     return Architecture(
         family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
         vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), family),
-        text_encoders=_text_encoders(state_dict, family), size=size,
+        text_encoders=text_encoders, size=size,
     )
 
 
@@ -337,14 +336,38 @@ def _unet_shape_config(unet: Mapping[str, torch.Tensor]) -> dict:
     )
 
 
-def _with_known_heads(shape_config: dict, full: UNetConfig, tiny: UNetConfig) -> tuple[UNetConfig, str]:
-    """Shapes cannot tell 8 heads of 40 from 5 of 64: take the head split of the matching known config."""
-    for known, size in ((full, "full"), (tiny, "tiny")):
-        candidate = UNetConfig(**shape_config, num_heads=known.num_heads, num_head_channels=known.num_head_channels)
-        if candidate == known:
-            return candidate, size
-    # Another size of a known family: keep the family's rule (SD1 8 heads, SD2/SDXL 64-wide heads).
-    return UNetConfig(**shape_config, num_heads=full.num_heads, num_head_channels=full.num_head_channels), "custom"
+def _with_family_heads(shape_config: dict, full: UNetConfig) -> tuple[UNetConfig, str]:
+    """Shapes cannot tell 8 heads of 40 from 5 of 64: use the family's rule, as ComfyUI does (SD1 8 heads,
+    SD2/SDXL 64-wide heads). "full" when the result is the released config, else "custom"."""
+    config = UNetConfig(**shape_config, num_heads=full.num_heads, num_head_channels=full.num_head_channels)
+    widths = sorted({config.model_channels * mult
+                     for mult, depth in zip(config.channel_mult, config.transformer_depth) if depth})
+    unit = config.num_head_channels or config.num_heads or 1
+    if any(width % unit for width in widths):
+        rule = f"{config.num_heads} heads" if config.num_heads else f"{config.num_head_channels}-wide heads"
+        raise _unusual(f"attention {widths} channels wide, which does not split into the family's {rule}")
+    return config, "full" if config == full else "custom"
+
+
+def _check_text_widths(unet_config: UNetConfig, text_encoders: dict[str, TextEncoderSpec], family: str,
+                       state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A text width other than the released one is a custom size, as long as the file's text encoders give it."""
+    if set(text_encoders) != set(_TEXT_ENCODER_PREFIXES[family]):
+        return  # a missing encoder was logged; its CLIP comes from elsewhere
+    width = sum(spec.config.width for spec in text_encoders.values())
+    if width != unet_config.context_dim:
+        widths = " + ".join(f"{name} {spec.config.width}" for name, spec in text_encoders.items())
+        raise CheckpointError(_not_supported(
+            state_dict, f"a {FAMILY_NAMES[family]}-like UNet with text width {unet_config.context_dim} and text "
+                        f"encoders of width {widths}"))
+    if family == "sdxl" and unet_config.adm_in_channels is not None:
+        clip_g = text_encoders["clip_g"].config
+        pooled = clip_g.projection_dim or clip_g.width
+        size_width, rest = divmod(unet_config.adm_in_channels - pooled, 6)
+        if size_width <= 0 or rest:
+            raise CheckpointError(_not_supported(
+                state_dict, f"an SDXL-like UNet whose conditioning vector ({unet_config.adm_in_channels} wide) is "
+                            f"not the pooled text ({pooled}) plus six embedded sizes"))
 
 
 def _prediction(family: str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -424,10 +447,9 @@ def _text_config(weights: Mapping[str, torch.Tensor], layout: str, full: CLIPTex
         projection_dim = None if projection is None else projection.shape[1]
     fields = dict(width=width, layers=layers, mlp_width=mlp_width, activation=full.activation, layout=layout,
                   projection_dim=projection_dim, vocab_size=vocab_size, context_length=context_length)
-    tiny = CLIPTextConfig.tiny(layout, width=width, projection_dim=projection_dim)
-    for known in (full, tiny):
-        if dataclasses.replace(known, **fields) == known:
-            return known
+    if dataclasses.replace(full, **fields) == full:
+        return full
+    # Another size: one head per 64 channels (the released encoders' head width), at least one.
     return CLIPTextConfig(heads=max(1, width // 64), **fields)
 
 

@@ -27,7 +27,7 @@ from ..networks.clip import (
     CLIPTextConfig,
     CLIPTextModel,
 )
-from ..networks.unet import TINY_SDXL_POOLED_DIM, UNetConfig, UNetModel
+from ..networks.unet import UNetConfig, UNetModel
 from ..networks.vae import AutoencoderKL, VAEConfig
 from .checkpoint_files import PREDICTION_METADATA_KEY, TEST_CHECKPOINT_METADATA_KEY
 from .lora import diffusers_unet_name
@@ -42,6 +42,48 @@ AFFINE_STD = 0.02
 # (which ignores our metadata) also treats the file as v-prediction.
 V_MODEL_BIAS_STD = 0.15
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+
+
+# The tiny SDXL config's conditioning vector: pooled text of this width plus six sizes embedded this wide.
+TINY_SDXL_POOLED_DIM = 64
+_TINY_SDXL_SIZE_DIM = 32
+
+
+def tiny_unet_config(family: str) -> UNetConfig:
+    """A few-channel UNet with the block types and key structure of ``family``, for tests.
+
+    Detection reads these as a "custom" size and, as for any size it does not know, applies the family's head
+    rule (SD1 8 heads, SD2/SDXL 64-wide heads); the configs follow that rule so a tiny file round-trips. SD2 needs
+    64 channels on its first level for one 64-wide head there (and stays 64 wide on the next to keep files small).
+    """
+    if family == "sd15":
+        return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+                          context_dim=32, num_heads=8)
+    if family == "sd2":
+        return UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
+                          context_dim=48, num_heads=None, num_head_channels=64, use_linear_in_transformer=True)
+    if family == "sdxl":
+        return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
+                          transformer_depth_middle=2, context_dim=64, num_heads=None, num_head_channels=64,
+                          use_linear_in_transformer=True,
+                          adm_in_channels=TINY_SDXL_POOLED_DIM + 6 * _TINY_SDXL_SIZE_DIM)
+    raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2 or sdxl")
+
+
+def tiny_vae_config() -> VAEConfig:
+    """Two levels of 32/64 channels: every block type and key pattern, for tests."""
+    return VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+
+
+def tiny_clip_config(layout: str = "hf", width: int = 32, projection_dim: int | None = None,
+                     heads: int | None = None) -> CLIPTextConfig:
+    """Three layers with the key structure of the full text encoders, for tests. ``heads`` defaults to the rule
+    detection applies to text encoders of sizes it does not know: one head per 64 channels, at least one."""
+    activation = "quick_gelu" if layout == "hf" else "gelu"
+    if layout == "openclip" and projection_dim is None:
+        projection_dim = width
+    return CLIPTextConfig(width=width, layers=3, heads=heads or max(1, width // 64), mlp_width=2 * width,
+                          activation=activation, layout=layout, projection_dim=projection_dim)
 
 
 def family_of(arch: str) -> str:
@@ -63,18 +105,18 @@ def checkpoint_configs(arch: str, size: str) -> tuple[UNetConfig, VAEConfig, dic
                 "sdxl": {"clip_l": (SDXL_CLIP_L_PREFIX, CLIPTextConfig.clip_l()),
                          "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.open_clip_bigg())}}[family]
         return unet, vae, text
-    unet = UNetConfig.tiny(family)
+    unet = tiny_unet_config(family)
     # Tiny encoders keep the real vocabulary (49408) and 77 positions, so real token ids work.
     if family == "sd15":
-        text = {"clip_l": (SD1_CLIP_L_PREFIX, CLIPTextConfig.tiny("hf", width=unet.context_dim))}
+        text = {"clip_l": (SD1_CLIP_L_PREFIX, tiny_clip_config("hf", width=unet.context_dim))}
     elif family == "sd2":
-        text = {"clip_h": (SD2_CLIP_H_PREFIX, CLIPTextConfig.tiny("openclip", width=unet.context_dim))}
+        text = {"clip_h": (SD2_CLIP_H_PREFIX, tiny_clip_config("openclip", width=unet.context_dim))}
     else:
         width_l = 32
-        text = {"clip_l": (SDXL_CLIP_L_PREFIX, CLIPTextConfig.tiny("hf", width=width_l)),
-                "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.tiny("openclip", width=unet.context_dim - width_l,
-                                                                   projection_dim=TINY_SDXL_POOLED_DIM))}
-    return unet, VAEConfig.tiny(), text
+        text = {"clip_l": (SDXL_CLIP_L_PREFIX, tiny_clip_config("hf", width=width_l)),
+                "clip_g": (SDXL_CLIP_G_PREFIX, tiny_clip_config("openclip", width=unet.context_dim - width_l,
+                                                              projection_dim=TINY_SDXL_POOLED_DIM))}
+    return unet, tiny_vae_config(), text
 
 
 # ---- what to write ---------------------------------------------------------------------------------
@@ -193,7 +235,7 @@ def make_test_checkpoint(arch: str, size: str, out_path: str | os.PathLike, seed
 def make_test_vae(out_path: str | os.PathLike, size: str = "tiny", seed: int = 0,
                   dtype: torch.dtype = torch.float16) -> None:
     """A standalone VAE file (VAELoader) with bare encoder.* / decoder.* keys."""
-    config = VAEConfig.tiny() if size == "tiny" else VAEConfig.sd()
+    config = tiny_vae_config() if size == "tiny" else VAEConfig.sd()
     _write_random(out_path, _module_specs("", lambda: AutoencoderKL(config), dtype), seed,
                   {TEST_CHECKPOINT_METADATA_KEY: "vae", "comfy_serverless.size": size})
 

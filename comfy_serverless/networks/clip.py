@@ -93,17 +93,6 @@ class CLIPTextConfig:
             width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", layout="openclip", projection_dim=1280
         )
 
-    @classmethod
-    def tiny(cls, layout: str = "hf", width: int = 32, projection_dim: int | None = None) -> CLIPTextConfig:
-        """Three layers, same key structure as the full models; for tests."""
-        activation = "quick_gelu" if layout == "hf" else "gelu"
-        if layout == "openclip" and projection_dim is None:
-            projection_dim = width
-        return cls(
-            width=width, layers=3, heads=4, mlp_width=2 * width, activation=activation, layout=layout,
-            projection_dim=projection_dim,
-        )
-
 
 def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, T, width] projections in, [B, T, width] attention output out; token i sees tokens <= i."""

@@ -80,25 +80,6 @@ class UNetConfig:
             adm_in_channels=2816,
         )
 
-    @classmethod
-    def tiny(cls, family: str) -> UNetConfig:
-        """A few-channel model with the same block types and key structure as ``family``, for tests."""
-        if family == "sd15":
-            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
-                       context_dim=32, num_heads=2)
-        if family == "sd2":
-            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(1, 1, 0),
-                       context_dim=48, num_heads=None, num_head_channels=16, use_linear_in_transformer=True)
-        if family == "sdxl":
-            return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 2),
-                       transformer_depth_middle=2, context_dim=64, num_heads=None, num_head_channels=16,
-                       use_linear_in_transformer=True, adm_in_channels=TINY_SDXL_POOLED_DIM + 6 * TINY_SDXL_SIZE_DIM)
-        raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2 or sdxl")
-
-
-# The tiny SDXL config's conditioning vector: pooled text of this width plus six embedded sizes.
-TINY_SDXL_POOLED_DIM = 64
-TINY_SDXL_SIZE_DIM = 32
 
 
 def sdxl_adm_vector(

@@ -45,11 +45,6 @@ class VAEConfig:
     def sdxl(cls) -> VAEConfig:
         return cls(scaling_factor=0.13025)
 
-    @classmethod
-    def tiny(cls) -> VAEConfig:
-        """Two levels of 32/64 channels: every block type and key pattern, for tests."""
-        return cls(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
-
 
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)

@@ -25,10 +25,12 @@ from comfy_serverless.models.random_checkpoints import (
     make_test_checkpoint,
     make_test_lora,
     make_test_vae,
+    tiny_unet_config,
+    tiny_vae_config,
 )
 from comfy_serverless.networks.build import UNET_PREFIX, build_from_state_dict, build_on_meta
 from comfy_serverless.networks.clip import CLIPTextModel, SD1TextEncoder, load_text_model
-from comfy_serverless.networks.unet import UNetConfig, UNetModel
+from comfy_serverless.networks.unet import UNetModel
 from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig
 
 FAMILY = {"sd15": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
@@ -49,7 +51,7 @@ def test_tiny_checkpoint_round_trips_with_strict_loading(files, arch):
     parts = open_checkpoint(files[arch])
     found = parts.architecture
     unet_config, vae_config, text = checkpoint_configs(arch, "tiny")
-    assert (found.family, found.size) == (FAMILY[arch], "tiny")
+    assert (found.family, found.size) == (FAMILY[arch], "custom")
     assert found.prediction == ("v_prediction" if arch == "sd2-v" else "eps")
     assert found.unet_config == unet_config
     assert dataclasses.replace(found.vae_config, scaling_factor=vae_config.scaling_factor) == vae_config
@@ -261,7 +263,7 @@ def test_standalone_vae_file(tmp_path, files):
     path = tmp_path / "vae.safetensors"
     make_test_vae(path)
     weights, config = open_vae(path, family="sdxl")
-    assert config == dataclasses.replace(VAEConfig.tiny(), scaling_factor=VAEConfig.sdxl().scaling_factor)
+    assert config == dataclasses.replace(tiny_vae_config(), scaling_factor=VAEConfig.sdxl().scaling_factor)
     build_from_state_dict(lambda: AutoencoderKL(config), weights)
     # The VAE inside a checkpoint works for VAELoader too; [C, C] attention weights are viewed as 1x1 convs.
     state_dict = dict(open_state_dict(files["sd15"]))
@@ -276,7 +278,7 @@ def test_standalone_vae_file(tmp_path, files):
 
 def test_unet_config_from_shapes_handles_two_res_blocks(files):
     # Real checkpoints have two res blocks per level: build such a UNet's keys and detect them.
-    config = dataclasses.replace(UNetConfig.tiny("sd15"), num_res_blocks=2)
+    config = dataclasses.replace(tiny_unet_config("sd15"), num_res_blocks=2)
     unet = build_on_meta(lambda: UNetModel(config)).state_dict()
     state_dict = {key: value for key, value in open_state_dict(files["sd15"]).items()
                   if not key.startswith(UNET_PREFIX)}

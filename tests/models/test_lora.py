@@ -17,10 +17,10 @@ from comfy_serverless.models.lora import (
     load_lora,
     parse_lora,
 )
-from comfy_serverless.models.random_checkpoints import make_test_checkpoint, make_test_lora
+from comfy_serverless.models.random_checkpoints import make_test_checkpoint, make_test_lora, tiny_unet_config
 from comfy_serverless.networks.build import UNET_PREFIX, build_from_state_dict, random_state_dict
 from comfy_serverless.networks.clip import load_text_model
-from comfy_serverless.networks.unet import UNetConfig, UNetModel
+from comfy_serverless.networks.unet import UNetModel
 
 
 def load_models(path) -> dict[str, torch.nn.Module]:
@@ -74,13 +74,13 @@ TINY_SD15_NAMES = {
 
 
 def test_diffusers_names_of_tiny_sd15():
-    config = UNetConfig.tiny("sd15")
+    config = tiny_unet_config("sd15")
     assert {diffusers_unet_name(ldm, config): ldm for ldm in TINY_SD15_NAMES.values()} == TINY_SD15_NAMES
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_diffusers_names_match_the_diffusers_converter(family):
-    config = dataclasses.replace(UNetConfig.tiny(family), num_res_blocks=2)
+    config = dataclasses.replace(tiny_unet_config(family), num_res_blocks=2)
     weights = random_state_dict(lambda: UNetModel(config), generator=torch.Generator().manual_seed(0), std=1.0,
                                 affine_std=1.0)
     converter_config = {"layers_per_block": config.num_res_blocks}

@@ -67,7 +67,7 @@ def test_command_line_writes_a_tiny_checkpoint(tmp_path):
          str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
-    assert open_checkpoint(out).architecture.description == "SD1.x (eps, tiny size)"
+    assert open_checkpoint(out).architecture.description == "SD1.x (eps, custom size)"
 
 
 def test_command_line_rejects_bad_arguments(tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from comfy_serverless.models.random_checkpoints import tiny_clip_config
 from comfy_serverless.networks.clip import (
     SD1_CLIP_L_PREFIX,
     SD2_CLIP_H_PREFIX,
@@ -107,7 +108,7 @@ def to_openclip_layout(hf_model, layers: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def clip_l_pair():
-    config = CLIPTextConfig.tiny("hf")
+    config = tiny_clip_config("hf", heads=4)
     torch.manual_seed(0)
     reference = randomize(transformers.CLIPTextModel(hf_config(config)), seed=1)
     ours = CLIPTextModel(config)
@@ -117,7 +118,7 @@ def clip_l_pair():
 
 @pytest.fixture(scope="module")
 def open_clip_pair():
-    config = CLIPTextConfig.tiny("openclip", width=48, projection_dim=40)
+    config = tiny_clip_config("openclip", width=48, projection_dim=40, heads=4)
     torch.manual_seed(0)
     reference = randomize(transformers.CLIPTextModelWithProjection(hf_config(config)), seed=2)
     ours = CLIPTextModel(config)

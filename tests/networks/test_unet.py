@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from comfy_serverless.models.random_checkpoints import TINY_SDXL_POOLED_DIM, tiny_unet_config
 from comfy_serverless.networks.build import (
     UNET_PREFIX,
     build_from_state_dict,
@@ -17,12 +18,19 @@ from comfy_serverless.networks.build import (
     strip_prefix,
 )
 from comfy_serverless.networks.unet import (
-    TINY_SDXL_POOLED_DIM,
-    TINY_SDXL_SIZE_DIM,
     UNetConfig,
     UNetModel,
     sdxl_adm_vector,
 )
+
+
+def pooled_width(cfg) -> int:
+    return 1280 if cfg.adm_in_channels == 2816 else TINY_SDXL_POOLED_DIM
+
+
+def size_width(cfg) -> int:
+    """The size embedding width, from the conditioning vector's width: pooled text + 6 x size."""
+    return (cfg.adm_in_channels - pooled_width(cfg)) // 6
 
 FAMILIES = ["sd15", "sd2", "sdxl"]
 # Max abs difference allowed, relative to the largest output magnitude (fp32, different kernels order).
@@ -59,7 +67,7 @@ def diffusers_unet_config(cfg: UNetConfig) -> dict:
         transformer_layers_per_block=[max(depth, 1) for depth in cfg.transformer_depth],
     )
     if cfg.adm_in_channels is not None:
-        size_dim = TINY_SDXL_SIZE_DIM if cfg.adm_in_channels != 2816 else 256
+        size_dim = size_width(cfg)
         config.update(
             addition_embed_type="text_time",
             addition_time_embed_dim=size_dim,
@@ -90,7 +98,7 @@ def make_inputs(cfg: UNetConfig, height: int, width: int, batch: int = 2, seed: 
     timesteps = torch.tensor([10.0, 901.0][:batch])
     extra = {}
     if cfg.adm_in_channels is not None:
-        pooled = torch.randn(batch, TINY_SDXL_POOLED_DIM, generator=generator)
+        pooled = torch.randn(batch, pooled_width(cfg), generator=generator)
         sizes = torch.tensor([[512.0, 768.0, 0.0, 16.0, 1024.0, 1024.0]] * batch)
         extra = dict(pooled=pooled, sizes=sizes)
     return latents, timesteps, context, extra
@@ -100,7 +108,7 @@ def run_both(ours, reference, cfg, latents, timesteps, context, extra):
     y = None
     added = None
     if cfg.adm_in_channels is not None:
-        y = sdxl_adm_vector(extra["pooled"], extra["sizes"], size_embed_dim=TINY_SDXL_SIZE_DIM)
+        y = sdxl_adm_vector(extra["pooled"], extra["sizes"], size_embed_dim=size_width(cfg))
         added = {"text_embeds": extra["pooled"], "time_ids": extra["sizes"]}
     with torch.inference_mode():
         got = ours(latents, timesteps, context, y=y)
@@ -114,7 +122,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_unet_matches_diffusers(family):
-    cfg = UNetConfig.tiny(family)
+    cfg = tiny_unet_config(family)
     ours, reference = build_pair(cfg)
     latents, timesteps, context, extra = make_inputs(cfg, 16, 16)
     got, want = run_both(ours, reference, cfg, latents, timesteps, context, extra)
@@ -125,7 +133,7 @@ def test_tiny_unet_matches_diffusers(family):
 
 def test_two_res_blocks_and_odd_latent_size_match_diffusers():
     # Real checkpoints have two res blocks per level; odd sizes exercise the upsample-to-skip-size path.
-    cfg = dataclasses.replace(UNetConfig.tiny("sd15"), num_res_blocks=2)
+    cfg = dataclasses.replace(tiny_unet_config("sd15"), num_res_blocks=2)
     ours, reference = build_pair(cfg, seed=3)
     latents, timesteps, context, extra = make_inputs(cfg, 13, 11)
     got, want = run_both(ours, reference, cfg, latents, timesteps, context, extra)
@@ -134,7 +142,7 @@ def test_two_res_blocks_and_odd_latent_size_match_diffusers():
 
 
 def test_scalar_timestep_is_broadcast():
-    cfg = UNetConfig.tiny("sd15")
+    cfg = tiny_unet_config("sd15")
     model = build_from_state_dict(lambda: UNetModel(cfg), random_state_dict(lambda: UNetModel(cfg)))
     latents, _, context, _ = make_inputs(cfg, 8, 8)
     with torch.inference_mode():
@@ -144,13 +152,13 @@ def test_scalar_timestep_is_broadcast():
 
 
 def test_bf16_forward_close_to_fp32():
-    cfg = UNetConfig.tiny("sdxl")
+    cfg = tiny_unet_config("sdxl")
     weights = random_state_dict(lambda: UNetModel(cfg), generator=torch.Generator().manual_seed(5), std=0.1,
                                 affine_std=0.1)
     fp32 = build_from_state_dict(lambda: UNetModel(cfg), weights)
     bf16 = build_from_state_dict(lambda: UNetModel(cfg), weights, dtype=torch.bfloat16)
     latents, timesteps, context, extra = make_inputs(cfg, 16, 16)
-    y = sdxl_adm_vector(extra["pooled"], extra["sizes"], size_embed_dim=TINY_SDXL_SIZE_DIM)
+    y = sdxl_adm_vector(extra["pooled"], extra["sizes"], size_embed_dim=size_width(cfg))
     with torch.inference_mode():
         want = fp32(latents, timesteps, context, y=y)
         got = bf16(latents, timesteps, context, y=y)
@@ -179,7 +187,7 @@ def test_full_size_keys_and_shapes_match_checkpoint_layout(family):
 
 
 def test_build_from_state_dict_uses_given_tensors_and_converts_only_on_dtype_change():
-    cfg = UNetConfig.tiny("sd15")
+    cfg = tiny_unet_config("sd15")
     weights = random_state_dict(lambda: UNetModel(cfg), dtype=torch.float16)
     checkpoint = {UNET_PREFIX + key: value for key, value in weights.items()}
     checkpoint["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # other components are ignored
@@ -200,7 +208,7 @@ def test_build_from_state_dict_uses_given_tensors_and_converts_only_on_dtype_cha
 
 
 def test_random_state_dict_scales():
-    cfg = UNetConfig.tiny("sd2")
+    cfg = tiny_unet_config("sd2")
     weights = random_state_dict(lambda: UNetModel(cfg), dtype=torch.bfloat16,
                                 generator=torch.Generator().manual_seed(0))
     assert set(weights) == set(build_on_meta(lambda: UNetModel(cfg)).state_dict())

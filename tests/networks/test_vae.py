@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+from comfy_serverless.models.random_checkpoints import tiny_vae_config
 from comfy_serverless.networks.build import VAE_PREFIX, build_from_state_dict, build_on_meta, random_state_dict
 from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig, run_tiled
 
@@ -43,7 +44,7 @@ def to_diffusers_state_dict(ours: dict[str, torch.Tensor], config: dict) -> dict
 
 
 def tiny_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    cfg = VAEConfig.tiny()
+    cfg = tiny_vae_config()
     return random_state_dict(lambda: AutoencoderKL(cfg), generator=torch.Generator().manual_seed(seed), std=0.1,
                              affine_std=0.1)
 
@@ -53,7 +54,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_tiny_vae_matches_diffusers():
-    cfg = VAEConfig.tiny()
+    cfg = tiny_vae_config()
     weights = tiny_weights()
     ours = build_from_state_dict(lambda: AutoencoderKL(cfg), weights)
     config = diffusers_vae_config(cfg)
@@ -99,7 +100,7 @@ def test_scaling_factors():
 
 
 def test_sampling_uses_generator():
-    cfg = VAEConfig.tiny()
+    cfg = tiny_vae_config()
     vae = build_from_state_dict(lambda: AutoencoderKL(cfg), tiny_weights())
     pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.inference_mode():
@@ -123,7 +124,7 @@ def test_run_tiled_blends_to_the_untiled_result(tile, overlap):
 
 
 def test_tiled_decode_and_encode():
-    cfg = VAEConfig.tiny()
+    cfg = tiny_vae_config()
     vae = build_from_state_dict(lambda: AutoencoderKL(cfg), tiny_weights())
     generator = torch.Generator().manual_seed(5)
     latents = torch.randn(1, 4, 20, 14, generator=generator)
@@ -163,7 +164,7 @@ def _spans(starts, covered_by):
 
 
 def test_tiled_decode_is_each_tile_cross_faded_and_close_to_the_untiled_decode():
-    vae = build_from_state_dict(lambda: AutoencoderKL(VAEConfig.tiny()), tiny_weights())
+    vae = build_from_state_dict(lambda: AutoencoderKL(tiny_vae_config()), tiny_weights())
     f = vae.config.downscale_factor
     size = (ROW_STARTS[-1] + TILE, COL_STARTS[-1] + TILE)
     latents = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(9))
@@ -213,7 +214,7 @@ def test_tiled_decode_is_each_tile_cross_faded_and_close_to_the_untiled_decode()
 
 
 def test_bf16_close_to_fp32():
-    cfg = VAEConfig.tiny()
+    cfg = tiny_vae_config()
     weights = tiny_weights(seed=6)
     fp32 = build_from_state_dict(lambda: AutoencoderKL(cfg), weights)
     bf16 = build_from_state_dict(lambda: AutoencoderKL(cfg), weights, dtype=torch.bfloat16)
