@@ -29,6 +29,8 @@ class DiffusionModel:
     adm_channels: int | None = None  # SDXL: width of y
     patches: tuple[LoraPatch, ...] = ()
     _sampling: list = field(default_factory=list, compare=False, repr=False)  # lazily built ModelSampling
+    # ComfyUI's model_options: a pack's own dict, copied on clone (this server's sampler reads none of its keys).
+    model_options: dict = field(default_factory=lambda: {"transformer_options": {}}, compare=False, repr=False)
 
     @property
     def latent_scale(self) -> float:
@@ -43,11 +45,35 @@ class DiffusionModel:
         return self._sampling[0]
 
     def clone(self) -> DiffusionModel:
-        return replace(self)
+        """A copy sharing the network: its patches and model_options are its own."""
+        return replace(self, model_options=_copy_options(self.model_options))
 
     def with_patch(self, patch: LoraPatch) -> DiffusionModel:
         """A clone with one more LoRA (the weights are patched only when the model runs)."""
-        return replace(self, patches=self.patches + (patch,))
+        return replace(self, patches=self.patches + (patch,), model_options=_copy_options(self.model_options))
+
+    # ComfyUI's ModelPatcher questions that packs ask.
+
+    def get_model_object(self, name: str):
+        """ComfyUI's way to reach the model's parts; here only "model_sampling" (the noise schedule)."""
+        if name == "model_sampling":
+            return self.model_sampling
+        raise AttributeError(f"this server's MODEL has no object {name!r} (only 'model_sampling')")
+
+    def model_dtype(self):
+        return self.dtype
+
+    @property
+    def load_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    offload_device = load_device
+
+    def is_clone(self, other) -> bool:
+        """Whether `other` shares this model's network."""
+        return isinstance(other, DiffusionModel) and other.handle is self.handle
 
     def network(self):
         """The UNet with this model's patches applied (loading it if it was unloaded)."""
@@ -90,3 +116,11 @@ class DiffusionModel:
                              f"vector ({self.adm_channels}); was the text encoded with this model's CLIP?")
         size_conditioning = torch.tensor([sizes], dtype=torch.float32).expand(pooled.shape[0], -1)
         return {"y": sdxl_adm_vector(pooled, size_conditioning, size_width)}
+
+
+def _copy_options(options: dict) -> dict:
+    """ComfyUI's clone copies model_options and its transformer_options one level deep."""
+    copied = dict(options)
+    if isinstance(copied.get("transformer_options"), dict):
+        copied["transformer_options"] = dict(copied["transformer_options"])
+    return copied

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # Which textual-inversion tensor each encoder takes from a multi-encoder embedding file.
 EMBEDDING_KEYS = {"sd15": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+# ComfyUI's key for each encoder's windows in tokenize()'s dict.
+TOKEN_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
 
 
 @dataclass(frozen=True)
@@ -43,23 +45,53 @@ class TextEncoder:
     def with_patch(self, patch: LoraPatch) -> TextEncoder:
         return replace(self, patches=self.patches + (patch,))
 
-    def tokenize(self, text: str) -> list:
-        """Weighted 77-token windows per encoder (one list for SD1/SD2, two for SDXL)."""
+    def tokenize(self, text: str, return_word_ids: bool = False, **_) -> dict:
+        """ComfyUI's CLIP.tokenize: weighted 77-token windows per encoder, {"l": windows} for SD1, {"h": ...}
+        for SD2, {"g": ..., "l": ...} for SDXL; a window is a list of (token, weight) pairs (an embedding's
+        vectors stand where their tokens would), or (token, weight, word number) with return_word_ids."""
         from ..text.prompt_weights import tokenize_weighted
 
-        return [tokenize_weighted(text, tokenizer, self._embedding_lookup(key))
-                for tokenizer, key in zip(_tokenizers(self.family), EMBEDDING_KEYS[self.family])]
+        return {TOKEN_KEYS[key]: tokenize_weighted(text, tokenizer, self._embedding_lookup(key), return_word_ids)
+                for tokenizer, key in zip(_tokenizers(self.family), EMBEDDING_KEYS[self.family])}
 
-    def encode_tokens(self, tokens: list):
-        """(cond [1, 77 * windows, width] float32, pooled [1, width] float32)."""
+    def encode_tokens(self, tokens):
+        """(cond [1, 77 * windows, width] float32, pooled [1, width] float32) of `tokenize`'s output (or its
+        windows as a list, one entry per encoder)."""
         import torch
 
+        if isinstance(tokens, dict):
+            missing = [TOKEN_KEYS[key] for key in EMBEDDING_KEYS[self.family] if TOKEN_KEYS[key] not in tokens]
+            if missing:
+                raise ValueError(f"tokens for this {self.family} text encoder need the keys "
+                                 f"{[TOKEN_KEYS[key] for key in EMBEDDING_KEYS[self.family]]}; {missing} missing "
+                                 "(were they made by another CLIP's tokenize?)")
+            tokens = [tokens[TOKEN_KEYS[key]] for key in EMBEDDING_KEYS[self.family]]
+        tokens = [[[entry[:2] for entry in window] for window in windows] for windows in tokens]
         encoder = patched_module(self.handle, self.patches)
         with torch.no_grad():
             return encoder.encode(*tokens, hidden_layer=self.last_layer)
 
     def encode(self, text: str):
         return self.encode_tokens(self.tokenize(text))
+
+    # ComfyUI's CLIP methods that packs call (CLIPTextEncode there is tokenize + encode_from_tokens_scheduled).
+
+    def encode_from_tokens(self, tokens, return_pooled: bool = False, return_dict: bool = False):
+        """cond; (cond, pooled) with return_pooled; {"cond", "pooled_output"} with return_dict."""
+        if return_pooled == "unprojected":
+            raise ValueError("return_pooled='unprojected' is not supported by this server's text encoders")
+        cond, pooled = self.encode_tokens(tokens)
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected: bool = False, add_dict: dict | None = None,
+                                     show_pbar: bool = True):
+        """CONDITIONING as CLIPTextEncode makes it: [[cond, {"pooled_output": pooled, **add_dict}]]."""
+        if unprojected:
+            raise ValueError("unprojected pooled outputs are not supported by this server's text encoders")
+        cond, pooled = self.encode_tokens(tokens)
+        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
 
     def _embedding_lookup(self, key: str):
         if self.embeddings is None:

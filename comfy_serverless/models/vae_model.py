@@ -12,6 +12,9 @@ from .model_cache import ModelHandle
 
 # Images decoded or encoded in one batch: about this many pixels at a time bounds the activations' memory.
 PIXELS_PER_BATCH = 1024 * 1024
+# ComfyUI's tiled defaults: decoding in latent cells, encoding in pixels.
+DEFAULT_DECODE_TILE, DEFAULT_DECODE_OVERLAP = 64, 16
+DEFAULT_ENCODE_TILE, DEFAULT_ENCODE_OVERLAP = 512, 64
 
 
 @dataclass(frozen=True)
@@ -40,14 +43,16 @@ class VAEModel:
                 images.append(self._to_image(vae.decode(samples[part].to(self.dtype))))
         return torch.cat(images)
 
-    def decode_tiled(self, samples, tile_size: int = 512, overlap: int = 64):
-        """`decode` in overlapping tiles; sizes in pixels (ComfyUI's VAEDecodeTiled inputs)."""
+    def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        """ComfyUI's VAE.decode_tiled: `decode` in overlapping tiles of tile_y x tile_x latent cells (default
+        64 x 64, overlap 16) cross-faded where they overlap; tile_t / overlap_t are for video VAEs (unused)."""
         import torch
 
         vae = self._network()
-        tile = max(1, tile_size // self.downscale_ratio)
+        tile = (max(1, tile_y or DEFAULT_DECODE_TILE), max(1, tile_x or DEFAULT_DECODE_TILE))
+        overlap = DEFAULT_DECODE_OVERLAP if overlap is None else overlap
         with torch.no_grad():
-            return self._to_image(vae.decode_tiled(samples.to(self.dtype), tile, overlap // self.downscale_ratio))
+            return self._to_image(vae.decode_tiled(samples.to(self.dtype), tile, overlap))
 
     def encode(self, image):
         """IMAGE [B, H, W, C] -> latent [B, 4, H/8, W/8]; sides are first cropped (centred) to multiples of 8."""
@@ -61,12 +66,45 @@ class VAEModel:
                 latents.append(vae.encode(pixels[part].to(self.dtype)).float())
         return torch.cat(latents)
 
-    def encode_tiled(self, image, tile_size: int = 512, overlap: int = 64):
+    def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
+        """ComfyUI's VAE.encode_tiled: `encode` in overlapping tiles of tile_y x tile_x pixels (default 512 x 512,
+        overlap 64; rounded down to multiples of 8); tile_t / overlap_t are for video VAEs (unused)."""
         import torch
 
         vae = self._network()
+        tile = (tile_y or DEFAULT_ENCODE_TILE, tile_x or DEFAULT_ENCODE_TILE)
+        overlap = DEFAULT_ENCODE_OVERLAP if overlap is None else overlap
         with torch.no_grad():
-            return vae.encode_tiled(self._to_pixels(image).to(self.dtype), tile_size, overlap).float()
+            return vae.encode_tiled(self._to_pixels(pixel_samples).to(self.dtype), tile, overlap).float()
+
+    # ComfyUI's VAE attributes and questions that packs use.
+
+    @property
+    def upscale_ratio(self) -> int:
+        return self.downscale_ratio
+
+    @property
+    def vae_dtype(self):
+        return self.dtype
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    output_device = device
+    latent_dim = 2  # image latents [B, C, H, W]
+    output_channels = 3
+
+    def spacial_compression_decode(self) -> int:
+        return self.upscale_ratio
+
+    def spacial_compression_encode(self) -> int:
+        return self.downscale_ratio
+
+    def vae_encode_crop_pixels(self, pixels):
+        return self.crop_to_multiple(pixels)
 
     def crop_to_multiple(self, image):
         """ComfyUI's VAE input crop: both sides down to a multiple of the downscale ratio, centred."""

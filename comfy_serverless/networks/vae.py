@@ -229,8 +229,10 @@ class AutoencoderKL(nn.Module):
         """Pixels [B, 3, 8H, 8W] (roughly [-1, 1], unclamped) from unscaled latents [B, 4, H, W]."""
         return self.decoder(self.post_quant_conv(latents.to(self.dtype)))
 
-    def decode_tiled(self, latents: torch.Tensor, tile_size: int = 64, overlap: int = 16) -> torch.Tensor:
-        """``decode`` tile by tile to bound memory; sizes are in latent cells.
+    def decode_tiled(
+        self, latents: torch.Tensor, tile_size: int | tuple[int, int] = 64, overlap: int = 16
+    ) -> torch.Tensor:
+        """``decode`` tile by tile to bound memory; sizes are in latent cells, tile_size square or (rows, cols).
 
         Neighbouring tiles overlap by ``overlap`` cells and are cross-faded linearly there.
         """
@@ -238,19 +240,21 @@ class AutoencoderKL(nn.Module):
         return run_tiled(self.decode, latents, tile_size, overlap, in_per_cell=1, out_per_cell=factor)
 
     def encode_distribution_tiled(
-        self, pixels: torch.Tensor, tile_size: int = 512, overlap: int = 64
+        self, pixels: torch.Tensor, tile_size: int | tuple[int, int] = 512, overlap: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``encode_distribution`` tile by tile; sizes are in pixels (rounded down to the downscale factor).
+        """``encode_distribution`` tile by tile; sizes are in pixels (rounded down to the downscale factor),
+        tile_size square or (height, width).
 
         Height and width must be multiples of the downscale factor (8 for SD).
         """
         factor = self.config.downscale_factor
         if pixels.shape[-2] % factor or pixels.shape[-1] % factor:
             raise ValueError(f"pixel size {tuple(pixels.shape[-2:])} is not a multiple of {factor}")
+        tile_pixels = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
         moments = run_tiled(
             lambda tile: torch.cat(self.encode_distribution(tile), dim=1),
             pixels,
-            max(1, tile_size // factor),
+            tuple(max(1, side // factor) for side in tile_pixels),
             overlap // factor,
             in_per_cell=factor,
             out_per_cell=1,
@@ -261,7 +265,7 @@ class AutoencoderKL(nn.Module):
     def encode_tiled(
         self,
         pixels: torch.Tensor,
-        tile_size: int = 512,
+        tile_size: int | tuple[int, int] = 512,
         overlap: int = 64,
         sample_generator: torch.Generator | None = None,
     ) -> torch.Tensor:
@@ -302,7 +306,7 @@ def _edge_weights(size: int, ramp: int, fade_in: bool, fade_out: bool) -> torch.
 def run_tiled(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    tile: int,
+    tile: int | tuple[int, int],
     overlap: int,
     in_per_cell: int,
     out_per_cell: int,
@@ -310,23 +314,25 @@ def run_tiled(
     """Apply a resolution-changing ``fn`` to overlapping tiles of ``x`` and blend the results.
 
     Tiles are planned on a grid of cells (latent positions): one cell is ``in_per_cell``
-    input pixels and ``out_per_cell`` output pixels. ``tile`` and ``overlap`` are in cells.
+    input pixels and ``out_per_cell`` output pixels. ``tile`` (square, or (rows, cols)) and ``overlap`` are
+    in cells.
     Overlaps are cross-faded with linear weights that are normalised afterwards, so a
     function that commutes with cropping reproduces its untiled output exactly.
     """
-    if tile < 1:
+    tile_rows, tile_cols = (tile, tile) if isinstance(tile, int) else tile
+    if min(tile_rows, tile_cols) < 1:
         raise ValueError("tile size must be at least one cell")
-    overlap = max(0, min(overlap, tile - 1))
+    overlap = max(0, min(overlap, tile_rows - 1, tile_cols - 1))
     rows, cols = x.shape[-2] // in_per_cell, x.shape[-1] // in_per_cell
-    row_starts = _tile_starts(rows, tile, overlap)
-    col_starts = _tile_starts(cols, tile, overlap)
+    row_starts = _tile_starts(rows, tile_rows, overlap)
+    col_starts = _tile_starts(cols, tile_cols, overlap)
     ramp = overlap * out_per_cell
     out = weight_sum = None
     for top in row_starts:
-        bottom = min(top + tile, rows)
+        bottom = min(top + tile_rows, rows)
         row_weights = _edge_weights((bottom - top) * out_per_cell, ramp, top > 0, bottom < rows)
         for left in col_starts:
-            right = min(left + tile, cols)
+            right = min(left + tile_cols, cols)
             col_weights = _edge_weights((right - left) * out_per_cell, ramp, left > 0, right < cols)
             piece = fn(x[..., top * in_per_cell:bottom * in_per_cell, left * in_per_cell:right * in_per_cell])
             if out is None:

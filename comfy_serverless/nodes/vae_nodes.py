@@ -69,7 +69,9 @@ class VAEDecodeTiled:
     def decode(self, vae, samples, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
         if tile_size < overlap * 4:  # as ComfyUI: an overlap above a quarter of the tile is cut down
             overlap = tile_size // 4
-        return (vae.decode_tiled(samples["samples"], tile_size, overlap),)
+        compression = vae.spacial_compression_decode()
+        return (vae.decode_tiled(samples["samples"], tile_x=tile_size // compression,
+                                 tile_y=tile_size // compression, overlap=overlap // compression),)
 
 
 class VAEEncode:
@@ -104,7 +106,7 @@ class VAEEncodeTiled:
     CATEGORY = "_for_testing"
 
     def encode(self, vae, pixels, tile_size, overlap, temporal_size=64, temporal_overlap=8):
-        return ({"samples": vae.encode_tiled(pixels, tile_size, overlap)},)
+        return ({"samples": vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=overlap)},)
 
 
 class VAEEncodeForInpaint:

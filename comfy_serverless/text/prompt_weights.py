@@ -136,21 +136,44 @@ def _resolve_embedding(mention: str, lookup: EmbeddingLookup) -> tuple[list[Embe
 
 
 def weighted_token_groups(
-    text: str, tokenizer: Tokenizer, embedding_lookup: EmbeddingLookup | None = None
+    text: str, tokenizer: Tokenizer, embedding_lookup: EmbeddingLookup | None = None, word_ids: bool = False
 ) -> list[list[WeightedToken]]:
-    """Token groups before chunking; see the module docstring for what a group is."""
+    """Token groups before chunking; see the module docstring for what a group is.
+
+    word_ids: entries are (token, weight, word) instead, word counting the prompt's space-separated words
+    from 1 (an embedding is one word), ComfyUI's `tokenize(text, return_word_ids=True)`."""
     groups: list[list[WeightedToken]] = []
+    word = 0
     for segment, weight in parse_prompt_weights(text):
         pieces = [piece for piece in _EMBEDDING_MENTION.split(segment) if piece]
         for piece in pieces:
             if embedding_lookup is not None and piece.startswith(EMBEDDING_PREFIX):
                 rows, piece = _resolve_embedding(piece[len(EMBEDDING_PREFIX) :], embedding_lookup)
                 if rows:
-                    groups.append([(row, weight) for row in rows])
+                    word += 1
+                    groups.append([(row, weight, word) if word_ids else (row, weight) for row in rows])
             ids = tokenizer.encode(piece) if piece else []
-            if ids:
+            if ids and word_ids:
+                words = _word_numbers(piece, ids, tokenizer, word)
+                word = words[-1]
+                groups.append([(token, weight, number) for token, number in zip(ids, words)])
+            elif ids:
                 groups.append([(token, weight) for token in ids])
     return groups
+
+
+def _word_numbers(piece: str, ids: list[int], tokenizer: Tokenizer, last_word: int) -> list[int]:
+    """The word number of each of piece's tokens, words numbered on from last_word. CLIP's BPE never joins
+    across spaces, so the words' own tokens add up to the piece's; should they not, the piece is one word."""
+    numbers: list[int] = []
+    for word in piece.split():
+        count = len(tokenizer.encode(word))
+        if count:
+            last_word += 1
+            numbers.extend([last_word] * count)
+    if len(numbers) != len(ids):
+        numbers = [last_word + 1] * len(ids)
+    return numbers
 
 
 def chunk_token_groups(
@@ -185,14 +208,17 @@ def chunk_token_groups(
 
 
 def tokenize_weighted(
-    text: str, tokenizer: Tokenizer, embedding_lookup: EmbeddingLookup | None = None
+    text: str, tokenizer: Tokenizer, embedding_lookup: EmbeddingLookup | None = None, word_ids: bool = False
 ) -> list[list[WeightedToken]]:
     """Prompt -> windows of (token id or EmbeddingVector, weight), each of tokenizer.max_length entries.
 
     Padding uses tokenizer.pad_token_id, so SD1's CLIP-L and OpenCLIP models get their own padding from
     differently configured tokenizers. Without an embedding_lookup, "embedding:name" is ordinary text.
     """
-    groups = weighted_token_groups(text, tokenizer, embedding_lookup)
-    return chunk_token_groups(
+    groups = weighted_token_groups(text, tokenizer, embedding_lookup, word_ids)
+    windows = chunk_token_groups(
         groups, tokenizer.start_token_id, tokenizer.end_token_id, tokenizer.pad_token_id, tokenizer.max_length
     )
+    if word_ids:  # start, end and padding tokens are word 0
+        return [[entry if len(entry) == 3 else (*entry, 0) for entry in window] for window in windows]
+    return windows
