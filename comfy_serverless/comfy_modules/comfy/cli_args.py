@@ -7,7 +7,6 @@ True on this CPU-only server). A pack that assigns `args.<name>` changes what it
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 
 from comfy_serverless import context
@@ -22,7 +21,7 @@ class LatentPreviewMethod(str, enum.Enum):
     TAESD = "taesd"
 
 
-_FIELDS = frozenset(field.name for field in dataclasses.fields(_settings.Settings))
+_FIELDS = _settings.field_names()
 _ALWAYS = {"cpu": True}  # this server never computes anywhere else
 
 
