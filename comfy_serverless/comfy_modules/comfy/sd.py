@@ -1,7 +1,9 @@
 """ComfyUI's `comfy.sd` for custom node packs: loading single-file checkpoints with this server's loader.
 
 `VAE` and `CLIP` are the ComfyUI names of what the loaders return here (comfy_serverless.models.VAEModel and
-TextEncoder): isinstance checks accept ours; building one from a state dict the ComfyUI way is not provided.
+TextEncoder): isinstance checks accept ours, and they have ComfyUI's methods packs call (CLIP.tokenize,
+encode_from_tokens, encode_from_tokens_scheduled; VAE.decode, encode, decode_tiled, encode_tiled,
+spacial_compression_*); building one from a state dict the ComfyUI way is not provided.
 """
 
 from __future__ import annotations
