@@ -11,8 +11,9 @@ text encoders):
                (also .lora.down/.lora.up, .lora_linear_layer.down/.up, .processor.to_q_lora.down)
                text_encoder.text_model.encoder.layers.0.self_attn.q_proj..., text_encoder_2.... (SDXL bigG)
 
-OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) fuse q/k/v into one in_proj_weight; a LoRA on q_proj patches
-its third of the rows. LoHa, LoKr and DoRA entries are reported as unmapped.
+Text encoders have separate q/k/v projections in every layout (networks/clip.py splits OpenCLIP's fused
+in_proj_weight on loading), so a LoRA on q_proj patches q_proj. LoHa, LoKr and DoRA entries are reported as
+unmapped.
 
 A patch never writes into the base tensors (they may be a shared memory map): each patched parameter is
 replaced by a new tensor, and undo() puts the original Parameter objects back.
@@ -29,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..networks.clip import to_openclip_key
 from ..networks.unet import UNetConfig
 
 
@@ -39,7 +41,6 @@ class LoraEntry(NamedTuple):
     down: torch.Tensor  # [rank, in] or [rank, in, kh, kw] ([rank, in, 1, 1] with a mid)
     alpha: float | None  # None: scale 1
     mid: torch.Tensor | None = None  # Tucker core [rank, rank, kh, kw]
-    rows: tuple[int, int] | None = None  # only these output rows of the parameter (fused q/k/v)
 
 
 @dataclass
@@ -119,7 +120,6 @@ def diffusers_unet_name(name: str, config: UNetConfig) -> str | None:
 
 class _Target(NamedTuple):
     param: str
-    rows: tuple[int, int] | None
     shape: tuple[int, ...]  # of the patched part
 
 
@@ -132,7 +132,7 @@ def _weighted_modules(model: nn.Module):
 def _unet_aliases(unet: nn.Module) -> dict[str, _Target]:
     aliases = {}
     for name, shape in _weighted_modules(unet):
-        target = _Target(f"{name}.weight", None, tuple(shape))
+        target = _Target(f"{name}.weight", tuple(shape))
         aliases[name] = target
         diffusers_name = diffusers_unet_name(name, unet.config)
         if diffusers_name:
@@ -141,23 +141,14 @@ def _unet_aliases(unet: nn.Module) -> dict[str, _Target]:
 
 
 def _text_aliases(model: nn.Module) -> dict[str, _Target]:
-    """transformers names (text_model.encoder.layers.N...) for both layouts, plus our own names."""
+    """Our (transformers) names, with and without text_model., plus OpenCLIP's for an OpenCLIP encoder's
+    unfused projections (transformer.resblocks.N.mlp.c_fc, ...)."""
     aliases = {}
     for name, shape in _weighted_modules(model):
-        target = _Target(f"{name}.weight", None, tuple(shape))
-        aliases[name] = target
-        if model.config.layout == "hf":
-            aliases[f"text_model.{name}"] = target
-    if model.config.layout == "openclip":
-        width = model.config.width
-        for layer in range(model.config.layers):
-            ours, theirs = f"transformer.resblocks.{layer}", f"text_model.encoder.layers.{layer}"
-            for index, part in enumerate("qkv"):
-                aliases[f"{theirs}.self_attn.{part}_proj"] = _Target(
-                    f"{ours}.attn.in_proj_weight", (index * width, (index + 1) * width), (width, width))
-            aliases[f"{theirs}.self_attn.out_proj"] = aliases[f"{ours}.attn.out_proj"]
-            aliases[f"{theirs}.mlp.fc1"] = aliases[f"{ours}.mlp.c_fc"]
-            aliases[f"{theirs}.mlp.fc2"] = aliases[f"{ours}.mlp.c_proj"]
+        aliases[name] = aliases[f"text_model.{name}"] = target = _Target(f"{name}.weight", tuple(shape))
+        openclip_name, part = to_openclip_key(target.param)
+        if model.config.layout == "openclip" and part is None:
+            aliases[openclip_name.removesuffix(".weight")] = target
     return aliases
 
 
@@ -247,7 +238,7 @@ def parse_lora(lora: Mapping[str, torch.Tensor], models: Mapping[str, nn.Module]
         mid = parts.get("mid")
         entry = LoraEntry(up=parts["up"][1], down=parts["down"][1],
                           alpha=None if alpha is None else float(alpha[1].item()),
-                          mid=None if mid is None else mid[1], rows=None if target is None else target.rows)
+                          mid=None if mid is None else mid[1])
         if target is None or not _fits(entry, target):
             result.unmapped.extend(keys)
             continue
@@ -331,8 +322,7 @@ def apply_loras(module: nn.Module, stack: Sequence[tuple[Mapping[str, Sequence[L
         weight = original.detach().to(torch.float32, copy=True)
         for patches, strength in stack:
             for entry in patches.get(name, ()) if strength else ():
-                part = weight if entry.rows is None else weight[entry.rows[0]:entry.rows[1]]
-                part += strength * lora_delta(entry, part.shape).to(part.device)
+                weight += strength * lora_delta(entry, weight.shape).to(weight.device)
         patched = nn.Parameter(weight.to(original.dtype), requires_grad=False)
         owner, leaf = _owner(module, name)
         setattr(owner, leaf, patched)

@@ -13,7 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..networks.clip import (
     SDXL_CLIP_L_PREFIX,
     CLIPTextConfig,
     CLIPTextModel,
+    to_openclip_key,
 )
 from ..networks.unet import UNetConfig, UNetModel
 from ..networks.vae import AutoencoderKL, VAEConfig
@@ -166,13 +167,26 @@ def _checkpoint_specs(arch: str, size: str, dtype: torch.dtype) -> list[_Spec]:
         max(biases, key=lambda spec: int(spec.name[len(UNET_PREFIX):].split(".")[1])).std = V_MODEL_BIAS_STD
     specs += _module_specs(VAE_PREFIX, lambda: AutoencoderKL(vae_config), dtype)
     for prefix, config in text.values():
-        specs += _module_specs(prefix, lambda config=config: CLIPTextModel(config), dtype)
+        text_specs = _module_specs(prefix, lambda config=config: CLIPTextModel(config), dtype)
+        specs += _openclip_specs(text_specs, prefix) if config.layout == "openclip" else text_specs
         # Extras real files carry and loaders must ignore.
         if config.layout == "hf":
             specs.append(_Spec(prefix + "embeddings.position_ids", (1, config.context_length), torch.int64, "arange"))
         else:
             specs.append(_Spec(prefix + "logit_scale", (), dtype, "logit_scale"))
     return specs
+
+
+def _openclip_specs(specs: list[_Spec], prefix: str) -> list[_Spec]:
+    """A text encoder's specs in OpenCLIP's names, each layer's q/k/v (filled alike) as one fused in_proj."""
+    renamed = []
+    for spec in specs:
+        name, part = to_openclip_key(spec.name[len(prefix):])
+        if part is None:
+            renamed.append(replace(spec, name=prefix + name))
+        elif part == 0:  # q comes first; k and v are in its fused rows
+            renamed.append(replace(spec, name=prefix + name, shape=(3 * spec.shape[0], *spec.shape[1:])))
+    return renamed
 
 
 def _fill(spec: _Spec, generator: torch.Generator) -> torch.Tensor:

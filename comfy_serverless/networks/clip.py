@@ -1,14 +1,17 @@
 """CLIP text encoders of Stable Diffusion 1.x, 2.x and XL, plus ComfyUI-style prompt encoding.
 
-One transformer, two parameter layouts, so that the text-encoder part of an original single-file
-checkpoint loads with `load_state_dict(strict=True, assign=True)` once its prefix is stripped:
+One transformer with transformers' parameter names; the text-encoder part of an original single-file
+checkpoint loads into it with `load_state_dict(strict=True, assign=True)` once its prefix is stripped, in
+either checkpoint layout (config.layout):
 
   layout "hf"        SD1 `cond_stage_model.transformer.text_model.*`,
                      SDXL `conditioner.embedders.0.transformer.text_model.*`
-                     (embeddings.token_embedding, encoder.layers.N.self_attn.q_proj, final_layer_norm, ...)
+                     (embeddings.token_embedding, encoder.layers.N.self_attn.q_proj, final_layer_norm, ...):
+                     our own names
   layout "openclip"  SD2 `cond_stage_model.model.*`, SDXL `conditioner.embedders.1.model.*`
                      (token_embedding, positional_embedding, transformer.resblocks.N.attn.in_proj_weight, ln_final,
-                     text_projection, ...)
+                     text_projection, ...): renamed on loading by from_openclip_key, the fused q/k/v split into
+                     views; to_openclip_layout writes it back
 
 Both are pre-norm transformers with a causal mask; CLIP-L uses quick_gelu, the OpenCLIP models gelu.
 
@@ -21,6 +24,7 @@ textual-inversion vectors replace token embeddings, and windows are concatenated
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -59,7 +63,7 @@ class CLIPTextConfig:
     heads: int
     mlp_width: int
     activation: str = "quick_gelu"
-    layout: str = "hf"  # "hf" or "openclip": parameter names, see the module docstring
+    layout: str = "hf"  # "hf" or "openclip": the checkpoint's parameter names, see the module docstring
     projection_dim: int | None = None  # width of OpenCLIP's text_projection; None: no projection
     vocab_size: int = 49408
     context_length: int = 77
@@ -102,7 +106,7 @@ def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
-# ---- transformers / SD1 naming -------------------------------------------------------------------
+# ---- the model -----------------------------------------------------------------------------------
 
 
 def _embedding(count: int, width: int) -> nn.Embedding:
@@ -111,14 +115,14 @@ def _embedding(count: int, width: int) -> nn.Embedding:
     return nn.Embedding(count, width, _weight=torch.empty(count, width))
 
 
-class _HFEmbeddings(nn.Module):
+class _Embeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.token_embedding = _embedding(config.vocab_size, config.width)
         self.position_embedding = _embedding(config.context_length, config.width)
 
 
-class _HFSelfAttention(nn.Module):
+class _SelfAttention(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.heads = config.heads
@@ -131,7 +135,7 @@ class _HFSelfAttention(nn.Module):
         return self.out_proj(causal_self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
-class _HFMLP(nn.Module):
+class _MLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.activation = ACTIVATIONS[config.activation]
@@ -142,123 +146,114 @@ class _HFMLP(nn.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-class _HFEncoderLayer(nn.Module):
+class _EncoderLayer(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = _HFSelfAttention(config)
+        self.self_attn = _SelfAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = _HFMLP(config)
+        self.mlp = _MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
 
-class _HFEncoder(nn.Module):
+class _Encoder(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.layers = nn.ModuleList(_HFEncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(_EncoderLayer(config) for _ in range(config.layers))
 
 
-# ---- OpenCLIP / SD2 naming -----------------------------------------------------------------------
+# ---- OpenCLIP checkpoint names -------------------------------------------------------------------
+
+# OpenCLIP name -> ours: whole keys, then (under transformer.resblocks.N. -> encoder.layers.N.) key prefixes.
+_OPENCLIP_KEYS = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                  "positional_embedding": "embeddings.position_embedding.weight",
+                  "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+_OPENCLIP_BLOCK_PREFIXES = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "attn.out_proj.": "self_attn.out_proj.",
+                            "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+_OPENCLIP_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+_OUR_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_OUR_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
 
 
-class _OpenCLIPAttention(nn.Module):
-    """nn.MultiheadAttention's parameter names: one fused [3 * width, width] q/k/v projection."""
-
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.heads = config.heads
-        self.in_proj_weight = nn.Parameter(torch.zeros(3 * config.width, config.width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * config.width))
-        self.out_proj = nn.Linear(config.width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(causal_self_attention(q, k, v, self.heads))
-
-
-class _OpenCLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.activation = ACTIVATIONS[config.activation]
-        self.c_fc = nn.Linear(config.width, config.mlp_width)
-        self.c_proj = nn.Linear(config.mlp_width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.activation(self.c_fc(x)))
+def from_openclip_key(key: str) -> list[str]:
+    """Our name(s) for an OpenCLIP key: one, or the q, k and v parts of a fused attn.in_proj_weight / _bias.
+    Any other key comes back unchanged (ours already, or one that strict loading reports)."""
+    if key in _OPENCLIP_KEYS:
+        return [_OPENCLIP_KEYS[key]]
+    if match := _OPENCLIP_BLOCK.match(key):
+        block, rest = f"encoder.layers.{match[1]}.", match[2]
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            return [f"{block}self_attn.{part}_proj.{rest[len('attn.in_proj_'):]}" for part in "qkv"]
+        for theirs, ours in _OPENCLIP_BLOCK_PREFIXES.items():
+            if rest.startswith(theirs):
+                return [block + ours + rest[len(theirs) :]]
+    return [key]
 
 
-class _OpenCLIPBlock(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.attn = _OpenCLIPAttention(config)
-        self.ln_2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = _OpenCLIPMLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class _OpenCLIPTransformer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.resblocks = nn.ModuleList(_OpenCLIPBlock(config) for _ in range(config.layers))
+def to_openclip_key(key: str) -> tuple[str, int | None]:
+    """The OpenCLIP key holding our parameter `key`, and which third of a fused in_proj it is (0 q, 1 k, 2 v;
+    None: all of it). The inverse of from_openclip_key."""
+    for theirs, ours in _OPENCLIP_KEYS.items():
+        if key == ours:
+            return theirs, None
+    if match := _OUR_BLOCK.match(key):
+        block, rest = f"transformer.resblocks.{match[1]}.", match[2]
+        if qkv := _OUR_QKV.match(rest):
+            return f"{block}attn.in_proj_{qkv[2]}", "qkv".index(qkv[1])
+        for theirs, ours in _OPENCLIP_BLOCK_PREFIXES.items():
+            if rest.startswith(ours):
+                return block + theirs + rest[len(ours) :], None
+    return key, None
 
 
-# ---- the model -----------------------------------------------------------------------------------
+def to_openclip_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights in OpenCLIP's names, q/k/v fused (copied) into in_proj_weight / in_proj_bias."""
+    weights: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name, part = to_openclip_key(key)
+        if part is None:
+            weights[name] = value
+        else:
+            weights.setdefault(name, [value] * 3)[part] = value
+    return {key: torch.cat(value) if isinstance(value, list) else value for key, value in weights.items()}
 
 
-def _drop_unused_checkpoint_keys(module, state_dict, prefix, *_):
+def _load_hook(module: CLIPTextModel, state_dict, prefix, *_) -> None:
+    """Drop UNUSED_CHECKPOINT_KEYS and, for the openclip layout, rename (and split: views, no copy) its keys."""
     for key in UNUSED_CHECKPOINT_KEYS:
         state_dict.pop(prefix + key, None)
+    if module.config.layout != "openclip":
+        return
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        names = from_openclip_key(key[len(prefix) :])
+        if names != [key[len(prefix) :]]:
+            value = state_dict.pop(key)
+            state_dict.update(zip((prefix + name for name in names), value.chunk(3) if len(names) == 3 else [value]))
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text transformer with checkpoint-native parameter names (config.layout picks them).
+    """CLIP text transformer with transformers' parameter names (plus OpenCLIP's text_projection, [width, P]).
 
-    Construct under `torch.device("meta")` and load with assign=True to skip random initialisation
-    (load_text_model does exactly that).
+    load_state_dict also takes config.layout's checkpoint names (see the module docstring). Construct under
+    `torch.device("meta")` and load with assign=True to skip random initialisation (load_text_model does).
     """
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
-        if config.layout == "hf":
-            self.embeddings = _HFEmbeddings(config)
-            self.encoder = _HFEncoder(config)
-            self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        else:
-            self.token_embedding = _embedding(config.vocab_size, config.width)
-            self.positional_embedding = nn.Parameter(torch.zeros(config.context_length, config.width))
-            self.transformer = _OpenCLIPTransformer(config)
-            self.ln_final = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-            if config.projection_dim is not None:
-                self.text_projection = nn.Parameter(torch.zeros(config.width, config.projection_dim))
-        self.register_load_state_dict_pre_hook(_drop_unused_checkpoint_keys)
-
-    # Layout-independent views of the parts forward() needs.
-    def _token_embedding(self) -> nn.Embedding:
-        return self.embeddings.token_embedding if self.config.layout == "hf" else self.token_embedding
-
-    def _positions(self) -> torch.Tensor:
-        return self.embeddings.position_embedding.weight if self.config.layout == "hf" else self.positional_embedding
-
-    def _blocks(self) -> nn.ModuleList:
-        return self.encoder.layers if self.config.layout == "hf" else self.transformer.resblocks
-
-    def _final_norm(self) -> nn.LayerNorm:
-        return self.final_layer_norm if self.config.layout == "hf" else self.ln_final
-
-    def _projection(self) -> torch.Tensor | None:
-        return getattr(self, "text_projection", None)
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        if config.projection_dim is not None:
+            self.text_projection = nn.Parameter(torch.zeros(config.width, config.projection_dim))
+        self.register_load_state_dict_pre_hook(_load_hook)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (before positions are added): [B, T] -> [B, T, width]."""
-        return self._token_embedding()(input_ids)
+        return self.embeddings.token_embedding(input_ids)
 
     def forward(
         self,
@@ -277,27 +272,25 @@ class CLIPTextModel(nn.Module):
         input_ids still locate the end token. pooled is the final-normed state at the first end token,
         times text_projection when the model has one.
         """
-        blocks = self._blocks()
+        blocks = self.encoder.layers
         layer_index = hidden_layer if hidden_layer >= 0 else len(blocks) + hidden_layer
         if not 0 <= layer_index < len(blocks):
             raise ValueError(f"hidden_layer {hidden_layer} out of range for {len(blocks)} layers")
         x = self.embed_tokens(input_ids) if token_embeddings is None else token_embeddings
-        x = x + self._positions()[: input_ids.shape[1]].to(x.dtype)
+        x = x + self.embeddings.position_embedding.weight[: input_ids.shape[1]].to(x.dtype)
         hidden = x
         for index, block in enumerate(blocks):
             x = block(x)
             if index == layer_index:
                 hidden = x
-        final_norm = self._final_norm()
-        normed = final_norm(x)
+        normed = self.final_layer_norm(x)
         if normalize_hidden:
-            hidden = normed if layer_index == len(blocks) - 1 else final_norm(hidden)
+            hidden = normed if layer_index == len(blocks) - 1 else self.final_layer_norm(hidden)
         # argmax returns the first maximum: the first end token even when padding repeats it.
         end_positions = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
         pooled = normed[torch.arange(normed.shape[0], device=normed.device), end_positions]
-        projection = self._projection()
-        if projection is not None:
-            pooled = pooled @ projection.to(pooled.dtype)
+        if self.config.projection_dim is not None:
+            pooled = pooled @ self.text_projection.to(pooled.dtype)
         return hidden, pooled
 
 

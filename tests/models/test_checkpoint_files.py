@@ -29,7 +29,7 @@ from comfy_serverless.models.random_checkpoints import (
     tiny_vae_config,
 )
 from comfy_serverless.networks.build import UNET_PREFIX, build_from_state_dict, build_on_meta
-from comfy_serverless.networks.clip import CLIPTextModel, SD1TextEncoder, load_text_model
+from comfy_serverless.networks.clip import CLIPTextModel, SD1TextEncoder, load_text_model, to_openclip_layout
 from comfy_serverless.networks.unet import UNetModel
 from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig
 
@@ -145,9 +145,12 @@ def test_v_pred_key_and_metadata_mark_v_models(files):
 def meta_checkpoint(arch: str) -> dict[str, torch.Tensor]:
     """A full-size checkpoint's names and shapes with no data (meta tensors)."""
     unet_config, vae_config, text = checkpoint_configs(arch, "full")
-    parts = [(UNET_PREFIX, lambda: UNetModel(unet_config)), ("first_stage_model.", lambda: AutoencoderKL(vae_config))]
-    parts += [(prefix, lambda config=config: CLIPTextModel(config)) for prefix, config in text.values()]
-    return {prefix + key: value for prefix, build in parts for key, value in build_on_meta(build).state_dict().items()}
+    parts = [(UNET_PREFIX, build_on_meta(lambda: UNetModel(unet_config)).state_dict()),
+             ("first_stage_model.", build_on_meta(lambda: AutoencoderKL(vae_config)).state_dict())]
+    for prefix, config in text.values():  # the text encoders in their checkpoint layout
+        weights = build_on_meta(lambda config=config: CLIPTextModel(config)).state_dict()
+        parts.append((prefix, to_openclip_layout(weights) if config.layout == "openclip" else weights))
+    return {prefix + key: value for prefix, weights in parts for key, value in weights.items()}
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sd2-v", "sdxl"])

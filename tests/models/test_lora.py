@@ -147,23 +147,23 @@ def test_patched_weights_equal_the_hand_computation_and_undo_restores(folder, ch
         assert param is before[name][0]
 
 
-def test_openclip_fused_qkv_gets_the_right_rows(folder, checkpoints):
+def test_openclip_qkv_loras_patch_the_split_projections(folder, checkpoints):
+    """SD2's OpenCLIP encoder stores q/k/v fused; loaded, they are separate views of it, patched one at a time."""
     models = load_models(checkpoints["sd2"])
     patches = load_lora(lora_file(folder, "sd2", "kohya"), models)
     assert patches.unmapped == []
-    name = "transformer.resblocks.1.attn.in_proj_weight"
-    entries = patches.targets["clip_h"][name]
-    assert sorted(entry.rows for entry in entries) == [(0, 48), (48, 96), (96, 144)]
     model = models["clip_h"]
-    original = model.get_parameter(name).detach().clone()
-    applied = apply_lora(model, {name: [entries[1]]}, strength=1.0)
-    start, end = entries[1].rows
-    patched = model.get_parameter(name)
-    torch.testing.assert_close(patched[start:end], expected_weight(original[start:end], entries[1], 1.0),
+    names = [f"encoder.layers.1.self_attn.{part}_proj.weight" for part in "qkv"]
+    assert all(len(patches.targets["clip_h"][name]) == 1 for name in names)
+    originals = {name: model.get_parameter(name).detach().clone() for name in names}
+    (entry,) = patches.targets["clip_h"][names[1]]
+    applied = apply_lora(model, {names[1]: [entry]}, strength=1.0)
+    torch.testing.assert_close(model.get_parameter(names[1]), expected_weight(originals[names[1]], entry, 1.0),
                                rtol=0, atol=2e-3)
-    assert torch.equal(patched[:start], original[:start]) and torch.equal(patched[end:], original[end:])
+    assert torch.equal(model.get_parameter(names[0]), originals[names[0]])
+    assert torch.equal(model.get_parameter(names[2]), originals[names[2]])
     applied.undo()
-    assert torch.equal(model.get_parameter(name), original)
+    assert torch.equal(model.get_parameter(names[1]), originals[names[1]])
 
 
 def test_sdxl_kohya_and_diffusers_cover_both_text_encoders(folder, checkpoints):

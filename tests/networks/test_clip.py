@@ -21,8 +21,11 @@ from comfy_serverless.networks.clip import (
     SD1TextEncoder,
     SD2TextEncoder,
     SDXLTextEncoder,
+    from_openclip_key,
     load_text_model,
+    to_openclip_key,
 )
+from comfy_serverless.networks.clip import to_openclip_layout as written_openclip_layout
 from comfy_serverless.text.prompt_weights import EmbeddingVector, tokenize_weighted
 from comfy_serverless.text.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
@@ -213,12 +216,18 @@ def openclip_expected_shapes(width: int, layers: int, mlp: int, projection: int)
 def test_openclip_full_config_keys(config, width, layers, mlp):
     with torch.device("meta"):
         ours = CLIPTextModel(config)
-    assert shapes(ours) == openclip_expected_shapes(width, layers, mlp, width)
+    written = {key: tuple(value.shape) for key, value in written_openclip_layout(ours.state_dict()).items()}
+    assert written == openclip_expected_shapes(width, layers, mlp, width)
+    for key in written:  # the two maps are inverses
+        assert {to_openclip_key(name)[0] for name in from_openclip_key(key)} == {key}
     assert config.heads * 64 == width  # both use 64-wide heads
 
 
 def tiny_checkpoint(model: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
-    return {prefix + key: value.clone() for key, value in model.state_dict().items()}
+    weights = model.state_dict()
+    if model.config.layout == "openclip":
+        weights = written_openclip_layout(weights)
+    return {prefix + key: value.clone() for key, value in weights.items()}
 
 
 def test_load_text_model_strict_with_checkpoint_extras(clip_l_pair, open_clip_pair):
@@ -239,8 +248,13 @@ def test_load_text_model_strict_with_checkpoint_extras(clip_l_pair, open_clip_pa
     half = load_text_model(checkpoint, clip_g.config, SDXL_CLIP_G_PREFIX, dtype=torch.bfloat16)
     assert half.text_projection.dtype == torch.bfloat16
 
+    full = load_text_model(checkpoint, clip_g.config, SDXL_CLIP_G_PREFIX)
+    torch.testing.assert_close(full(ids)[1], clip_g(ids)[1], atol=0, rtol=0)
+    fused = checkpoint[SDXL_CLIP_G_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"]
+    assert full.encoder.layers[0].self_attn.q_proj.weight.data_ptr() == fused.data_ptr()  # a view: no copy
+
     del checkpoint[SDXL_CLIP_G_PREFIX + "ln_final.bias"]
-    with pytest.raises(RuntimeError, match="ln_final.bias"):
+    with pytest.raises(RuntimeError, match="final_layer_norm.bias"):
         load_text_model(checkpoint, clip_g.config, SDXL_CLIP_G_PREFIX)
     checkpoint = tiny_checkpoint(clip_g, SDXL_CLIP_G_PREFIX)
     checkpoint[SDXL_CLIP_G_PREFIX + "transformer.resblocks.0.attn.bogus"] = torch.ones(1)
