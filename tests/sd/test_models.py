@@ -227,9 +227,9 @@ def test_vae_decode_encode_and_crop(sd15):
 def test_tiled_vae_matches_shapes(sd15):
     vae = sd15[2]
     latent = torch.randn(1, 4, 48, 40)
-    tiled = vae.decode_tiled(latent, tile_size=64, overlap=16)
+    tiled = vae.decode_tiled(latent, tile_x=32, tile_y=32, overlap=8)  # ComfyUI's arguments: latent cells
     assert tiled.shape == (1, 96, 80, 3) and torch.isfinite(tiled).all()
-    assert vae.encode_tiled(tiled, tile_size=32, overlap=8).shape == (1, 4, 48, 40)
+    assert vae.encode_tiled(tiled, tile_x=32, tile_y=32, overlap=8).shape == (1, 4, 48, 40)  # pixels
 
 
 def test_standalone_vae_file(model_files):
