@@ -36,6 +36,16 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.latents",
     "comfy_serverless.nodes.sampling_nodes",
     "comfy_serverless.nodes.vae_nodes",
+    "comfy_serverless.nodes.mask_ops",
+    "comfy_serverless.nodes.image_ops",
+    "comfy_serverless.nodes.strings",
+    "comfy_serverless.nodes.latent_ops",
+    "comfy_serverless.nodes.custom_sampling",
+    "comfy_serverless.nodes.controlnet_nodes",
+    "comfy_serverless.nodes.upscale_nodes",
+    "comfy_serverless.nodes.clip_vision_nodes",
+    "comfy_serverless.nodes.model_patches",
+    "comfy_serverless.nodes.model_merging",
 )
 
 

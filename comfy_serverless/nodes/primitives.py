@@ -51,7 +51,7 @@ class PrimitiveFloat(_Primitive):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"value": ("FLOAT", {"min": -sys.maxsize, "max": sys.maxsize, "step": 0.1})}}
+        return {"required": {"value": ("FLOAT", {"min": -sys.maxsize, "max": sys.maxsize})}}
 
 
 class PrimitiveBoolean(_Primitive):

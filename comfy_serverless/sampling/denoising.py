@@ -290,8 +290,10 @@ class CFGDenoiser:
     def __init__(self, unet_apply: UnetApply, positive, negative, cfg: float, *,
                  model_sampling: Optional[ModelSampling] = None,
                  encode_extra: Optional[Callable[[dict, torch.Size], dict]] = None,
-                 model_dtype: Optional[torch.dtype] = None, max_batch_chunks: Optional[int] = None):
+                 model_dtype: Optional[torch.dtype] = None, max_batch_chunks: Optional[int] = None,
+                 model_options: Optional[dict] = None):
         self.unet_apply = unet_apply
+        self.model_options = model_options or {}
         self.positive = _normalise_conditioning(positive)
         self.negative = _normalise_conditioning(negative)
         self.cfg = float(cfg)

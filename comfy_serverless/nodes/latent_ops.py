@@ -1,0 +1,6 @@
+"""Latent arithmetic, batching and latent operations (ComfyUI's latent/advanced and latent/batch nodes).
+
+Standard library only at module level (see nodes/__init__.py)."""
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
