@@ -36,7 +36,8 @@ def _hidden_kind(spec) -> str:
 
 
 def public_info(cls, class_name: str, display_name: str | None, python_module: str) -> dict:
-    """The `/object_info` entry, in ComfyUI's key order."""
+    """The `/object_info` entry, in ComfyUI's key order.  ``display_name`` None is kept: ComfyUI reports null for
+    core nodes that declare none (a pack's NODE_DISPLAY_NAME_MAPPINGS entry of None does the same here)."""
     if v3.is_v3(cls):
         return to_json_value(v3.public_info(cls, python_module))
     input_types = cls.INPUT_TYPES()
@@ -59,7 +60,7 @@ def public_info(cls, class_name: str, display_name: str | None, python_module: s
         "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(outputs)),
         "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs),
         "name": class_name,
-        "display_name": display_name or class_name,
+        "display_name": display_name,
         "description": getattr(cls, "DESCRIPTION", "") or "",
         "python_module": getattr(cls, "RELATIVE_PYTHON_MODULE", None) or python_module,
         "category": getattr(cls, "CATEGORY", "sd") or "sd",

@@ -64,7 +64,7 @@ def describe_classes(classes: dict) -> tuple[dict, list]:
     for name, (cls, pack) in classes.items():
         try:
             nodes[name] = {
-                "info": describe.public_info(cls, name, pack.display_names.get(name), pack.python_module),
+                "info": describe.public_info(cls, name, pack.display_names.get(name, name), pack.python_module),
                 "exec": describe.execution_facts(cls),
                 "pack": pack.ref,
             }

@@ -389,7 +389,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ImageBatch": "Batch Images",
     "ImagePadForOutpaint": "Pad Image for Outpainting",
     "ImageCrop": "Image Crop",
-    "ImageBlur": "Image Blur",
-    "ImageSharpen": "Image Sharpen",
+    "ImageBlur": None,
+    "ImageSharpen": None,
     "RebatchImages": "Rebatch Images",
 }
