@@ -46,6 +46,7 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.clip_vision_nodes",
     "comfy_serverless.nodes.model_patches",
     "comfy_serverless.nodes.model_merging",
+    "comfy_serverless.nodes.sdxl_nodes",
 )
 
 
