@@ -14,10 +14,6 @@ from .patching import LoraPatch, patched_module
 
 # Latent scale factors (VAE latent -> UNet latent) of the SD families.
 LATENT_SCALE = {"sd15": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
-# SDXL's size conditioning: pixels per latent cell, used for ComfyUI's default original/target size.
-LATENT_TO_PIXELS = 8
-# Full SDXL: 1280 pooled + 6 * 256; other widths (test models) derive the size embedding from the pooled width.
-SDXL_POOLED_WIDTH = {2816: 1280}
 
 
 @dataclass(frozen=True)
@@ -95,27 +91,10 @@ class DiffusionModel:
         return latent / self.latent_scale
 
     def encode_extra(self, options: dict, latent_shape) -> dict:
-        """Per-conditioning UNet inputs: SDXL's y from the pooled text and size conditioning. Sizes come from
-        the conditioning options (CLIPTextEncodeSDXL's keys) or default to the latent size in pixels, crop 0."""
-        if self.adm_channels is None:
-            return {}
-        import torch
+        """Per-conditioning UNet inputs besides the text context (SDXL's y, ...): see models/extra_inputs.py."""
+        from .extra_inputs import extra_unet_inputs
 
-        from ..networks.unet import sdxl_adm_vector
-
-        height = options.get("height", latent_shape[2] * LATENT_TO_PIXELS)
-        width = options.get("width", latent_shape[3] * LATENT_TO_PIXELS)
-        sizes = [height, width, options.get("crop_h", 0), options.get("crop_w", 0),
-                 options.get("target_height", height), options.get("target_width", width)]
-        pooled = options.get("pooled_output")
-        pooled_width = pooled.shape[-1] if pooled is not None else SDXL_POOLED_WIDTH.get(self.adm_channels, 0)
-        pooled = torch.zeros(1, pooled_width) if pooled is None else pooled.float().reshape(-1, pooled_width)
-        size_width = (self.adm_channels - pooled_width) // 6
-        if pooled_width + 6 * size_width != self.adm_channels:
-            raise ValueError(f"pooled output of width {pooled_width} does not fit this model's conditioning "
-                             f"vector ({self.adm_channels}); was the text encoded with this model's CLIP?")
-        size_conditioning = torch.tensor([sizes], dtype=torch.float32).expand(pooled.shape[0], -1)
-        return {"y": sdxl_adm_vector(pooled, size_conditioning, size_width)}
+        return extra_unet_inputs(self, options, latent_shape)
 
 
 def _copy_options(options: dict) -> dict:
