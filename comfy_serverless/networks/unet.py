@@ -80,6 +80,21 @@ class UNetConfig:
             adm_in_channels=2816,
         )
 
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """SDXL refiner: no attention on the first and last levels; y is pooled bigG text (1280) plus height,
+        width, crop top, crop left and aesthetic score embedded 256 wide each (2560)."""
+        return cls(
+            model_channels=384,
+            channel_mult=(1, 2, 4, 4),
+            transformer_depth=(0, 4, 4, 0),
+            transformer_depth_middle=4,
+            context_dim=1280,
+            num_heads=None,
+            num_head_channels=64,
+            use_linear_in_transformer=True,
+            adm_in_channels=2560,
+        )
 
 
 def sdxl_adm_vector(
