@@ -22,6 +22,8 @@ from comfy_serverless.nodes.conditioning import (  # noqa: F401  (ComfyUI's name
     ConditioningCombine,
     ConditioningConcat,
     ConditioningSetArea,
+    ConditioningSetAreaPercentage,
+    ConditioningSetAreaStrength,
     ConditioningSetMask,
     ConditioningSetTimestepRange,
     ConditioningZeroOut,

@@ -150,6 +150,44 @@ class ConditioningSetArea:
         return (with_options(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
 
 
+class ConditioningSetAreaPercentage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("CONDITIONING",),
+            "width": ("FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}),
+            "height": ("FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}),
+            "x": ("FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}),
+            "y": ("FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "append"
+    CATEGORY = "conditioning"
+
+    def append(self, conditioning, width, height, x, y, strength):
+        # Fractions of the latent, turned into cells by the sampler once it knows the latent's size.
+        area = ("percentage", height, width, y, x)
+        return (with_options(conditioning, {"area": area, "strength": strength, "set_area_to_bounds": False}),)
+
+
+class ConditioningSetAreaStrength:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("CONDITIONING",),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "append"
+    CATEGORY = "conditioning"
+
+    def append(self, conditioning, strength):
+        return (with_options(conditioning, {"strength": strength}),)
+
+
 class ConditioningSetMask:
     @classmethod
     def INPUT_TYPES(cls):
@@ -243,6 +281,39 @@ class InpaintModelConditioning:
         return (with_options(positive, values), with_options(negative, values), latent)
 
 
+class InstructPixToPixConditioning:
+    """InstructPix2Pix: the input picture, VAE-encoded, goes to both conditionings as the image the model sees
+    beside the noise; the latent to sample is zeros of the same size. Pixels are first trimmed (evenly on both
+    sides) to multiples of 8. Ordinary 4-channel models ignore the picture."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "vae": ("VAE",),
+            "pixels": ("IMAGE",),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "encode"
+    CATEGORY = "conditioning/instructpix2pix"
+
+    def encode(self, positive, negative, pixels, vae):
+        import torch
+
+        height, width = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+        if height == 0 or width == 0:
+            raise ValueError(f"pixels of {pixels.shape[1]} x {pixels.shape[2]} are smaller than one latent cell "
+                             "(8 x 8)")
+        top, left = pixels.shape[1] % 8 // 2, pixels.shape[2] % 8 // 2
+        concat_latent = vae.encode(pixels[:, top:top + height, left:left + width, :])
+        values = {"concat_latent_image": concat_latent}
+        latent = {"samples": torch.zeros_like(concat_latent)}
+        return (with_options(positive, values), with_options(negative, values), latent)
+
+
 NODE_CLASS_MAPPINGS = {
     "CLIPTextEncode": CLIPTextEncode,
     "CLIPSetLastLayer": CLIPSetLastLayer,
@@ -250,19 +321,25 @@ NODE_CLASS_MAPPINGS = {
     "ConditioningAverage": ConditioningAverage,
     "ConditioningConcat": ConditioningConcat,
     "ConditioningSetArea": ConditioningSetArea,
+    "ConditioningSetAreaPercentage": ConditioningSetAreaPercentage,
+    "ConditioningSetAreaStrength": ConditioningSetAreaStrength,
     "ConditioningSetMask": ConditioningSetMask,
     "ConditioningZeroOut": ConditioningZeroOut,
     "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "InpaintModelConditioning": InpaintModelConditioning,
+    "InstructPixToPixConditioning": InstructPixToPixConditioning,
 }
 
 # ComfyUI 0.3.64's names; ConditioningAverage has none there (its entry is misspelt with a trailing space),
-# so it shows its class name, as here.
+# so it shows its class name, as here, like ConditioningSetAreaStrength. The V3 InstructPixToPixConditioning
+# reports null.
 NODE_DISPLAY_NAME_MAPPINGS = {
     "CLIPTextEncode": "CLIP Text Encode (Prompt)",
     "CLIPSetLastLayer": "CLIP Set Last Layer",
     "ConditioningCombine": "Conditioning (Combine)",
     "ConditioningConcat": "Conditioning (Concat)",
     "ConditioningSetArea": "Conditioning (Set Area)",
+    "ConditioningSetAreaPercentage": "Conditioning (Set Area with Percentage)",
     "ConditioningSetMask": "Conditioning (Set Mask)",
+    "InstructPixToPixConditioning": None,
 }

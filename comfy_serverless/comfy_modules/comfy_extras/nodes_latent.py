@@ -1,0 +1,35 @@
+"""ComfyUI's `comfy_extras.nodes_latent`: the latent arithmetic, batch and operation nodes
+(comfy_serverless/nodes/latent_ops.py). Other names of that module are placeholders."""
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.latent_ops import (
+    LatentAdd,
+    LatentApplyOperation,
+    LatentBatch,
+    LatentBatchSeedBehavior,
+    LatentConcat,
+    LatentCut,
+    LatentInterpolate,
+    LatentMultiply,
+    LatentOperationSharpen,
+    LatentOperationTonemapReinhard,
+    LatentSubtract,
+)
+
+NODE_CLASS_MAPPINGS = {
+    "LatentAdd": LatentAdd,
+    "LatentSubtract": LatentSubtract,
+    "LatentMultiply": LatentMultiply,
+    "LatentInterpolate": LatentInterpolate,
+    "LatentConcat": LatentConcat,
+    "LatentCut": LatentCut,
+    "LatentBatch": LatentBatch,
+    "LatentBatchSeedBehavior": LatentBatchSeedBehavior,
+    "LatentApplyOperation": LatentApplyOperation,
+    "LatentOperationTonemapReinhard": LatentOperationTonemapReinhard,
+    "LatentOperationSharpen": LatentOperationSharpen,
+}
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)
