@@ -2,7 +2,8 @@
 
     open_state_dict(path)          .safetensors/.sft memory-mapped (no copy, nothing read until used);
                                    .ckpt/.pt/.pth/.bin with torch.load(weights_only=True, mmap=True)
-    detect_architecture(sd, meta)  SD1.x / SD2.x (eps or v) / SDXL base, every config read from the shapes
+    detect_architecture(sd, meta)  SD1.x / SD2.x (eps or v) / SDXL base / SDXL refiner, and their inpainting
+                                   (9-channel) and InstructPix2Pix (8-channel) UNets, every config read from the shapes
     split_checkpoint(sd, arch)     UNet, text encoder and VAE weights with their prefixes stripped (same tensors)
     split_vae(sd)                  a VAELoader file (or the VAE inside a checkpoint) and its config
     open_checkpoint(path)          all of the above in one call
@@ -30,6 +31,7 @@ from ..networks.clip import (
     SD2_CLIP_H_PREFIX,
     SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX,
+    SDXL_REFINER_CLIP_G_PREFIX,
     UNUSED_CHECKPOINT_KEYS,
     CLIPTextConfig,
 )
@@ -40,8 +42,13 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED = "supported: SD1.x, SD2.x, SDXL base"
-FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+SUPPORTED = "supported: SD1.x, SD2.x, SDXL base and refiner (also their inpainting and instruct-pix2pix UNets)"
+FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
+# UNet inputs besides the 4 latent channels: ComfyUI's concat keys, by total input channels.
+CONCAT_KINDS = {9: "inpaint", 8: "ip2p"}
+CONCAT_NAMES = {"inpaint": "inpainting", "ip2p": "instruct-pix2pix"}
+# Embedded numbers after the pooled text in y: SDXL base (sizes, crop, target size), refiner (sizes, crop, score).
+ADM_NUMBERS = {"sdxl": 6, "sdxl_refiner": 5}
 # Keys that mark a v-prediction model, and metadata written by trainers (modelspec) and make-test-checkpoint.
 V_PRED_KEY = "v_pred"
 PREDICTION_METADATA_KEY = "modelspec.prediction_type"
@@ -208,31 +215,33 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # "sd15", "sd2" or "sdxl"
+    family: str  # "sd15", "sd2", "sdxl" or "sdxl_refiner"
     prediction: str  # "eps" or "v_prediction"
     prediction_reason: str  # how prediction was decided, for logs
     unet_config: UNetConfig
     vae_config: VAEConfig | None  # None: the checkpoint carries no VAE
-    text_encoders: dict[str, TextEncoderSpec]  # "clip_l" (SD1, SDXL), "clip_h" (SD2), "clip_g" (SDXL)
+    text_encoders: dict[str, TextEncoderSpec]  # "clip_l" (SD1, SDXL), "clip_h" (SD2), "clip_g" (SDXL, refiner)
     # "full": the UNet is the released config; "custom": another size, read from the shapes with the family's
     # head rule (SD1 8 heads, SD2/SDXL 64-wide heads).
     size: str
+    # Extra UNet input channels concatenated to the latent: "inpaint" (mask + masked image), "ip2p" (image).
+    concat_kind: str | None = None
 
     @property
     def description(self) -> str:
         prediction = "v-prediction" if self.prediction == "v_prediction" else "eps"
-        return f"{FAMILY_NAMES[self.family]} ({prediction}, {self.size} size)"
+        kind = f" {CONCAT_NAMES[self.concat_kind]}" if self.concat_kind else ""
+        return f"{FAMILY_NAMES[self.family]}{kind} ({prediction}, {self.size} size)"
 
 
 # Known UNets that are not the families above, told apart by (label_emb present, context dim).
-_OTHER_UNETS = {(True, 1280): "an SDXL refiner", (True, 1024): "an SD2.x unCLIP model"}
-_IN_CHANNELS = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler model",
-                8: "an instruct-pix2pix model"}
+_OTHER_UNETS = {(True, 1024): "an SD2.x unCLIP model"}
+_IN_CHANNELS = {5: "a depth-conditioned model", 7: "an upscaler model"}
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
                         ) -> Architecture:
-    """Recognise SD1.x, SD2.x (eps or v) and SDXL base from tensor names and shapes.
+    """Recognise SD1.x, SD2.x (eps or v), SDXL base and refiner from tensor names and shapes.
 
     Reads only shapes, except one small bias tensor for SD2 files that state no prediction type.
     """
@@ -247,25 +256,36 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mappin
     has_label_emb = shape_config["adm_in_channels"] is not None
     if (has_label_emb, context_dim) in _OTHER_UNETS:
         raise CheckpointError(_not_supported(state_dict, _OTHER_UNETS[has_label_emb, context_dim]))
-    if in_channels != 4:
+    if (in_channels != 4 and in_channels not in CONCAT_KINDS) or shape_config["out_channels"] != 4:
         found = _IN_CHANNELS.get(in_channels, "a modified UNet")
-        raise CheckpointError(_not_supported(state_dict, f"{found} ({in_channels} UNet input channels)"))
+        raise CheckpointError(_not_supported(
+            state_dict, f"{found} ({in_channels} UNet input, {shape_config['out_channels']} output channels)"))
     if has_label_emb and ("edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict):
         raise CheckpointError(_not_supported(state_dict, "an SDXL model with EDM sampling (Playground v2.5, CosXL)"))
-    family = "sdxl" if has_label_emb else "sd2" if shape_config["use_linear_in_transformer"] else "sd15"
+    family = _family(shape_config)
 
-    unet_config, size = _with_family_heads(shape_config, _FULL_UNET[family]())
+    full = dataclasses.replace(_FULL_UNET[family](), in_channels=in_channels)
+    unet_config, size = _with_family_heads(shape_config, full)
     text_encoders = _text_encoders(state_dict, family)
     _check_text_widths(unet_config, text_encoders, family, state_dict)
     prediction, reason = _prediction(family, state_dict, metadata, unet)
     return Architecture(
         family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
         vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), family),
-        text_encoders=text_encoders, size=size,
+        text_encoders=text_encoders, size=size, concat_kind=CONCAT_KINDS.get(in_channels),
     )
 
 
-_FULL_UNET = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}
+def _family(shape_config: dict) -> str:
+    """A y input means SDXL; the refiner has no attention on its last level (the base has its deepest there).
+    Without y, linear transformer projections mean SD2."""
+    if shape_config["adm_in_channels"] is not None:
+        return "sdxl_refiner" if shape_config["transformer_depth"][-1] == 0 else "sdxl"
+    return "sd2" if shape_config["use_linear_in_transformer"] else "sd15"
+
+
+_FULL_UNET = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl,
+              "sdxl_refiner": UNetConfig.sdxl_refiner}
 _TRANSFORMER_KEY = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.transformer_blocks\.(\d+)\.")
 _BLOCK_KEY = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
 
@@ -360,14 +380,16 @@ def _check_text_widths(unet_config: UNetConfig, text_encoders: dict[str, TextEnc
         raise CheckpointError(_not_supported(
             state_dict, f"a {FAMILY_NAMES[family]}-like UNet with text width {unet_config.context_dim} and text "
                         f"encoders of width {widths}"))
-    if family == "sdxl" and unet_config.adm_in_channels is not None:
+    if family in ADM_NUMBERS and unet_config.adm_in_channels is not None:
         clip_g = text_encoders["clip_g"].config
         pooled = clip_g.projection_dim or clip_g.width
-        size_width, rest = divmod(unet_config.adm_in_channels - pooled, 6)
+        numbers = ADM_NUMBERS[family]
+        size_width, rest = divmod(unet_config.adm_in_channels - pooled, numbers)
         if size_width <= 0 or rest:
             raise CheckpointError(_not_supported(
-                state_dict, f"an SDXL-like UNet whose conditioning vector ({unet_config.adm_in_channels} wide) is "
-                            f"not the pooled text ({pooled}) plus six embedded sizes"))
+                state_dict, f"an {FAMILY_NAMES[family]}-like UNet whose conditioning vector "
+                            f"({unet_config.adm_in_channels} wide) is not the pooled text ({pooled}) plus {numbers} "
+                            f"embedded numbers"))
 
 
 def _prediction(family: str, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -404,6 +426,7 @@ _TEXT_ENCODER_PREFIXES = {
     "sd15": {"clip_l": (SD1_CLIP_L_PREFIX, "cond_stage_model.transformer.")},
     "sd2": {"clip_h": (SD2_CLIP_H_PREFIX, "conditioner.embedders.0.model.")},
     "sdxl": {"clip_l": (SDXL_CLIP_L_PREFIX,), "clip_g": (SDXL_CLIP_G_PREFIX,)},
+    "sdxl_refiner": {"clip_g": (SDXL_REFINER_CLIP_G_PREFIX,)},
 }
 _FULL_TEXT = {"clip_l": CLIPTextConfig.clip_l, "clip_h": CLIPTextConfig.open_clip_h,
               "clip_g": CLIPTextConfig.open_clip_bigg}
@@ -458,7 +481,7 @@ def _text_config(weights: Mapping[str, torch.Tensor], layout: str, full: CLIPTex
 _VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _VAE_ATTENTION_WEIGHT = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
 _VAE_SCALE = {"sd15": VAEConfig.sd().scaling_factor, "sd2": VAEConfig.sd().scaling_factor,
-              "sdxl": VAEConfig.sdxl().scaling_factor}
+              "sdxl": VAEConfig.sdxl().scaling_factor, "sdxl_refiner": VAEConfig.sdxl().scaling_factor}
 
 
 def _vae_config(vae: Mapping[str, torch.Tensor], family: str) -> VAEConfig | None:

@@ -24,8 +24,10 @@ from .vae_model import VAEModel
 
 log = logging.getLogger(__name__)
 
+# The family whose latent space (scale factor, previews) a model family's UNet works in.
+LATENT_FAMILY = {"sdxl_refiner": "sdxl"}
 # The text encoders a family needs; a checkpoint missing one loads without CLIP.
-TEXT_ENCODERS = {"sd15": {"clip_l"}, "sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}}
+TEXT_ENCODERS = {"sd15": {"clip_l"}, "sd2": {"clip_h"}, "sdxl": {"clip_l", "clip_g"}, "sdxl_refiner": {"clip_g"}}
 
 _architectures: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -75,8 +77,7 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
     unet_handle = cache.handle(
         (stamp, "unet", str(dtype)), f"{name} UNet ({dtype_name(dtype)})",
         lambda: _build_unet(path, arch, dtype), _size_in(unet_weights, dtype), family=(stamp[0], "unet"))
-    model = DiffusionModel(unet_handle, arch.family, "v" if arch.prediction == "v_prediction" else "eps", dtype,
-                           adm_channels=arch.unet_config.adm_in_channels)
+    model = diffusion_model(unet_handle, arch, dtype)
 
     clip = None
     if want_clip and set(text_weights) == TEXT_ENCODERS[arch.family]:
@@ -107,6 +108,18 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
     if vae is not None:
         vae.handle.prefetch()
     return model, clip, vae
+
+
+def diffusion_model(handle, arch, dtype) -> DiffusionModel:
+    """The MODEL of a UNet: the refiner works in SDXL's latent space; extra_inputs.SDModel carries which y and
+    which concatenated channels the UNet takes."""
+    from .extra_inputs import SDModel
+
+    return SDModel(handle, LATENT_FAMILY.get(arch.family, arch.family),
+                   "v" if arch.prediction == "v_prediction" else "eps", dtype,
+                   adm_channels=arch.unet_config.adm_in_channels,
+                   adm_kind=arch.family if arch.unet_config.adm_in_channels is not None else None,
+                   concat_kind=arch.concat_kind)
 
 
 def load_vae(path: str) -> VAEModel:
@@ -180,7 +193,7 @@ def _build_unet(path: str, arch, dtype):
 
 
 def _build_text_encoder(path: str, arch, dtype):
-    from ..networks.clip import SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder
+    from ..networks.clip import SD1TextEncoder, SD2TextEncoder, SDXLRefinerTextEncoder, SDXLTextEncoder
 
     weights = _parts(path, arch)[1]
 
@@ -191,6 +204,8 @@ def _build_text_encoder(path: str, arch, dtype):
         return SD1TextEncoder(model("clip_l"))
     if arch.family == "sd2":
         return SD2TextEncoder(model("clip_h"))
+    if arch.family == "sdxl_refiner":
+        return SDXLRefinerTextEncoder(model("clip_g"))
     return SDXLTextEncoder(model("clip_l"), model("clip_g"))
 
 

@@ -24,6 +24,7 @@ from ..networks.clip import (
     SD2_CLIP_H_PREFIX,
     SDXL_CLIP_G_PREFIX,
     SDXL_CLIP_L_PREFIX,
+    SDXL_REFINER_CLIP_G_PREFIX,
     CLIPTextConfig,
     CLIPTextModel,
     to_openclip_key,
@@ -33,7 +34,9 @@ from ..networks.vae import AutoencoderKL, VAEConfig
 from .checkpoint_files import PREDICTION_METADATA_KEY, TEST_CHECKPOINT_METADATA_KEY
 from .lora import diffusers_unet_name
 
-ARCHES = ("sd15", "sd2", "sd2-v", "sdxl")
+ARCHES = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl_refiner")
+# UNet input channels: 4 (plain), 9 (inpainting: + mask + masked image), 8 (instruct-pix2pix: + image).
+UNET_IN_CHANNELS = (4, 8, 9)
 SIZES = ("tiny", "full")
 LORA_LAYOUTS = ("kohya", "kohya-ldm", "diffusers")
 WEIGHT_STD = 0.02
@@ -48,6 +51,8 @@ _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float
 # The tiny SDXL config's conditioning vector: pooled text of this width plus six sizes embedded this wide.
 TINY_SDXL_POOLED_DIM = 64
 _TINY_SDXL_SIZE_DIM = 32
+# The refiner's y: pooled text, then height, width, crop top, crop left and aesthetic score.
+_REFINER_NUMBERS = 5
 
 
 def tiny_unet_config(family: str) -> UNetConfig:
@@ -68,7 +73,13 @@ def tiny_unet_config(family: str) -> UNetConfig:
                           transformer_depth_middle=2, context_dim=64, num_heads=None, num_head_channels=64,
                           use_linear_in_transformer=True,
                           adm_in_channels=TINY_SDXL_POOLED_DIM + 6 * _TINY_SDXL_SIZE_DIM)
-    raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2 or sdxl")
+    if family == "sdxl_refiner":
+        # Like the real refiner: no attention on the first and last levels.
+        return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 0),
+                          transformer_depth_middle=1, context_dim=64, num_heads=None, num_head_channels=64,
+                          use_linear_in_transformer=True,
+                          adm_in_channels=TINY_SDXL_POOLED_DIM + _REFINER_NUMBERS * _TINY_SDXL_SIZE_DIM)
+    raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2, sdxl or sdxl_refiner")
 
 
 def tiny_vae_config() -> VAEConfig:
@@ -93,25 +104,34 @@ def family_of(arch: str) -> str:
     return "sd2" if arch.startswith("sd2") else arch
 
 
-def checkpoint_configs(arch: str, size: str) -> tuple[UNetConfig, VAEConfig, dict[str, tuple[str, CLIPTextConfig]]]:
-    """(UNet config, VAE config, {encoder name: (key prefix, config)}) of a test checkpoint."""
+def checkpoint_configs(arch: str, size: str, in_channels: int = 4
+                       ) -> tuple[UNetConfig, VAEConfig, dict[str, tuple[str, CLIPTextConfig]]]:
+    """(UNet config, VAE config, {encoder name: (key prefix, config)}) of a test checkpoint; ``in_channels`` 9 or
+    8 makes its UNet an inpainting or instruct-pix2pix one."""
     family = family_of(arch)
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected tiny or full")
+    if in_channels not in UNET_IN_CHANNELS:
+        raise ValueError(f"unknown UNet input channels {in_channels}; expected one of {UNET_IN_CHANNELS}")
     if size == "full":
-        unet = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl}[family]()
-        vae = VAEConfig.sdxl() if family == "sdxl" else VAEConfig.sd()
+        unet = {"sd15": UNetConfig.sd15, "sd2": UNetConfig.sd2, "sdxl": UNetConfig.sdxl,
+                "sdxl_refiner": UNetConfig.sdxl_refiner}[family]()
+        vae = VAEConfig.sdxl() if family.startswith("sdxl") else VAEConfig.sd()
         text = {"sd15": {"clip_l": (SD1_CLIP_L_PREFIX, CLIPTextConfig.clip_l())},
                 "sd2": {"clip_h": (SD2_CLIP_H_PREFIX, CLIPTextConfig.open_clip_h())},
                 "sdxl": {"clip_l": (SDXL_CLIP_L_PREFIX, CLIPTextConfig.clip_l()),
-                         "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.open_clip_bigg())}}[family]
-        return unet, vae, text
-    unet = tiny_unet_config(family)
+                         "clip_g": (SDXL_CLIP_G_PREFIX, CLIPTextConfig.open_clip_bigg())},
+                "sdxl_refiner": {"clip_g": (SDXL_REFINER_CLIP_G_PREFIX, CLIPTextConfig.open_clip_bigg())}}[family]
+        return replace(unet, in_channels=in_channels), vae, text
+    unet = replace(tiny_unet_config(family), in_channels=in_channels)
     # Tiny encoders keep the real vocabulary (49408) and 77 positions, so real token ids work.
     if family == "sd15":
         text = {"clip_l": (SD1_CLIP_L_PREFIX, tiny_clip_config("hf", width=unet.context_dim))}
     elif family == "sd2":
         text = {"clip_h": (SD2_CLIP_H_PREFIX, tiny_clip_config("openclip", width=unet.context_dim))}
+    elif family == "sdxl_refiner":
+        text = {"clip_g": (SDXL_REFINER_CLIP_G_PREFIX, tiny_clip_config("openclip", width=unet.context_dim,
+                                                                      projection_dim=TINY_SDXL_POOLED_DIM))}
     else:
         width_l = 32
         text = {"clip_l": (SDXL_CLIP_L_PREFIX, tiny_clip_config("hf", width=width_l)),
@@ -157,8 +177,8 @@ def _module_specs(prefix: str, build: Callable[[], nn.Module], dtype: torch.dtyp
     return specs
 
 
-def _checkpoint_specs(arch: str, size: str, dtype: torch.dtype) -> list[_Spec]:
-    unet_config, vae_config, text = checkpoint_configs(arch, size)
+def _checkpoint_specs(arch: str, size: str, dtype: torch.dtype, in_channels: int = 4) -> list[_Spec]:
+    unet_config, vae_config, text = checkpoint_configs(arch, size, in_channels)
     specs = _module_specs(UNET_PREFIX, lambda: UNetModel(unet_config), dtype)
     if arch == "sd2-v":
         biases = [spec for spec in specs if spec.name.endswith(".1.transformer_blocks.0.norm1.bias")
@@ -238,12 +258,13 @@ def _write_random(path, specs: list[_Spec], seed: int, metadata: dict[str, str])
 
 
 def make_test_checkpoint(arch: str, size: str, out_path: str | os.PathLike, seed: int = 0,
-                         dtype: torch.dtype = torch.float16) -> None:
-    """A checkpoint of ``arch`` (sd15, sd2, sd2-v, sdxl) with random weights in the original single-file layout:
-    UNet under model.diffusion_model., VAE under first_stage_model., text encoders under their usual prefixes."""
+                         dtype: torch.dtype = torch.float16, in_channels: int = 4) -> None:
+    """A checkpoint of ``arch`` (sd15, sd2, sd2-v, sdxl, sdxl_refiner) with random weights in the original
+    single-file layout: UNet under model.diffusion_model., VAE under first_stage_model., text encoders under their
+    usual prefixes. ``in_channels`` 9 / 8: an inpainting / instruct-pix2pix UNet."""
     metadata = {TEST_CHECKPOINT_METADATA_KEY: arch, "comfy_serverless.size": size,
                 PREDICTION_METADATA_KEY: "v" if arch == "sd2-v" else "epsilon"}
-    _write_random(out_path, _checkpoint_specs(arch, size, dtype), seed, metadata)
+    _write_random(out_path, _checkpoint_specs(arch, size, dtype, in_channels), seed, metadata)
 
 
 def make_test_vae(out_path: str | os.PathLike, size: str = "tiny", seed: int = 0,

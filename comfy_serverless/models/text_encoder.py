@@ -17,15 +17,15 @@ from .patching import LoraPatch, patched_module
 log = logging.getLogger(__name__)
 
 # Which textual-inversion tensor each encoder takes from a multi-encoder embedding file.
-EMBEDDING_KEYS = {"sd15": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+EMBEDDING_KEYS = {"sd15": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g"), "sdxl_refiner": ("clip_g",)}
 # ComfyUI's key for each encoder's windows in tokenize()'s dict.
 TOKEN_KEYS = {"clip_l": "l", "clip_h": "h", "clip_g": "g"}
 
 
 @dataclass(frozen=True)
 class TextEncoder:
-    handle: ModelHandle  # loads an SD1TextEncoder, SD2TextEncoder or SDXLTextEncoder
-    family: str  # "sd15", "sd2" or "sdxl"
+    handle: ModelHandle  # loads an SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder or SDXLRefinerTextEncoder
+    family: str  # "sd15", "sd2", "sdxl" or "sdxl_refiner"
     layers: int  # transformer blocks of the (first) encoder, for CLIPSetLastLayer's range
     dtype: object
     last_layer: int | None = None  # None: the family's default (SD1 last, SD2/SDXL penultimate)
@@ -47,8 +47,9 @@ class TextEncoder:
 
     def tokenize(self, text: str, return_word_ids: bool = False, **_) -> dict:
         """ComfyUI's CLIP.tokenize: weighted 77-token windows per encoder, {"l": windows} for SD1, {"h": ...}
-        for SD2, {"g": ..., "l": ...} for SDXL; a window is a list of (token, weight) pairs (an embedding's
-        vectors stand where their tokens would), or (token, weight, word number) with return_word_ids."""
+        for SD2, {"g": ..., "l": ...} for SDXL, {"g": ...} for the SDXL refiner; a window is a list of (token,
+        weight) pairs (an embedding's vectors stand where their tokens would), or (token, weight, word number) with
+        return_word_ids."""
         from ..text.prompt_weights import tokenize_weighted
 
         return {TOKEN_KEYS[key]: tokenize_weighted(text, tokenizer, self._embedding_lookup(key), return_word_ids)
@@ -103,7 +104,7 @@ _tokenizer_cache: dict[int, object] = {}
 
 
 def _tokenizers(family: str) -> list:
-    """CLIP-L pads with the end token, OpenCLIP models (SD2's ViT-H, SDXL's bigG) with 0."""
+    """CLIP-L pads with the end token, OpenCLIP models (SD2's ViT-H, SDXL's and the refiner's bigG) with 0."""
     from ..text.tokenizer import PAD_WITH_END, PAD_WITH_ZERO, CLIPTokenizer
 
     def tokenizer(pad: int):
@@ -113,6 +114,6 @@ def _tokenizers(family: str) -> list:
 
     if family == "sd15":
         return [tokenizer(PAD_WITH_END)]
-    if family == "sd2":
+    if family in ("sd2", "sdxl_refiner"):
         return [tokenizer(PAD_WITH_ZERO)]
     return [tokenizer(PAD_WITH_END), tokenizer(PAD_WITH_ZERO)]

@@ -8,15 +8,16 @@ either checkpoint layout (config.layout):
                      SDXL `conditioner.embedders.0.transformer.text_model.*`
                      (embeddings.token_embedding, encoder.layers.N.self_attn.q_proj, final_layer_norm, ...):
                      our own names
-  layout "openclip"  SD2 `cond_stage_model.model.*`, SDXL `conditioner.embedders.1.model.*`
+  layout "openclip"  SD2 `cond_stage_model.model.*`, SDXL `conditioner.embedders.1.model.*`, SDXL refiner
+                     `conditioner.embedders.0.model.*`
                      (token_embedding, positional_embedding, transformer.resblocks.N.attn.in_proj_weight, ln_final,
                      text_projection, ...): renamed on loading by from_openclip_key, the fused q/k/v split into
                      views; to_openclip_layout writes it back
 
 Both are pre-norm transformers with a causal mask; CLIP-L uses quick_gelu, the OpenCLIP models gelu.
 
-The family encoders (SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder) take the windows produced by
-prompt_weights.tokenize_weighted and return (cond [1, 77 * windows, dim], pooled [1, dim]) the way ComfyUI
+The family encoders (SD1TextEncoder, SD2TextEncoder, SDXLTextEncoder, SDXLRefinerTextEncoder) take the windows
+produced by prompt_weights.tokenize_weighted and return (cond [1, 77 * windows, dim], pooled [1, dim]) the way ComfyUI
 does: weighted tokens are pushed away from the empty prompt's encoding, z_empty + (z - z_empty) * weight,
 textual-inversion vectors replace token embeddings, and windows are concatenated along the sequence.
 """
@@ -43,6 +44,7 @@ SD1_CLIP_L_PREFIX = "cond_stage_model.transformer.text_model."
 SD2_CLIP_H_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
 
 # Present in many checkpoints but not needed: HF's position-id buffer (corrupted in some merged models,
 # so never trusted) and OpenCLIP's contrastive temperature.
@@ -500,3 +502,26 @@ class SDXLTextEncoder(nn.Module):
         )
         length = min(cond_l.shape[1], cond_g.shape[1])
         return torch.cat([cond_l[:, :length], cond_g[:, :length]], dim=-1), pooled_g
+
+
+class SDXLRefinerTextEncoder(nn.Module):
+    """SDXL refiner: OpenCLIP bigG alone, penultimate layer without the final norm (1280 wide); pooled is its
+    projected pooled output."""
+
+    pad_token_id = 0
+    default_layer = -2
+
+    def __init__(self, clip_g: CLIPTextModel):
+        super().__init__()
+        self.clip_g = clip_g
+
+    def encode(
+        self, windows: list[list[WeightedToken]], hidden_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_weighted_windows(
+            self.clip_g,
+            windows,
+            pad_token_id=self.pad_token_id,
+            hidden_layer=self.default_layer if hidden_layer is None else hidden_layer,
+            normalize_hidden=False,
+        )

@@ -33,7 +33,7 @@ from comfy_serverless.networks.clip import CLIPTextModel, SD1TextEncoder, load_t
 from comfy_serverless.networks.unet import UNetModel
 from comfy_serverless.networks.vae import AutoencoderKL, VAEConfig
 
-FAMILY = {"sd15": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
+FAMILY = {"sd15": "sd15", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl_refiner"}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def meta_checkpoint(arch: str) -> dict[str, torch.Tensor]:
     return {prefix + key: value for prefix, weights in parts for key, value in weights.items()}
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd2-v", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", "sd2-v", "sdxl", "sdxl_refiner"])
 def test_full_size_architectures_are_recognised(arch):
     found = detect_architecture(meta_checkpoint(arch), {"modelspec.prediction_type": "v" if arch == "sd2-v" else ""})
     unet_config, vae_config, text = checkpoint_configs(arch, "full")
@@ -246,17 +246,20 @@ def test_other_architectures_are_named(files, tmp_path):
 
 def test_unsupported_unet_variants(files):
     state_dict = open_state_dict(files["sd15"])
-    inpaint = {**state_dict, UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}
-    with pytest.raises(CheckpointError, match="inpainting model"):
-        detect_architecture(inpaint)
+    depth = {**state_dict, UNET_PREFIX + "input_blocks.0.0.weight": torch.zeros(32, 5, 3, 3)}
+    with pytest.raises(CheckpointError, match=r"depth-conditioned model \(5 UNet input, 4 output channels\)"):
+        detect_architecture(depth)
+    eight_out = {**state_dict, UNET_PREFIX + "out.2.weight": torch.zeros(8, 32, 3, 3)}
+    with pytest.raises(CheckpointError, match="4 UNet input, 8 output channels"):
+        detect_architecture(eight_out)
     video = {**state_dict, UNET_PREFIX + "input_blocks.1.1.time_stack.0.attn1.to_q.weight": torch.zeros(2, 2)}
     with pytest.raises(CheckpointError, match="video model"):
         detect_architecture(video)
-    # A refiner is an SDXL-shaped UNet with 1280-wide context; faked here by widening the cross-attention.
-    refiner = {key: (torch.zeros(value.shape[0], 1280) if key.endswith("attn2.to_k.weight") else value)
-               for key, value in open_state_dict(files["sdxl"]).items()}
-    with pytest.raises(CheckpointError, match="SDXL refiner"):
-        detect_architecture(refiner)
+    # unCLIP is an SDXL-shaped UNet with 1024-wide context; faked here by widening the cross-attention.
+    unclip = {key: (torch.zeros(value.shape[0], 1024) if key.endswith("attn2.to_k.weight") else value)
+              for key, value in open_state_dict(files["sdxl"]).items()}
+    with pytest.raises(CheckpointError, match="unCLIP"):
+        detect_architecture(unclip)
     distilled = {key: value for key, value in state_dict.items() if ".output_blocks.5." not in key}
     with pytest.raises(CheckpointError, match="distilled or modified"):
         detect_architecture(distilled)
