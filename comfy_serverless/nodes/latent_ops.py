@@ -31,8 +31,8 @@ def _shaped_like(target_shape, latent, repeat_batch: bool = True):
 
     if tuple(latent.shape[1:]) != tuple(target_shape[1:]):
         if latent.shape[1] != target_shape[1]:
-            raise ValueError(f"latents with {latent.shape[1]} and {target_shape[1]} channels cannot be combined; "
-                             "they come from different model families")
+            raise ValueError(f"a latent of {latent.shape[1]} channels cannot be combined with one of "
+                             f"{target_shape[1]}: they come from different model families")
         latent = upscale(latent, target_shape[-1], target_shape[-2], "bilinear", "center")
     return _repeat_to_batch(latent, target_shape[0]) if repeat_batch else latent
 
