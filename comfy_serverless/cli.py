@@ -19,7 +19,8 @@ API-only, ComfyUI-compatible workflow server built for serverless cold starts.
 
 commands:
   serve      run the server (default when no command is given); ComfyUI's launch flags are accepted
-  snapshot   import every node pack and write the node catalogue snapshot the server starts from
+  snapshot   import every node pack and write the node catalogue snapshot the server starts from; with
+             --comfyui DIR (or --comfyui-url URL) also start that ComfyUI once and store its /object_info
   make-test-checkpoint --arch {sd15,sd2,sd2-v,sdxl} --size {tiny,full} OUT.safetensors
              write a checkpoint with random weights in the original single-file layout (tests, benchmarks)
 
@@ -28,6 +29,8 @@ switches take 1/true/yes. Probes for platforms: GET /health (liveness; 503 when 
 GET /ready (readiness: 503 until the node catalogue is loaded, while the queue is full, while the worker is
 dead or stuck, and while shutting down), GET /metrics (Prometheus). Request limits and timeouts are the
 --max-header-*, --*-timeout, --max-connections, --max-json-depth and --ws-* flags below (README: Reliability).
+ComfyUI as a second backend: --comfyui DIR runs prompts with nodes this server lacks on that checkout
+(a child process on a private loopback port sharing input/output/temp and model folders).
 SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds; exit status 0,
 or 1 when prompts were dropped (recorded in /history as errors) or interrupted.
 """
@@ -70,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     if settings.ignored_arguments:
         log.warning("ignoring unknown arguments: %s", " ".join(settings.ignored_arguments))
     if command == "snapshot":
+        from .server.warmup import NATIVE_ONLY_ENV
         from .tools import write_snapshot
 
-        return write_snapshot(settings)
+        status = write_snapshot(settings)
+        if settings.backend_configured and os.environ.get(NATIVE_ONLY_ENV) != "1":
+            from .backend.snapshot import write_backend_snapshot
+
+            status = write_backend_snapshot(settings) or status
+        return status
     return serve(settings, rest, log)
 
 

@@ -109,6 +109,19 @@ FLAGS: tuple[Flag, ...] = (
          "eager (before listening).", kind="value", default="background", choices=WARMUP_MODES),
     Flag("--catalog-path", "Node catalogue snapshot file (default: <base>/.comfy-serverless/catalog.json).",
          kind="value"),
+    # a ComfyUI installation behind this server (comfy_serverless/backend/)
+    Flag("--comfyui", "A ComfyUI checkout to run as a second execution backend for prompts with nodes this server "
+         "does not have (a child process on a private loopback port).", kind="value", metavar="DIR"),
+    Flag("--comfyui-python", "The Python interpreter for --comfyui (default: DIR/.venv or DIR/venv, else "
+         "python3 on PATH).", kind="value", metavar="PATH"),
+    Flag("--comfyui-url", "Use a ComfyUI that is already running at this URL as the backend instead of "
+         "starting one.", kind="value", metavar="URL"),
+    Flag("--comfyui-args", "Extra arguments for the ComfyUI child, one string (e.g. '--cpu').", kind="value",
+         default="", metavar="ARGS"),
+    Flag("--prefer-comfyui", "A node both this server and the ComfyUI backend have runs on the backend "
+         "(default: natively)."),
+    Flag("--comfyui-boot-timeout", "Seconds the ComfyUI backend may take to answer after it is started.",
+         kind="value", type=float, default=300.0),
     Flag("--disable-metadata", "Do not embed the prompt and workflow in saved PNG files."),
     Flag("--preview-method", "Latent previews over the WebSocket; auto and taesd use latent2rgb (taesd needs "
          "weights this server does not ship).", kind="value", default="none",
@@ -222,6 +235,12 @@ class Settings:
     max_queue_size: int
     warmup: str
     catalog_path: str | None
+    comfyui: str | None
+    comfyui_python: str | None
+    comfyui_url: str | None
+    comfyui_args: str
+    prefer_comfyui: bool
+    comfyui_boot_timeout: float
     disable_metadata: bool
     preview_method: str
     preview_size: int
@@ -345,6 +364,11 @@ class Settings:
     @property
     def catalog_file(self) -> str:
         return self._under_base(self.catalog_path, os.path.join(".comfy-serverless", "catalog.json"))
+
+    @property
+    def backend_configured(self) -> bool:
+        """True when a ComfyUI backend is configured (--comfyui or --comfyui-url)."""
+        return bool(self.comfyui or self.comfyui_url)
 
     @property
     def cache_mode(self) -> str:

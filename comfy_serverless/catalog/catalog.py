@@ -7,6 +7,8 @@ import json
 from . import packs
 from .describe import FILES_MARKER
 
+BACKEND_PACK = "comfyui-backend"  # the pack of every node the ComfyUI backend runs (--comfyui, --comfyui-url)
+
 
 class NodeSpec:
     """What is known about a node class from the snapshot, without importing it."""
@@ -18,7 +20,13 @@ class NodeSpec:
         self.info = entry["info"]
         self.facts = entry["exec"]
         self.pack = entry["pack"]
-        self.has_file_lists = f'"{FILES_MARKER}"' in json.dumps(self.info["input"])
+        # the backend's combos are concrete lists (its own files): nothing to fill from our folders
+        self.has_file_lists = self.pack != BACKEND_PACK and f'"{FILES_MARKER}"' in json.dumps(self.info["input"])
+
+    @property
+    def on_backend(self) -> bool:
+        """Runs on the ComfyUI backend, not in this process."""
+        return self.pack == BACKEND_PACK
 
     @property
     def output_node(self) -> bool:
@@ -48,15 +56,39 @@ def fill_file_lists(value, folders):
     return value
 
 
+def backend_entry(info) -> dict | None:
+    """A snapshot entry for a node of the backend's /object_info, or None when the entry is unusable."""
+    if not isinstance(info, dict) or not isinstance(info.get("input"), dict) or not isinstance(
+            info.get("output"), list):
+        return None
+    info = dict(info)
+    info.setdefault("output_is_list", [False] * len(info["output"]))
+    info["output_node"] = bool(info.get("output_node"))
+    return {"info": info, "exec": {}, "pack": BACKEND_PACK}
+
+
 class Catalog:
-    def __init__(self, snapshot: dict):
+    def __init__(self, snapshot: dict, backend_info: dict | None = None, prefer_backend: bool = False):
+        """backend_info: the ComfyUI backend's /object_info, merged in; a name both have stays native unless
+        prefer_backend."""
         self.fingerprint = snapshot.get("fingerprint")
         self.specs = {name: NodeSpec(name, entry) for name, entry in snapshot["nodes"].items()}
+        self.backend_nodes = 0
+        self.backend_names = frozenset(backend_info or ())  # every node the backend has, native twins included
+        for name, info in (backend_info or {}).items():
+            if name in self.specs and not prefer_backend:
+                continue
+            entry = backend_entry(info)
+            if entry is not None:
+                self.specs[name] = NodeSpec(name, entry)
+                self.backend_nodes += 1
         self.routes: dict[str, list] = snapshot.get("routes") or {}  # pack ref -> HTTP routes it registers
         # Pre-rendered `"name": {...}` fragments; nodes with disk-backed combos are rendered per request.
         self._static: dict[str, str] = {}
         self._dynamic: set[str] = set()
         for name, spec in self.specs.items():
+            if spec.on_backend:
+                continue  # rendered on first use: a large ComfyUI catalogue stays off the path to listening
             text = json.dumps(spec.info)
             if f'"{FILES_MARKER}"' in text:
                 self._dynamic.add(name)
@@ -75,6 +107,9 @@ class Catalog:
     def _fragment(self, name: str, folders) -> str:
         if name in self._static:
             return self._static[name]
+        if self.specs[name].on_backend:
+            self._static[name] = fragment = f"{json.dumps(name)}: {json.dumps(self.specs[name].info)}"
+            return fragment
         info = fill_file_lists(self.specs[name].info, folders)
         return f"{json.dumps(name)}: {json.dumps(info)}"
 
@@ -86,6 +121,8 @@ class Catalog:
     def load_class(self, name: str):
         """The node class itself; imports its pack on first use (heavy: call off the event loop)."""
         spec = self.specs[name]
+        if spec.on_backend:
+            raise RuntimeError(f"node {name} runs on the ComfyUI backend, not in this process")
         pack = packs.import_pack(spec.pack)
         if pack is None or name not in pack.classes:
             raise RuntimeError(f"node {name} could not be loaded from {spec.pack}")
@@ -93,4 +130,19 @@ class Catalog:
 
     def is_loaded(self, name: str) -> bool:
         spec = self.specs.get(name)
-        return spec is not None and packs.is_imported(spec.pack)
+        return spec is not None and not spec.on_backend and packs.is_imported(spec.pack)
+
+    def missing_on_backend(self, prompt) -> list[tuple[str, str]]:
+        """(node id, class_type) of the nodes the backend lacks, in a prompt that must run there."""
+        return [(node_id, node["class_type"]) for node_id, node in prompt.items()
+                if node["class_type"] not in self.backend_names]
+
+    def needs_backend(self, prompt) -> bool:
+        """True when some node of a (validated) prompt runs on the ComfyUI backend."""
+        if not isinstance(prompt, dict):
+            return False
+        for node in prompt.values():
+            spec = self.specs.get(node.get("class_type")) if isinstance(node, dict) else None
+            if spec is not None and spec.on_backend:
+                return True
+        return False

@@ -101,3 +101,67 @@ def load(path: str) -> dict | None:
     if not isinstance(snapshot, dict) or snapshot.get("format") != FORMAT:
         return None
     return snapshot
+
+
+# -- the ComfyUI backend's part of the snapshot ------------------------------------------------------------
+# Kept in its own file next to the native catalogue: the native part is rebuilt on its own (in a subprocess in
+# lazy mode) and must never start ComfyUI, and the backend part is refreshed only when ComfyUI changes.
+BACKEND_FORMAT = 1
+
+
+def backend_path(catalog_file: str) -> str:
+    root, ext = os.path.splitext(catalog_file)
+    return f"{root}.comfyui{ext or '.json'}"
+
+
+def comfyui_version(comfyui_dir: str) -> str | None:
+    """The checkout's version as ComfyUI declares it (comfyui_version.py), read as text: nothing is imported."""
+    import re
+
+    try:
+        with open(os.path.join(comfyui_dir, "comfyui_version.py"), encoding="utf-8") as fh:
+            match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", fh.read())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def comfyui_fingerprint(comfyui_dir: str | None, url: str | None) -> str:
+    """Changes when the ComfyUI version or any of its custom_nodes files changes (sizes and mtimes), or when
+    the backend is another URL. A running ComfyUI at a URL cannot be inspected: its URL stands for it."""
+    if not comfyui_dir:
+        return hashlib.sha256(f"format={BACKEND_FORMAT}\nurl={url}".encode()).hexdigest()
+    comfyui_dir = os.path.abspath(comfyui_dir)
+    lines = [f"format={BACKEND_FORMAT}", f"comfyui={comfyui_dir}", f"version={comfyui_version(comfyui_dir)}",
+             _stat_line(os.path.join(comfyui_dir, "nodes.py"))]
+    custom = os.path.join(comfyui_dir, "custom_nodes")
+    try:
+        packs_found = sorted(e.name for e in os.scandir(custom) if not e.name.startswith((".", "__")))
+    except OSError:
+        packs_found = []
+    for name in packs_found:
+        lines.append(f"pack={name}")
+        lines += [_stat_line(p) for p in _python_files(os.path.join(custom, name))]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def load_backend(catalog_file: str) -> dict | None:
+    """{"fingerprint", "version", "object_info", ...} or None when absent or unreadable."""
+    path = backend_path(catalog_file)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            part = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ComfyUI catalogue snapshot %s unreadable (%s); it will be fetched again", path, exc)
+        return None
+    if not isinstance(part, dict) or part.get("format") != BACKEND_FORMAT or not isinstance(
+            part.get("object_info"), dict):
+        return None
+    return part
+
+
+def backend_part(fingerprint_value: str, version: str | None, object_info: dict, fetched_in_s: float) -> dict:
+    return {"format": BACKEND_FORMAT, "fingerprint": fingerprint_value, "version": version,
+            "fetched_in_s": round(fetched_in_s, 3), "object_info": object_info}

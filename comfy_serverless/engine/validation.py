@@ -181,8 +181,9 @@ class _Checker:
                                           errors)
                     valid = valid and ok
                     continue
-                self._check_literal(inputs, name, value, config, expected, options,
-                                    name in validated_by_node or takes_all, errors)
+                # a backend node's combos are the backend's files as last read: the backend checks them itself
+                custom = name in validated_by_node or takes_all or (spec.on_backend and isinstance(expected, list))
+                self._check_literal(inputs, name, value, config, expected, options, custom, errors)
 
         if validator:
             errors += self._custom_validation(node_id, spec, inputs, declared, validator, received_types)

@@ -45,6 +45,13 @@ class App:
         self.hub = Hub(self.features, self.queue.remaining, self._reconnect_state, settings)
         self.worker = PromptWorker(self.context, self.queue, self.hub, self.metrics, self.catalogs.load_class,
                                    self._queue_changed)
+        self.backend = None
+        if settings.backend_configured:  # imported only then: the front's start stays as it is without one
+            from ..backend.backend import Backend
+
+            self.backend = Backend(self.context, self.hub, self.catalogs.set_backend_info)
+            self.worker.backend = self.backend
+            self.worker.needs_backend = lambda prompt: self.catalog is not None and self.catalog.needs_backend(prompt)
         self.http: HTTPServer | None = None
         self.prompt_counter = 0
         self.draining = False  # after SIGTERM: no new prompts, /ready 503
@@ -72,6 +79,14 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.context.activate()  # tasks and threads made from here on belong to this server
         self.catalogs.attach(self.loop)
+        if self.backend is not None:
+            self.backend.attach(self.loop)
+            if self.settings.warmup == "eager":  # everything warm before listening
+                self.backend.start()
+                try:
+                    await self.backend.wait_up()
+                except ConnectionError as exc:
+                    log.error("the ComfyUI backend is not up before listening: %s", exc)
         router = Router()
         from .routes import register_routes
 
@@ -93,10 +108,15 @@ class App:
             # Importing torch holds the GIL for long stretches (measured: the first answer came 0.33 s later
             # when the import started at once), so begin right after the first answer, e.g. the platform's
             # first probe, or shortly after listening when nobody asks.
-            self.http.on_first_response = self.catalogs.start_background_once
-            self.loop.call_later(WARMUP_FALLBACK_DELAY_S, self.catalogs.start_background_once)
+            self.http.on_first_response = self._start_background_once
+            self.loop.call_later(WARMUP_FALLBACK_DELAY_S, self._start_background_once)
         elif self.catalogs.stale and self.settings.warmup == "lazy":
             self.catalogs.start_background_once()
+
+    def _start_background_once(self) -> None:
+        self.catalogs.start_background_once()
+        if self.backend is not None:
+            self.backend.start()  # no-op once started
 
     def _ssl_context(self):
         s = self.settings
@@ -121,6 +141,8 @@ class App:
         self.draining = True
         self.exit_status = await drain(self)
         self.worker.stopping = True
+        if self.backend is not None:
+            await self.backend.stop()
         await self.http.close()
         log.info("stopped")
 

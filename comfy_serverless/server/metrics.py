@@ -11,6 +11,7 @@ import threading
 
 from .system import rss_bytes
 
+BACKEND_STATES = ("not started", "booting", "up", "restarting", "failed", "stopped")
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -32,7 +33,7 @@ class Metrics:
                     self.duration_buckets[i] += 1
 
     def render(self, pending: int, running: int, server_context, worker_up: bool = True,
-               worker_restarts: int = 0, seconds_since_progress: float = 0.0) -> bytes:
+               worker_restarts: int = 0, seconds_since_progress: float = 0.0, backend: dict | None = None) -> bytes:
         """The exposition text; stages and model loads come from `server_context` (one server's state)."""
         lines = []
 
@@ -64,6 +65,17 @@ class Metrics:
         metric("comfy_worker_seconds_since_progress", "gauge", "Seconds since the prompt worker last showed "
                "life (a loop tick when idle, an engine event while running a prompt).",
                [("", seconds_since_progress)])
+        if backend is not None:
+            metric("comfy_backend_up", "gauge", "1 while the ComfyUI backend is up and connected.",
+                   [("", int(backend["state"] == "up"))])
+            metric("comfy_backend_state", "gauge", "The ComfyUI backend's state (1 for the current one).",
+                   [(_labels(state=state), int(backend["state"] == state)) for state in BACKEND_STATES])
+            metric("comfy_backend_boot_seconds", "gauge", "Seconds the last ComfyUI backend boot took (until it "
+                   "answered).", [("", backend["boot_seconds"] if backend["boot_seconds"] is not None else math.nan)])
+            metric("comfy_backend_restarts_total", "counter", "Times the ComfyUI backend was restarted after it "
+                   "died.", [("", backend["restarts"])])
+            metric("comfy_backend_prompts_total", "counter", "Prompts handed to the ComfyUI backend.",
+                   [("", backend["prompts"])])
         metric("comfy_process_resident_memory_bytes", "gauge", "Resident set size of the server process.",
                [("", rss_bytes())])
         return ("\n".join(lines) + "\n").encode()

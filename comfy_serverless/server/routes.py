@@ -86,6 +86,12 @@ def _query_int(request, name: str):
         return None, _bad_request("invalid_request", f"'{name}' must be an integer.", raw[:100])
 
 
+def _unknown_nodes(prompt, catalog) -> bool:
+    return isinstance(prompt, dict) and any(
+        isinstance(node, dict) and isinstance(node.get("class_type"), str) and node["class_type"] not in catalog
+        for node in prompt.values())
+
+
 def register_routes(router, app) -> None:
     async def catalog_or_none():
         if app.catalog is None:
@@ -175,6 +181,10 @@ def register_routes(router, app) -> None:
         catalog = await catalog_or_none()
         if catalog is None:
             return json_response(_error_body("not_ready", "The node catalogue is not loaded yet.", ""), 503)
+        if app.backend is not None and not app.backend.catalog_live and _unknown_nodes(prompt, catalog):
+            # nodes the snapshot does not know may be the backend's (a pack added since): ask the backend itself
+            await app.backend.wait_catalog(app.settings.comfyui_boot_timeout)
+            catalog = app.catalog
         partial = body.get("partial_execution_targets")
         if validation.runs_node_code(prompt, catalog):
             result = await asyncio.to_thread(validation.validate_prompt, prompt, catalog, app.folders, partial)
@@ -182,6 +192,13 @@ def register_routes(router, app) -> None:
             result = validation.validate_prompt(prompt, catalog, app.folders, partial)
         if not result.ok:
             return json_response({"error": result.error, "node_errors": result.node_errors}, 400)
+        if app.backend is not None and catalog.needs_backend(prompt):
+            missing = catalog.missing_on_backend(prompt)
+            if missing:
+                node_id, class_type = missing[0]
+                return _bad_request("invalid_prompt", f"Cannot execute because node {class_type} exists only in "
+                                    "this server, and other nodes of the prompt exist only on the ComfyUI backend: "
+                                    "a prompt runs on one engine.", f"Node ID '#{node_id}'")
         if app.draining:  # SIGTERM arrived while validating: drain() no longer looks at new items
             return json_response(_error_body("shutting_down", "The server is shutting down; send the prompt "
                                              "to another instance.", "SIGTERM received"), 503)
@@ -190,6 +207,8 @@ def register_routes(router, app) -> None:
         if not app.queue.put_new([number, prompt_id, prompt, extra_data, result.outputs]):
             return _bad_request("duplicate_prompt_id", "A prompt with this prompt_id is already queued, running "
                                 "or in the history.", prompt_id)
+        if app.backend is not None and catalog.needs_backend(prompt):
+            app.backend.start()  # lazy boot: the first prompt that needs it (it waits in the queue meanwhile)
         return json_response({"prompt_id": prompt_id, "number": number, "node_errors": result.node_errors})
 
     async def object_info(request):
@@ -247,6 +266,8 @@ def register_routes(router, app) -> None:
             app.queue.set_flag("unload_models", True)
         if body.get("free_memory"):
             app.queue.set_flag("free_memory", True)
+        if app.backend is not None:
+            await app.backend.free({k: bool(body.get(k)) for k in ("unload_models", "free_memory")})
         return Response()
 
     async def websocket_without_upgrade(request):
@@ -256,7 +277,8 @@ def register_routes(router, app) -> None:
     async def metrics(request):
         body = app.metrics.render(app.queue.pending_count(), len(app.queue.running()), app.context,
                                   worker_up=app.worker.up, worker_restarts=app.worker.restarts,
-                                  seconds_since_progress=app.worker.seconds_since_progress())
+                                  seconds_since_progress=app.worker.seconds_since_progress(),
+                                  backend=app.backend.describe() if app.backend is not None else None)
         return Response(body, 200, "text/plain; version=0.0.4; charset=utf-8")
 
     async def extensions(request):

@@ -71,5 +71,13 @@ def system_stats(app) -> dict:
             "heavy_modules_loaded": [m for m in HEAVY_MODULES if m in sys.modules],
             "rss_bytes": rss_bytes(),
             "cache_mode": app.settings.cache_mode,
+            "backend": _backend(app),
         },
     }
+
+
+def _backend(app) -> dict | None:
+    """The ComfyUI backend's state and boot time (None when none is configured)."""
+    if app.backend is None:
+        return None
+    return {**app.backend.describe(), "nodes": app.catalog.backend_nodes if app.catalog else 0}

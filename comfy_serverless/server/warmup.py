@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from ..catalog.catalog import Catalog
 log = logging.getLogger("comfy_serverless")
 
 HEAVY_MODULES = ("torch", "numpy", "PIL.Image")
+NATIVE_ONLY_ENV = "COMFY_SERVERLESS_SNAPSHOT_NATIVE_ONLY"  # `snapshot` leaves the ComfyUI backend's part alone
 
 
 class CatalogLoader:
@@ -33,6 +35,13 @@ class CatalogLoader:
         self.state = "not started"  # warm-up state shown in /system_stats
         self.pack_refs: list[str] = []
         self._background_started = False
+        self._native: dict | None = None  # the native snapshot the catalogue was made from
+        self.backend_info: dict | None = None  # the ComfyUI backend's /object_info (snapshot, then live)
+        self.backend_fingerprint: str | None = None  # of the backend part read from the snapshot
+
+    def _catalog(self, snap: dict) -> Catalog:
+        self._native = snap
+        return Catalog(snap, self.backend_info, bool(self.settings.prefer_comfyui))
 
     @property
     def settings(self):
@@ -43,9 +52,15 @@ class CatalogLoader:
         self.pack_refs = packs.all_pack_refs(self.context.folders.model_dirs("custom_nodes"),
                                              s.disable_all_custom_nodes, s.whitelist_custom_nodes)
         expected = snapshot.fingerprint(self.pack_refs)
+        if s.backend_configured:
+            part = snapshot.load_backend(s.catalog_file)
+            if part is not None:
+                self.backend_info, self.backend_fingerprint = part["object_info"], part.get("fingerprint")
+            log.info("ComfyUI backend catalogue: %s", f"{len(self.backend_info)} nodes from the snapshot"
+                     if part is not None else "not in the snapshot yet; read once the backend is up")
         snap = snapshot.load(s.catalog_file)
         if snap is not None:
-            self.catalog = Catalog(snap)
+            self.catalog = self._catalog(snap)
             self.stale = snap.get("fingerprint") != expected
             log.info("catalogue: %d nodes from %s%s", len(self.catalog), s.catalog_file,
                      " (stale: rebuilding in the background)" if self.stale else "")
@@ -104,7 +119,7 @@ class CatalogLoader:
                 snapshot.save(snap, self.settings.catalog_file)
             except OSError as exc:
                 log.warning("cannot save the catalogue snapshot: %s", exc)
-        catalog = Catalog(snap)
+        catalog = self._catalog(snap)
 
         def swap():
             self.catalog = catalog
@@ -116,12 +131,34 @@ class CatalogLoader:
 
         call_on_loop(self.loop, swap)
 
+    def set_backend_info(self, info: dict) -> None:
+        """The backend's live /object_info joins the catalogue (event loop); saved when the snapshot's differs."""
+        self.backend_info = info
+        if self._native is not None:
+            self.catalog = self._catalog(self._native)
+            log.info("catalogue: %d nodes with the ComfyUI backend's (%d run there)", len(self.catalog),
+                     self.catalog.backend_nodes)
+        threading.Thread(target=self._save_backend_part, args=(info,), name="backend-snapshot", daemon=True).start()
+
+    def _save_backend_part(self, info: dict) -> None:
+        s = self.settings
+        current = snapshot.comfyui_fingerprint(s.comfyui, s.comfyui_url)
+        if current == self.backend_fingerprint:
+            return
+        try:
+            snapshot.save(snapshot.backend_part(current, None, info, 0.0), snapshot.backend_path(s.catalog_file))
+            self.backend_fingerprint = current
+        except OSError as exc:
+            log.warning("cannot save the ComfyUI backend's catalogue: %s", exc)
+
     def _rebuild_in_subprocess(self) -> None:
         """Lazy mode keeps torch out of this process: another process imports the packs."""
         command = [sys.executable, "-m", "comfy_serverless", "snapshot", *self.argv]
         try:
-            # Its log (import errors of custom nodes included) goes to this server's log.
-            result = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=600)
+            # Its log (import errors of custom nodes included) goes to this server's log. Only the native part:
+            # the backend's is read from the running backend, never by starting a second one.
+            env = {**os.environ, NATIVE_ONLY_ENV: "1"}
+            result = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=600, env=env)
             if result.returncode != 0:
                 log.error("catalogue rebuild failed (exit status %s)", result.returncode)
                 return

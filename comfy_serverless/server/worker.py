@@ -51,6 +51,8 @@ class PromptWorker:
         self._restart_times: list[float] = []
         self._held: list = []  # final messages of the running prompt, released after its history entry
         self._held_lock = threading.Lock()
+        self.backend = None  # the ComfyUI backend (backend/backend.py), when one is configured
+        self.needs_backend = None  # (prompt) -> bool: whether a prompt has nodes only the backend runs
 
     # -- the thread --------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -95,7 +97,10 @@ class PromptWorker:
         try:
             self.context.timeline.mark("first_prompt_started")
             log.info("prompt started")
-            entry = loop.run_until_complete(self.executor.execute(prompt_id, item[2], item[3], item[4]))
+            if self.backend is not None and self.needs_backend(item[2]):
+                entry = self.backend.run_blocking(prompt_id, item[2], item[3], item[4], self.notify)
+            else:
+                entry = loop.run_until_complete(self.executor.execute(prompt_id, item[2], item[3], item[4]))
             if not isinstance(entry, dict):
                 raise TypeError(f"the executor returned {type(entry).__name__}, not a history entry")
         except BaseException as exc:  # an engine bug, or SystemExit & co. from a node: fail this prompt only
