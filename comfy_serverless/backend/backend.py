@@ -353,8 +353,16 @@ class Backend:
                 self._relay(*message)
             except Exception:
                 log.exception("relaying a ComfyUI backend event failed")
+        process = self.process
+        for _ in range(40):  # a closed socket usually means a dead process: report its exit status if so
+            if process is None or not process.alive() or self.state != "up":
+                break
+            await asyncio.sleep(POLL_S)
         if socket is self.socket and self.state == "up":
-            self._lost("the ComfyUI backend closed its WebSocket")
+            if process is not None and not process.alive():
+                self._lost(f"the ComfyUI backend exited with status {process.proc.returncode}")
+            else:
+                self._lost("the ComfyUI backend closed its WebSocket")
 
     def _relay(self, kind: str, payload) -> None:
         run = self._run

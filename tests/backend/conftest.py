@@ -58,3 +58,14 @@ def ws_timeout_30():
     websocket.setdefaulttimeout(30)
     yield
     websocket.setdefaulttimeout(previous)
+
+
+def prepared_front(base: Path, *flags: str) -> Path:
+    """A front base directory with the test pack and its catalogue snapshot built (ready at once when started)."""
+    from conftest import PACKS
+
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(PACKS / "engine_test_nodes.py", base / "custom_nodes" / "engine_test_nodes.py")
+    subprocess.run([*COMMAND, "snapshot", "--base-directory", str(base), *flags], check=True, cwd=str(REPO),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    return base
