@@ -70,7 +70,7 @@ class SaveAnimatedPNG:
             pictures[0].save(partial, format="PNG", pnginfo=metadata, compress_level=compress_level, save_all=True,
                              duration=duration, append_images=pictures[1:])
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}],
-                       "animated": (True,)}}
+                       "animated": [True]}}
 
 
 class SaveAnimatedWEBP:
@@ -119,7 +119,7 @@ class SaveAnimatedWEBP:
                                      lossless=lossless, quality=quality, method=WEBP_METHODS[method])
             results.append({"filename": file, "subfolder": subfolder, "type": "output"})
             counter += 1
-        return {"ui": {"images": results, "animated": (per_file != 1,)}}
+        return {"ui": {"images": results, "animated": [per_file != 1]}}
 
 
 class LoadImageOutput(LoadImage):

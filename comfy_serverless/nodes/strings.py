@@ -244,7 +244,7 @@ class PreviewAny:
                     text = str(source)
                 except Exception:
                     text = "source exists, but could not be serialized."
-        return {"ui": {"text": (text,)}}
+        return {"ui": {"text": [text]}}  # a list: the engine extends lists, as ComfyUI extends any sequence
 
 
 NODE_CLASS_MAPPINGS = {

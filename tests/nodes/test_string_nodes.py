@@ -89,10 +89,10 @@ def test_regex_replace_agrees_with_re_sub():
 
 
 def test_preview_any_text():
-    assert PreviewAny().main("hi") == {"ui": {"text": ("hi",)}}
-    assert PreviewAny().main(3.5)["ui"]["text"] == ("3.5",)
-    assert PreviewAny().main(True)["ui"]["text"] == ("True",)
-    assert PreviewAny().main(None)["ui"]["text"] == ("None",)
-    assert PreviewAny().main({"a": [1, 2]})["ui"]["text"] == ('{"a": [1, 2]}',)
+    assert PreviewAny().main("hi") == {"ui": {"text": ["hi"]}}
+    assert PreviewAny().main(3.5)["ui"]["text"] == ["3.5"]
+    assert PreviewAny().main(True)["ui"]["text"] == ["True"]
+    assert PreviewAny().main(None)["ui"]["text"] == ["None"]
+    assert PreviewAny().main({"a": [1, 2]})["ui"]["text"] == ['{"a": [1, 2]}']
     tensor = torch.zeros(2)
-    assert PreviewAny().main(tensor)["ui"]["text"] == (str(tensor),)
+    assert PreviewAny().main(tensor)["ui"]["text"] == [str(tensor)]
