@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 
@@ -68,13 +69,19 @@ def _load_pickle(path: str) -> Mapping:
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise UpscaleModelError(f"{path}: missing or empty file")
     with open(path, "rb") as fh:
-        is_zip = fh.read(4) == b"PK\x03\x04"
+        head = fh.read(8)
+    is_zip = head.startswith(b"PK\x03\x04")
+    if not is_zip and not (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):  # pickle protocol 2-5
+        raise UpscaleModelError(f"{path}: not a PyTorch file (it starts with {head!r}); truncated, corrupt or "
+                                f"another kind of file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-        raise UpscaleModelError(f"{path}: refused or unreadable PyTorch file (only plain tensors are loaded, "
-                                f"never code): {first[:200]}") from None
+        if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc)):
+            raise UpscaleModelError(f"{path}: refused: the file holds Python objects besides tensors "
+                                    f"({found.group(1)}), and loading those could run code; use a .safetensors "
+                                    f"version of the model") from None
+        raise UpscaleModelError(f"{path}: cannot read PyTorch file (truncated or corrupt?)") from None
     except Exception as exc:  # truncated or damaged files fail in many ways
         raise UpscaleModelError(f"{path}: cannot read PyTorch file (truncated or corrupt?): "
                                 f"{type(exc).__name__}: {str(exc)[:200]}") from None
