@@ -145,6 +145,12 @@ class T2IAdapterControl(ControlBase):
             self.cond_hint = hint
             with torch.no_grad():
                 self.control_input = network(hint)
-        control = {key: [None if item is None else broadcast_image_to(item, x.shape[0], batched_number)
+        control = {key: [None if item is None else self._to_batch(item, x.shape[0], batched_number)
                          for item in items] for key, items in self.control_input.items()}
         return self.control_merge(control, previous, output_dtype=x.dtype)
+
+    @staticmethod
+    def _to_batch(feature, batch: int, batched_number: int):
+        feature = broadcast_image_to(feature, batch, batched_number)
+        # The UNet adds residuals of its own batch size (ComfyUI relies on broadcasting a single hint's).
+        return feature.expand(batch, *feature.shape[1:]) if feature.shape[0] == 1 else feature

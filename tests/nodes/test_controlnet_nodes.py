@@ -1,0 +1,335 @@
+"""ControlNet / T2I-Adapter loading, control objects and apply nodes: called directly, and once through the server."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_serverless.models.checkpoint_files import CheckpointError
+from comfy_serverless.models.control_objects import ControlNet, broadcast_image_to, resize_hint
+from comfy_serverless.models.random_checkpoints import make_test_checkpoint
+from comfy_serverless.models.random_controlnets import (
+    make_test_controlnet,
+    make_test_diff_controlnet,
+    make_test_t2i_adapter,
+    tiny_adapter_config,
+    tiny_controlnet_config,
+)
+from comfy_serverless.models.t2i_adapters import T2IAdapterControl
+from comfy_serverless.nodes import controlnet_nodes
+from comfy_serverless.nodes.controlnet_nodes import (
+    ControlNetApply,
+    ControlNetApplyAdvanced,
+    ControlNetLoader,
+    DiffControlNetLoader,
+)
+from conftest import Server, server_context
+
+LAYOUT_FILES = {"cn-original.safetensors": "original", "cn-bare.pth": "original-bare",
+                "cn-diffusers.safetensors": "diffusers"}
+ADAPTERS = {"t2i-full.safetensors": (tiny_adapter_config("full"), "original"),
+            "t2i-full-diffusers.safetensors": (tiny_adapter_config("full"), "diffusers"),
+            "t2i-light.pth": (tiny_adapter_config("light"), "original"),
+            "t2i-xl-gray.safetensors": (tiny_adapter_config("full", xl=True, in_channels=1), "original")}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base directory with tiny checkpoints, ControlNets in every layout, a diff ControlNet and T2I-Adapters."""
+    root = tmp_path_factory.mktemp("controlnet")
+    checkpoints, controlnets = root / "models" / "checkpoints", root / "models" / "controlnet"
+    checkpoints.mkdir(parents=True)
+    controlnets.mkdir(parents=True)
+    for family in ("sd15", "sdxl"):
+        make_test_checkpoint(family, "tiny", checkpoints / f"tiny-{family}.safetensors", seed=1)
+    weights = {}
+    for name, layout in LAYOUT_FILES.items():
+        weights[name] = make_test_controlnet("sd15", controlnets / name, layout, seed=7)
+    weights["cn-sdxl.safetensors"] = make_test_controlnet("sdxl", controlnets / "cn-sdxl.safetensors", "diffusers")
+    weights["cn-diff.safetensors"] = make_test_diff_controlnet(checkpoints / "tiny-sd15.safetensors",
+                                                               controlnets / "cn-diff.safetensors", seed=8)
+    for name, (config, layout) in ADAPTERS.items():
+        weights[name] = make_test_t2i_adapter(controlnets / name, config, layout, seed=9)
+    (root / "input").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+        root / "input" / "hint.png")
+    return root, weights
+
+
+@pytest.fixture(scope="module")
+def ctx(base):
+    with server_context(base_directory=str(base[0]), force_fp32=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sd15(ctx, base):
+    from comfy_serverless.models.loading import load_checkpoint
+
+    return load_checkpoint(str(base[0] / "models" / "checkpoints" / "tiny-sd15.safetensors"))
+
+
+def load(name: str):
+    return ControlNetLoader().load_controlnet(name)[0]
+
+
+def network_state(control) -> dict:
+    return control.handle.get().state_dict()
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LAYOUT_FILES)
+def test_every_layout_loads_the_same_network(ctx, base, name):
+    control = load(name)
+    assert isinstance(control, ControlNet) and control.family == "sd15"
+    assert control.config == tiny_controlnet_config("sd15")
+    state = network_state(control)
+    assert state.keys() == base[1][name].keys()
+    assert all(torch.equal(state[k], base[1][name][k]) for k in state)
+
+
+def test_sdxl_diffusers_controlnet(ctx):
+    control = load("cn-sdxl.safetensors")
+    assert control.family == "sdxl" and control.config == tiny_controlnet_config("sdxl")
+
+
+def test_diff_controlnet_adds_the_models_unet(ctx, base, sd15):
+    with pytest.raises(CheckpointError, match="DiffControlNetLoader"):
+        load("cn-diff.safetensors")
+    control = DiffControlNetLoader().load_controlnet(sd15[0], "cn-diff.safetensors")[0]
+    state, real = network_state(control), base[1]["cn-diff.safetensors"]
+    assert state.keys() == real.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], real[key], rtol=0, atol=1e-6)
+    # A plain ControlNet through DiffControlNetLoader loads as usual.
+    plain = DiffControlNetLoader().load_controlnet(sd15[0], "cn-original.safetensors")[0]
+    assert torch.equal(network_state(plain)["zero_convs.0.0.weight"],
+                       base[1]["cn-original.safetensors"]["zero_convs.0.0.weight"])
+
+
+def test_files_that_are_not_controlnets_fail_clearly(ctx, base, tmp_path):
+    from safetensors.torch import save_file
+
+    from comfy_serverless.models.controlnets import load_controlnet
+
+    with pytest.raises(CheckpointError, match="not a ControlNet or T2I-Adapter"):
+        load_controlnet(str(base[0] / "models" / "checkpoints" / "tiny-sd15.safetensors"))
+    union = tmp_path / "union.safetensors"
+    save_file({"control_add_embedding.linear_1.weight": torch.zeros(2, 2),
+               "controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3)}, str(union))
+    with pytest.raises(CheckpointError, match="union ControlNet"):
+        load_controlnet(str(union))
+    broken = tmp_path / "broken.safetensors"
+    save_file({k: v for k, v in base[1]["cn-bare.pth"].items() if k != "middle_block_out.0.bias"}, str(broken))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_controlnet(str(broken))
+    with pytest.raises(FileNotFoundError, match="models/controlnet"):
+        load("missing.safetensors")
+
+
+# -- the control object ----------------------------------------------------------------------------------
+
+def latents_and_context(batch=2, context_dim=32, size=8):
+    generator = torch.Generator().manual_seed(3)
+    return (torch.randn(batch, 4, size, size, generator=generator) * 5,
+            torch.randn(batch, 7, context_dim, generator=generator))
+
+
+def hint_image(batch=1, height=40, width=56):
+    return torch.rand(batch, height, width, 3, generator=torch.Generator().manual_seed(4))
+
+
+def conditioning(context):
+    return [[context[:1], {}]]
+
+
+def test_get_control_is_the_network_on_the_scaled_input_times_strength(ctx, sd15):
+    model = sd15[0]
+    x, context = latents_and_context()
+    image = hint_image()
+    positive, _ = ControlNetApplyAdvanced().apply_controlnet(conditioning(context), conditioning(context),
+                                                             load("cn-original.safetensors"), image, 0.5, 0, 1)
+    control = positive[0][1]["control"]
+    sampling = model.model_sampling
+    control.pre_run(model, sampling.percent_to_sigma)
+    sigma = torch.tensor([3.0, 3.0])
+    got = control.get_control(x, sigma, {"c_crossattn": context}, 1, {})
+    hint = resize_hint(image.movedim(-1, 1), 64, 64)
+    with torch.no_grad():
+        want = control.handle.get()(sampling.calculate_input(sigma, x), hint, sampling.timestep(sigma), context)
+    assert len(got["output"]) == len(want["output"]) == 6 and len(got["middle"]) == 1 and got["input"] == []
+    for mine, theirs in zip(got["output"] + got["middle"], want["output"] + want["middle"]):
+        torch.testing.assert_close(mine, theirs * 0.5)
+        assert theirs.abs().max() > 0.01
+    control.cleanup()
+    assert control.cond_hint is None and control.timestep_range is None
+
+
+def test_chained_controls_sum_and_respect_their_range(ctx, sd15):
+    model = sd15[0]
+    x, context = latents_and_context()
+    image, node = hint_image(), ControlNetApplyAdvanced()
+    first, _ = node.apply_controlnet(conditioning(context), conditioning(context), load("cn-original.safetensors"),
+                                     image, 1.0, 0.0, 1.0)
+    # The second is active only in the second half of sampling (low sigmas).
+    second, _ = node.apply_controlnet(first, first, load("cn-diffusers.safetensors"), 1 - image, 2.0, 0.5, 1.0)
+    outer, inner = second[0][1]["control"], first[0][1]["control"]
+    assert outer.previous_controlnet is inner
+    sampling = model.model_sampling
+    outer.pre_run(model, sampling.percent_to_sigma)
+    cond = {"c_crossattn": context}
+    for sigma, active in ((sampling.sigma_max, False), (torch.tensor(0.5), True)):
+        sigmas = sigma.reshape(1).expand(2).float()
+        both = outer.get_control(x, sigmas, cond, 1, {})
+        alone = inner.get_control(x, sigmas, cond, 1, {})
+        if not active:
+            assert all(torch.equal(a, b) for a, b in zip(both["output"], alone["output"]))
+            continue
+        own = outer.control_merge(outer.handle.get()(sampling.calculate_input(sigmas, x),
+                                                     resize_hint(1 - image.movedim(-1, 1), 64, 64),
+                                                     sampling.timestep(sigmas), context), None)
+        for total, a, b in zip(both["output"], alone["output"], own["output"]):
+            torch.testing.assert_close(total, a + b)
+
+
+def test_hint_batches_follow_comfyui():
+    hints = torch.arange(3.0).reshape(3, 1, 1, 1)
+    # Two conditioning chunks of two items: each chunk gets the first two hints.
+    assert broadcast_image_to(hints, 4, 2).flatten().tolist() == [0, 1, 0, 1]
+    # One chunk of five: hints cycle.
+    assert broadcast_image_to(hints, 5, 1).flatten().tolist() == [0, 1, 2, 0, 1]
+    assert broadcast_image_to(hints[:1], 6, 2).shape[0] == 1  # a single hint broadcasts
+    # Centre crop to the target aspect, then resize.
+    image = torch.arange(8.0).reshape(1, 1, 2, 4)
+    assert resize_hint(image, 2, 2).flatten().tolist() == [1, 2, 5, 6]
+
+
+def test_sdxl_controlnet_needs_y_and_fitting_context(ctx):
+    control = load("cn-sdxl.safetensors").copy().set_cond_hint(hint_image().movedim(-1, 1))
+    from comfy_serverless.sampling.denoising import ModelSampling
+
+    sampling = ModelSampling("eps")
+    control.pre_run(type("Model", (), {"model_sampling": sampling})(), sampling.percent_to_sigma)
+    x, context = latents_and_context(context_dim=64)
+    sigma = torch.tensor([2.0, 2.0])
+    with pytest.raises(ValueError, match="needs the conditioning vector y"):
+        control.get_control(x, sigma, {"c_crossattn": context}, 1, {})
+    with pytest.raises(ValueError, match="expects text conditioning 64 wide, got 32"):
+        control.get_control(x, sigma, {"c_crossattn": context[..., :32], "y": torch.zeros(2, 256)}, 1, {})
+    out = control.get_control(x, sigma, {"c_crossattn": context, "y": torch.randn(2, 256)}, 1, {})
+    assert len(out["output"]) == 6 and out["middle"][0].shape == (2, 64, 2, 2)
+
+
+# -- T2I-Adapters ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_t2i_adapters_load_through_controlnetloader(ctx, base, name):
+    config, _ = ADAPTERS[name]
+    control = load(name)
+    assert isinstance(control, T2IAdapterControl) and control.config == config
+    state = network_state(control)
+    assert all(torch.equal(state[k], base[1][name][k]) for k in base[1][name])
+    size = 16 if config.xl else 8
+    x, context = latents_and_context(batch=4, size=size)
+    image = hint_image(batch=2)
+    control = control.copy().set_cond_hint(image.movedim(-1, 1), 0.25)
+    out = control.get_control(x, torch.tensor([1.0] * 4), {"c_crossattn": context}, 2, {})
+    hint = resize_hint(image.movedim(-1, 1), size * 8, size * 8)
+    if config.in_channels == 1:
+        hint = hint.mean(dim=1, keepdim=True)  # a one-channel adapter sees the grey image
+    with torch.no_grad():
+        features = control.handle.get().features(hint)
+    placed = [f for f in out["input"][::-1] + out.get("middle", []) if f is not None]
+    assert len(placed) == 4
+    for got, want in zip(placed, features):
+        assert got.shape[0] == 4  # two chunks of two: the two hints per chunk
+        torch.testing.assert_close(got, torch.cat([want, want]) * 0.25)
+
+
+# -- nodes -------------------------------------------------------------------------------------------------
+
+def test_apply_nodes_copy_chain_and_share(ctx):
+    controlnet = load("cn-original.safetensors")
+    context = torch.zeros(1, 7, 32)
+    positive = [[context, {"strength": 1.0}], [context, {}]]
+    negative = [[context, {}]]
+    image = hint_image()
+    node = ControlNetApplyAdvanced()
+    assert node.apply_controlnet(positive, negative, controlnet, image, 0.0, 0, 1) == (positive, negative)
+    new_pos, new_neg = node.apply_controlnet(positive, negative, controlnet, image, 0.7, 0.2, 0.9)
+    control = new_pos[0][1]["control"]
+    assert control is not controlnet and control.handle is controlnet.handle
+    assert new_pos[1][1]["control"] is control and new_neg[0][1]["control"] is control  # one batchable object
+    assert control.strength == 0.7 and control.timestep_percent_range == (0.2, 0.9)
+    assert new_pos[0][1]["control_apply_to_uncond"] is False and new_pos[0][1]["strength"] == 1.0
+    assert "control" not in positive[0][1]  # the input conditioning is untouched
+    assert torch.equal(control.cond_hint_original, image.movedim(-1, 1))
+
+    (old,) = ControlNetApply().apply_controlnet(new_pos, controlnet, image, 0.3)
+    assert old[0][1]["control"].previous_controlnet is control and old[0][1]["control_apply_to_uncond"] is True
+    assert old[0][1]["control"] is not old[1][1]["control"]  # the old node copies per entry
+    assert ControlNetApply().apply_controlnet(positive, controlnet, image, 0.0) == (positive,)
+    with pytest.raises(ValueError, match="IMAGE"):
+        node.apply_controlnet(positive, negative, controlnet, image[0], 1.0, 0, 1)
+
+
+def test_node_definitions():
+    assert ControlNetApply.DEPRECATED is True and not getattr(ControlNetApplyAdvanced, "DEPRECATED", False)
+    assert list(ControlNetApplyAdvanced.INPUT_TYPES()["optional"]) == ["vae"]
+    assert ControlNetApplyAdvanced.RETURN_NAMES == ("positive", "negative")
+    assert list(DiffControlNetLoader.INPUT_TYPES()["required"]) == ["model", "control_net_name"]
+    assert controlnet_nodes.NODE_DISPLAY_NAME_MAPPINGS["ControlNetApply"] == "Apply ControlNet (OLD)"
+
+
+# -- through the server ------------------------------------------------------------------------------------
+
+def controlnet_workflow(strength: float | None, controlnet: str = "cn-original.safetensors") -> dict:
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+        "5": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": controlnet}},
+        "6": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["2", 0], "negative": ["3", 0], "control_net": ["5", 0], "image": ["4", 0],
+            "strength": strength or 0.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["6", 0], "negative": ["6", 1], "latent_image": ["7", 0], "seed": 3,
+            "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"cn-{strength}"}},
+    }
+    if strength is None:  # no ControlNet at all
+        for node in ("4", "5", "6"):
+            del prompt[node]
+        prompt["8"]["inputs"].update(positive=["2", 0], negative=["3", 0])
+    return prompt
+
+
+def test_controlnet_through_the_server(base):
+    server = Server(base[0], ("--force-fp32",), packs=())
+    try:
+        def pixels(prompt):
+            entry = server.run(prompt)
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            image = entry["outputs"]["10"]["images"][0]
+            return np.asarray(Image.open(io.BytesIO(server.get("/view", params=image).content)), dtype=np.int16)
+
+        plain = pixels(controlnet_workflow(None))
+        assert np.array_equal(pixels(controlnet_workflow(0.0)), plain)
+        controlled = pixels(controlnet_workflow(1.0))
+        assert np.abs(controlled - plain).max() > 2
+        assert np.array_equal(pixels(controlnet_workflow(1.0, "cn-diffusers.safetensors")), controlled)
+
+        bad = controlnet_workflow(1.0, "t2i-light.pth")
+        bad["5"]["inputs"]["control_net_name"] = "nope.safetensors"
+        response = server.post("/prompt", {"prompt": bad})
+        assert response.status_code == 400 and "control_net_name" in response.text
+    finally:
+        server.stop()
