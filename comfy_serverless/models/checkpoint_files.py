@@ -245,8 +245,19 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mappin
 
     Reads only shapes, except one small bias tensor for SD2 files that state no prediction type.
     """
+    arch = detect_unet(strip_prefix(state_dict, UNET_PREFIX), metadata, state_dict)
+    text_encoders = _text_encoders(state_dict, arch.family)
+    _check_text_widths(arch.unet_config, text_encoders, arch.family, state_dict)
+    return dataclasses.replace(arch, text_encoders=text_encoders,
+                               vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), arch.family))
+
+
+def detect_unet(unet: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                state_dict: Mapping[str, torch.Tensor] | None = None) -> Architecture:
+    """The Architecture of a UNet alone (LDM keys, prefix stripped): no text encoders, no VAE. ``state_dict`` is
+    the whole file, when there is one, for its markers (v_pred, EDM) and error messages."""
     metadata = metadata or {}
-    unet = strip_prefix(state_dict, UNET_PREFIX)
+    state_dict = unet if state_dict is None else state_dict
     if "input_blocks.0.0.weight" not in unet or "out.2.weight" not in unet:
         raise CheckpointError(_not_supported(state_dict))
     if any(".time_stack." in key or ".time_mixer." in key for key in unet):
@@ -266,13 +277,10 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mappin
 
     full = dataclasses.replace(_FULL_UNET[family](), in_channels=in_channels)
     unet_config, size = _with_family_heads(shape_config, full)
-    text_encoders = _text_encoders(state_dict, family)
-    _check_text_widths(unet_config, text_encoders, family, state_dict)
     prediction, reason = _prediction(family, state_dict, metadata, unet)
     return Architecture(
         family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
-        vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), family),
-        text_encoders=text_encoders, size=size, concat_kind=CONCAT_KINDS.get(in_channels),
+        vae_config=None, text_encoders={}, size=size, concat_kind=CONCAT_KINDS.get(in_channels),
     )
 
 

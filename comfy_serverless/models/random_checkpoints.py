@@ -51,8 +51,10 @@ _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float
 # The tiny SDXL config's conditioning vector: pooled text of this width plus six sizes embedded this wide.
 TINY_SDXL_POOLED_DIM = 64
 _TINY_SDXL_SIZE_DIM = 32
-# The refiner's y: pooled text, then height, width, crop top, crop left and aesthetic score.
+# The refiner's y: pooled text, then height, width, crop top, crop left and aesthetic score. Its text is narrower
+# than the tiny base's, so conditioning encoded for the other model fails clearly instead of running.
 _REFINER_NUMBERS = 5
+TINY_REFINER_TEXT_DIM = 48
 
 
 def tiny_unet_config(family: str) -> UNetConfig:
@@ -76,9 +78,9 @@ def tiny_unet_config(family: str) -> UNetConfig:
     if family == "sdxl_refiner":
         # Like the real refiner: no attention on the first and last levels.
         return UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 0),
-                          transformer_depth_middle=1, context_dim=64, num_heads=None, num_head_channels=64,
-                          use_linear_in_transformer=True,
-                          adm_in_channels=TINY_SDXL_POOLED_DIM + _REFINER_NUMBERS * _TINY_SDXL_SIZE_DIM)
+                          transformer_depth_middle=1, context_dim=TINY_REFINER_TEXT_DIM, num_heads=None,
+                          num_head_channels=64, use_linear_in_transformer=True,
+                          adm_in_channels=TINY_REFINER_TEXT_DIM + _REFINER_NUMBERS * _TINY_SDXL_SIZE_DIM)
     raise ValueError(f"unknown UNet family {family!r}; expected sd15, sd2, sdxl or sdxl_refiner")
 
 
@@ -130,8 +132,7 @@ def checkpoint_configs(arch: str, size: str, in_channels: int = 4
     elif family == "sd2":
         text = {"clip_h": (SD2_CLIP_H_PREFIX, tiny_clip_config("openclip", width=unet.context_dim))}
     elif family == "sdxl_refiner":
-        text = {"clip_g": (SDXL_REFINER_CLIP_G_PREFIX, tiny_clip_config("openclip", width=unet.context_dim,
-                                                                      projection_dim=TINY_SDXL_POOLED_DIM))}
+        text = {"clip_g": (SDXL_REFINER_CLIP_G_PREFIX, tiny_clip_config("openclip", width=unet.context_dim))}
     else:
         width_l = 32
         text = {"clip_l": (SDXL_CLIP_L_PREFIX, tiny_clip_config("hf", width=width_l)),
