@@ -333,3 +333,27 @@ def test_controlnet_through_the_server(base):
         assert response.status_code == 400 and "control_net_name" in response.text
     finally:
         server.stop()
+
+
+def test_comfy_controlnet_module_for_packs(base):
+    """A pack's view: comfy.controlnet.load_controlnet and isinstance checks, in a process with ComfyUI's names."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        from comfy_serverless.catalog import comfy_modules
+        comfy_modules.install()
+        import torch
+        import comfy.controlnet
+        folder = {str(base[0] / "models" / "controlnet")!r}
+        cn = comfy.controlnet.load_controlnet(folder + "/cn-original.safetensors")
+        assert isinstance(cn, comfy.controlnet.ControlNet) and isinstance(cn, comfy.controlnet.ControlBase)
+        copy = cn.copy().set_cond_hint(torch.rand(1, 3, 64, 64), 0.5, (0.1, 0.9)).set_previous_controlnet(None)
+        assert copy.strength == 0.5 and copy.timestep_percent_range == (0.1, 0.9) and cn.strength == 1.0
+        t2i = comfy.controlnet.load_controlnet(folder + "/t2i-light.pth")
+        assert isinstance(t2i, comfy.controlnet.T2IAdapter) and not isinstance(t2i, comfy.controlnet.ControlNet)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

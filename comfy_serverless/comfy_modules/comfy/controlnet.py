@@ -1,0 +1,41 @@
+"""ComfyUI's `comfy.controlnet` for custom node packs: the CONTROL_NET classes and load_controlnet.
+
+`ControlNet` and `T2IAdapter` are this server's control objects (models/control_objects.py,
+models/t2i_adapters.py) with ComfyUI's methods: copy, set_cond_hint, set_previous_controlnet, pre_run,
+get_control, control_merge, cleanup, get_models, set_extra_arg. Building one from a raw network the ComfyUI way is
+not provided; load files with `load_controlnet`. Control-LoRA files are not supported (`ControlLora` is a
+placeholder); union ControlNets (ControlNet++) neither.
+"""
+
+from __future__ import annotations
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute, stand_in_type
+from comfy_serverless.models.control_objects import ControlBase, broadcast_image_to  # noqa: F401  (ComfyUI names)
+from comfy_serverless.models.control_objects import ControlNet as _OurControlNet
+
+ControlNet = stand_in_type("comfy.controlnet.ControlNet", _OurControlNet)
+
+
+_lazy_types: dict = {}
+
+
+def _t2i_type():
+    """The T2IAdapter stand-in, made on first use (its module imports torch)."""
+    if "T2IAdapter" not in _lazy_types:
+        from comfy_serverless.models.t2i_adapters import T2IAdapterControl
+
+        _lazy_types["T2IAdapter"] = stand_in_type("comfy.controlnet.T2IAdapter", T2IAdapterControl)
+    return _lazy_types["T2IAdapter"]
+
+
+def load_controlnet(ckpt_path, model=None, model_options=None):
+    """The control object of a ControlNet or T2I-Adapter file; `model` (a MODEL) for diff ControlNets."""
+    from comfy_serverless.models.controlnets import load_controlnet as load
+
+    return load(str(ckpt_path), model)
+
+
+def __getattr__(name: str):
+    if name == "T2IAdapter":
+        return _t2i_type()
+    return missing_attribute(__name__, name)
