@@ -1,8 +1,9 @@
 """MODEL: the UNet as it travels between nodes (ComfyUI's ModelPatcher, cut down to what SD needs).
 
 A DiffusionModel is cheap to copy: `clone()` shares the network (a ModelHandle) and carries its own list
-of LoRA patches, which are put on the shared weights lazily, right before the network runs, and taken off
-again when a clone with other patches runs.
+of weight patches (LoRAs, add_patches), which are put on the shared weights lazily, right before the network
+runs, and taken off again when a clone with other patches runs. Its model_options and object patches (set
+through ComfyUI's ModelPatcher methods, patcher_api.py) are its own too.
 """
 
 from __future__ import annotations
@@ -10,23 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .model_cache import ModelHandle
-from .patching import LoraPatch, patched_module
+from .patcher_api import ModelPatcherMethods, copy_model_options
+from .patching import KeyPatch, LoraPatch, patched_module
 
 # Latent scale factors (VAE latent -> UNet latent) of the SD families.
 LATENT_SCALE = {"sd15": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 
 
 @dataclass(frozen=True)
-class DiffusionModel:
+class DiffusionModel(ModelPatcherMethods):
     handle: ModelHandle
     family: str  # "sd15", "sd2" or "sdxl"
     prediction: str  # "eps" or "v"
     dtype: object  # torch dtype the UNet computes in
     adm_channels: int | None = None  # SDXL: width of y
-    patches: tuple[LoraPatch, ...] = ()
+    patches: tuple[LoraPatch | KeyPatch, ...] = ()
     _sampling: list = field(default_factory=list, compare=False, repr=False)  # lazily built ModelSampling
-    # ComfyUI's model_options: a pack's own dict, copied on clone (this server's sampler reads none of its keys).
+    # ComfyUI's model_options (cfg functions, wrappers, transformer patches), copied on clone.
     model_options: dict = field(default_factory=lambda: {"transformer_options": {}}, compare=False, repr=False)
+    # ComfyUI's object patches: parts of the model replaced for this clone ("model_sampling").
+    object_patches: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def latent_scale(self) -> float:
@@ -34,6 +38,8 @@ class DiffusionModel:
 
     @property
     def model_sampling(self):
+        if "model_sampling" in self.object_patches:
+            return self.object_patches["model_sampling"]
         if not self._sampling:
             from ..sampling.denoising import ModelSampling
 
@@ -41,20 +47,15 @@ class DiffusionModel:
         return self._sampling[0]
 
     def clone(self) -> DiffusionModel:
-        """A copy sharing the network: its patches and model_options are its own."""
-        return replace(self, model_options=_copy_options(self.model_options))
+        """A copy sharing the network: its patches, model_options and object patches are its own."""
+        return replace(self, model_options=copy_model_options(self.model_options),
+                       object_patches=dict(self.object_patches))
 
     def with_patch(self, patch: LoraPatch) -> DiffusionModel:
         """A clone with one more LoRA (the weights are patched only when the model runs)."""
-        return replace(self, patches=self.patches + (patch,), model_options=_copy_options(self.model_options))
+        return replace(self.clone(), patches=self.patches + (patch,))
 
     # ComfyUI's ModelPatcher questions that packs ask.
-
-    def get_model_object(self, name: str):
-        """ComfyUI's way to reach the model's parts; here only "model_sampling" (the noise schedule)."""
-        if name == "model_sampling":
-            return self.model_sampling
-        raise AttributeError(f"this server's MODEL has no object {name!r} (only 'model_sampling')")
 
     def model_dtype(self):
         return self.dtype
@@ -75,13 +76,18 @@ class DiffusionModel:
         """The UNet with this model's patches applied (loading it if it was unloaded)."""
         return patched_module(self.handle, self.patches)
 
-    def unet_apply(self, x, timesteps, context=None, y=None, **_):
-        """The sampler's UNet call: inputs cast to the compute dtype, output float32."""
+    def unet_apply(self, x, timesteps, context=None, y=None, c_concat=None, control=None, transformer_options=None,
+                   **_):
+        """The sampler's UNet call: inputs cast to the compute dtype, output float32. ``c_concat`` (inpainting
+        and instruct-pix2pix models) is appended to the input channels."""
         import torch
 
         unet = self.network()
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(x)], dim=1)
         with torch.no_grad():
-            out = unet(x.to(self.dtype), timesteps, context.to(self.dtype), None if y is None else y.to(self.dtype))
+            out = unet(x.to(self.dtype), timesteps, context.to(self.dtype), None if y is None else y.to(self.dtype),
+                       control=control, transformer_options=transformer_options)
         return out.float()
 
     def process_latent_in(self, latent):
@@ -95,11 +101,3 @@ class DiffusionModel:
         from .extra_inputs import extra_unet_inputs
 
         return extra_unet_inputs(self, options, latent_shape)
-
-
-def _copy_options(options: dict) -> dict:
-    """ComfyUI's clone copies model_options and its transformer_options one level deep."""
-    copied = dict(options)
-    if isinstance(copied.get("transformer_options"), dict):
-        copied["transformer_options"] = dict(copied["transformer_options"])
-    return copied

@@ -1,9 +1,9 @@
-"""LoRA patches on shared networks: applied lazily, for whichever clone runs next.
+"""Weight patches on shared networks (LoRAs, ComfyUI's add_patches): applied lazily, for whichever clone runs next.
 
 Clones of a MODEL or CLIP share one network (a ModelHandle) and differ only in their patch lists. Before a
 clone runs, `patched_module` makes the shared weights match its list: patches of another clone are undone
-first (models.lora patches by replacing parameters with patched copies and can put the originals back).
-Running the same clone again costs nothing.
+first (patched parameters are new tensors; the originals are put back). Running the same clone again costs
+nothing. Patches apply in the order they were added, per parameter, in float32.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ class LoraPatch:
     strength: float
 
 
+@dataclass(frozen=True, eq=False)
+class KeyPatch:
+    """ComfyUI's ModelPatcher.add_patches: per parameter, weight = weight * strength_model + strength_patch * value.
+
+    `targets` maps a submodule ("" = the network) to {parameter name: (kind, tensor, strength_patch, strength_model)}
+    where kind is "diff" (added) or "set" (replaces the weight; strengths ignored).
+    """
+
+    targets: dict
+
+
 def _same(applied: tuple, wanted: tuple) -> bool:
     return len(applied) == len(wanted) and all(a is w for a, w in zip(applied, wanted))
 
@@ -44,8 +55,11 @@ def patched_module(handle: ModelHandle, patches: tuple[LoraPatch, ...]):
     try:
         for target in dict.fromkeys(name for patch in patches for name in patch.targets):
             submodule = module.get_submodule(target)
-            stack = [(patch.targets.get(target, {}), patch.strength) for patch in patches]
-            done.append(lora.apply_loras(submodule, stack))  # one patched copy per weight, however many LoRAs
+            if all(isinstance(patch, LoraPatch) for patch in patches):
+                stack = [(patch.targets.get(target, {}), patch.strength) for patch in patches]
+                done.append(lora.apply_loras(submodule, stack))  # one patched copy per weight, however many LoRAs
+            else:
+                done.append(_apply_mixed(submodule, [(patch, patch.targets.get(target, {})) for patch in patches]))
     except BaseException:
         for applied in reversed(done):
             applied.undo()
@@ -53,3 +67,47 @@ def patched_module(handle: ModelHandle, patches: tuple[LoraPatch, ...]):
     handle.state["lora_applied"] = done
     handle.state["lora"] = tuple(patches)
     return module
+
+
+def _apply_mixed(module, stack: list):
+    """LoRA and key patches in order on one module: one patched copy per weight."""
+    import torch
+    from torch import nn
+
+    from . import lora
+
+    parameters = dict(module.named_parameters())
+    applied = lora.AppliedLora(module)
+    names = dict.fromkeys(name for _, entries in stack for name in entries)
+    with torch.no_grad():
+        for name in names:
+            if name not in parameters:
+                raise KeyError(f"patch for {name!r}, which {type(module).__name__} does not have")
+            original = parameters[name]
+            weight = original.detach().to(torch.float32, copy=True)
+            for patch, entries in stack:
+                if name not in entries:
+                    continue
+                if isinstance(patch, LoraPatch):
+                    for entry in entries[name] if patch.strength else ():
+                        weight += patch.strength * lora.lora_delta(entry, weight.shape).to(weight.device)
+                    continue
+                kind, value, strength_patch, strength_model = entries[name]
+                value = value.to(device=weight.device, dtype=torch.float32)
+                if kind == "set":
+                    weight = value.reshape(weight.shape).clone()
+                    continue
+                if strength_model != 1.0:
+                    weight *= strength_model
+                if value.shape != weight.shape:
+                    if value.numel() != weight.numel():
+                        raise ValueError(f"patch for {name!r} has shape {tuple(value.shape)}, the weight "
+                                         f"{tuple(weight.shape)}")
+                    value = value.reshape(weight.shape)
+                weight += strength_patch * value
+            patched = nn.Parameter(weight.to(original.dtype), requires_grad=False)
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner_name), leaf, patched)
+            applied.originals[name] = original
+            applied.patched[name] = patched
+    return applied

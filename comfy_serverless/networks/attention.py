@@ -50,15 +50,20 @@ class CrossAttention(nn.Module):
         # A Sequential (not a bare Linear) because checkpoints name it to_out.0.
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        batch, tokens, _ = x.shape
-        q = self.to_q(x).view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
-        k = self.to_k(context).view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
-        v = self.to_v(context).view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
+        value = context if value is None else value
+        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(value)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention over projected q [B, T, heads*dim_head], k and v [B, S, heads*dim_head]."""
+        batch, tokens, _ = q.shape
+        q = q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
+        k = k.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
+        v = v.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
-        return self.to_out(out)
+        return out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
 
 
 class GEGLU(nn.Module):
@@ -96,7 +101,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+        if transformer_options and (transformer_options.get("patches") or transformer_options.get("patches_replace")):
+            from .attention_patches import patched_transformer_block
+
+            return patched_transformer_block(self, x, context, transformer_options)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         x = x + self.ff(self.norm3(x))
@@ -127,7 +136,7 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
         batch, _, height, width = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -135,8 +144,10 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
         if self.use_linear:
             h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context)
+        for index, block in enumerate(self.transformer_blocks):
+            if transformer_options is not None:
+                transformer_options["block_index"] = index
+            h = block(h, context, transformer_options)
         if self.use_linear:
             h = self.proj_out(h)
         h = h.view(batch, height, width, -1).permute(0, 3, 1, 2)

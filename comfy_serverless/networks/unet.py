@@ -114,12 +114,14 @@ def sdxl_adm_vector(
 class UNetBlock(nn.ModuleList):
     """A list of layers run in order, each given the inputs it needs (emb, context or output size)."""
 
-    def forward(self, x, emb, context, output_size=None):
+    def forward(self, x, emb, context, output_size=None, transformer_options=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, transformer_options)
+                if transformer_options is not None:
+                    transformer_options["transformer_index"] = transformer_options.get("transformer_index", 0) + 1
             elif isinstance(layer, Upsample):
                 x = layer(x, output_size)
             else:
@@ -193,12 +195,21 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor,
         y: torch.Tensor | None = None,
+        control: dict | None = None,
+        transformer_options: dict | None = None,
     ) -> torch.Tensor:
         """Predict noise (or v) for latents ``x`` [B, C, H, W] at ``timesteps`` [B] (or a scalar).
 
         ``context`` is the text encoder output [B, tokens, context_dim]; ``y`` the SDXL
         conditioning vector [B, adm_in_channels] (see ``sdxl_adm_vector``). Inputs are cast
         to the model's dtype; the output has that dtype too.
+
+        ``control`` (ControlNet residuals, ComfyUI's form) adds ``control["input"].pop()`` after each input
+        block, ``control["middle"].pop()`` after the middle block and ``control["output"].pop()`` to each skip
+        before it is concatenated. ``transformer_options`` carries ComfyUI's model patches: its "patches"
+        "input_block_patch", "input_block_patch_after_skip" (fn(h, options) -> h) and "output_block_patch"
+        (fn(h, skip, options) -> (h, skip)) run here, attention patches in the transformer blocks
+        (attention_patches.py); "block" tells them where they are.
         """
         dtype = self.dtype
         x = x.to(dtype)
@@ -213,15 +224,46 @@ class UNetModel(nn.Module):
                 raise ValueError("this UNet needs the conditioning vector y")
             emb = emb + self.label_emb(y.to(dtype))
 
+        options = None if transformer_options is None else dict(transformer_options)
+        patches = (options or {}).get("patches") or {}
+        if options is not None:
+            options["original_shape"] = list(x.shape)
+            options["transformer_index"] = 0
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = block(h, emb, context)
+        for index, block in enumerate(self.input_blocks):
+            if options is not None:
+                options["block"] = ("input", index)
+            h = _add_control(block(h, emb, context, transformer_options=options), control, "input")
+            for patch in patches.get("input_block_patch", ()):
+                h = patch(h, options)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            for patch in patches.get("input_block_patch_after_skip", ()):
+                h = patch(h, options)
+        if options is not None:
+            options["block"] = ("middle", 0)
+        h = _add_control(self.middle_block(h, emb, context, transformer_options=options), control, "middle")
+        for index, block in enumerate(self.output_blocks):
+            if options is not None:
+                options["block"] = ("output", index)
+            skip = _add_control(skips.pop(), control, "output")
+            for patch in patches.get("output_block_patch", ()):
+                h, skip = patch(h, skip, options)
+            h = torch.cat([h, skip], dim=1)
             # An upsample must land exactly on the next skip's size (odd latent sizes).
             next_size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, output_size=next_size)
+            h = block(h, emb, context, output_size=next_size, transformer_options=options)
         return self.out(h)
+
+
+def _add_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
+    """Add the next ControlNet residual for this place (popped from the end of its list), if any."""
+    if not control or not control.get(name):
+        return h
+    residual = control[name].pop()
+    if residual is None:
+        return h
+    if residual.shape != h.shape:
+        raise ValueError(f"ControlNet {name} residual of shape {tuple(residual.shape)} does not fit the UNet's "
+                         f"{tuple(h.shape)}: is the ControlNet made for this model family?")
+    return h + residual.to(h.dtype)

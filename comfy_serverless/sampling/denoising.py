@@ -6,36 +6,41 @@
 
 UNet contract: ``unet_apply(x, timesteps, context=..., **model_kwargs) -> model_output`` where ``x`` is already
 scaled by 1/sqrt(sigma²+1), ``timesteps`` is a float tensor of table indices (one per batch item) and
-``context`` the batched cross-attention conditioning.
+``context`` the batched cross-attention conditioning; ``control`` and ``transformer_options`` are passed too
+when the UNet takes them (a ControlNet's residuals, the model's attention and block patches).
 
 Conditioning: a list of entries in ComfyUI's CONDITIONING form ``[tensor, options]`` (a bare tensor means
-no options).  Options understood: ``strength``, ``start_percent`` / ``end_percent``, ``area`` (latent units
-``(h, w, y, x)`` or ``("percentage", h, w, y, x)``), ``mask`` with ``mask_strength`` and
-``set_area_to_bounds``, and ``model_kwargs`` (extra per-entry UNet inputs, e.g. SDXL's ``y``).  An
-``encode_extra(options, latent_shape) -> dict`` hook can compute such inputs instead.
+no options); the options are read in conditions.py.  An ``encode_extra(options, latent_shape) -> dict`` hook
+computes per-entry UNet inputs (SDXL's ``y``); negative entries reach it with ``prompt_type`` "negative".
 """
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
+from .conditions import (
+    Chunk,
+    ConditioningEntry,
+    ResolvedEntry,
+    add_matching_areas,
+    chunks_concatenable,
+    concat_contexts,
+    feathered_weights,
+    normalise_conditioning,
+    repeat_to_batch,
+    resolve_entry,
+)
 from .schedules import SD_BETA_END, SD_BETA_START, SD_TRAIN_TIMESTEPS, DiscreteSchedule
 
 UnetApply = Callable[..., torch.Tensor]
 
 PREDICTION_TYPES = ("eps", "v_prediction")
 
-# Width, in latent pixels, of the linear fade at the inner edges of an area without a mask.
-AREA_FEATHER = 8
-# Minimum extent of an area derived from mask bounds.
-MIN_MASK_AREA = 8
 # Start value of the per-pixel weight sums, so pixels no entry covers divide to 0 instead of NaN.
 EMPTY_WEIGHT = 1e-37
-# Largest token-count ratio for which conditionings of different lengths are padded (by repetition) to batch.
-MAX_CONTEXT_REPEAT = 4
 
 
 def per_item_view(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -101,190 +106,23 @@ class ModelSampling(DiscreteSchedule):
         return self.calculate_denoised(sigma, output, x)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Conditioning
-# --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class ConditioningEntry:
-    """One conditioning entry: the cross-attention tensor, its options, and extra UNet inputs."""
-    context: Optional[torch.Tensor]
-    options: dict = field(default_factory=dict)
-    model_kwargs: dict = field(default_factory=dict)
-
-
-def _normalise_conditioning(conditioning) -> list[ConditioningEntry]:
-    if conditioning is None:
-        return []
-    entries = []
-    for item in conditioning:
-        if isinstance(item, ConditioningEntry):
-            entries.append(item)
-        elif torch.is_tensor(item):
-            entries.append(ConditioningEntry(item))
-        elif isinstance(item, (list, tuple)) and len(item) == 2:
-            options = dict(item[1] or {})
-            entries.append(ConditioningEntry(item[0], options, dict(options.get("model_kwargs", {}))))
-        else:
-            raise TypeError(f"conditioning entries must be [tensor, options] pairs, got {type(item).__name__}")
-    return entries
-
-
-@dataclass
-class _ResolvedEntry:
-    """An entry ready for a given latent shape: region (h, w, y, x) clipped to the latent, weights, range."""
-    entry: ConditioningEntry
-    area: Optional[tuple]  # (h, w, y, x) in latent units as requested, None = whole latent
-    mask: Optional[torch.Tensor]  # [B, H, W] at latent resolution, already times mask_strength
-    strength: float
-    sigma_start: Optional[float]
-    sigma_end: Optional[float]
-
-
-def _mask_bounds(mask: torch.Tensor) -> Optional[tuple]:
-    """Bounding box (h, w, y, x) of the non-zero pixels of any mask in the batch, at least 8 wide; None if empty."""
-    occupied = mask.abs().amax(dim=0) != 0
-    if not bool(occupied.any()):
-        return None
-    rows = torch.nonzero(occupied.any(dim=1)).flatten()
-    cols = torch.nonzero(occupied.any(dim=0)).flatten()
-    y, x = int(rows[0]), int(cols[0])
-    h, w = int(rows[-1]) - y + 1, int(cols[-1]) - x + 1
-    return (max(MIN_MASK_AREA, h), max(MIN_MASK_AREA, w), y, x)
-
-
-def _resolve_entry(entry: ConditioningEntry, height: int, width: int, device,
-                   model_sampling: DiscreteSchedule) -> _ResolvedEntry:
-    options = entry.options
-    area = options.get("area")
-    if area is not None and area[0] == "percentage":
-        area = (max(1, round(area[1] * height)), max(1, round(area[2] * width)),
-                round(area[3] * height), round(area[4] * width))
-    mask = options.get("mask")
-    if mask is not None:
-        mask = torch.as_tensor(mask, dtype=torch.float32, device=device)
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if tuple(mask.shape[1:]) != (height, width):
-            mask = torch.nn.functional.interpolate(mask.unsqueeze(1), size=(height, width), mode="bilinear",
-                                                   align_corners=False).squeeze(1)
-        if options.get("set_area_to_bounds", False):
-            area = _mask_bounds(mask) or (MIN_MASK_AREA, MIN_MASK_AREA, 0, 0)
-        mask = mask * float(options.get("mask_strength", 1.0))
-    if area is not None:
-        area = tuple(int(v) for v in area)
-    sigma_start = sigma_end = None
-    if "start_percent" in options:
-        sigma_start = model_sampling.percent_to_sigma(float(options["start_percent"]))
-    if "end_percent" in options:
-        sigma_end = model_sampling.percent_to_sigma(float(options["end_percent"]))
-    return _ResolvedEntry(entry, area, mask, float(options.get("strength", 1.0)), sigma_start, sigma_end)
-
-
-def _area_contains(outer: Optional[tuple], inner: tuple) -> bool:
-    if outer is None:
-        return True
-    oh, ow, oy, ox = outer
-    ih, iw, iy, ix = inner
-    return iy >= oy and ix >= ox and iy + ih <= oy + oh and ix + iw <= ox + ow
-
-
-def _add_matching_areas(sources: list[_ResolvedEntry], targets: list[_ResolvedEntry]) -> None:
-    """For each area-restricted source entry, give ``targets`` an entry over the same area (ComfyUI does
-    this so guidance in that area compares like with like): the source's options with the conditioning of
-    the smallest target entry containing the area."""
-    for source in list(sources):
-        if source.area is None:
-            continue
-        smallest = None
-        for candidate in targets:
-            if not _area_contains(candidate.area, source.area):
-                continue
-            if smallest is None or (smallest.area is None and candidate.area is not None):
-                smallest = candidate
-            elif (candidate.area is not None
-                  and smallest.area[0] * smallest.area[1] > candidate.area[0] * candidate.area[1]):
-                smallest = candidate
-        if smallest is None or smallest.area == source.area:
-            continue
-        donor = smallest.entry
-        copy = ConditioningEntry(donor.context, source.entry.options, dict(donor.model_kwargs))
-        targets.append(_ResolvedEntry(copy, source.area, source.mask, source.strength,
-                                      source.sigma_start, source.sigma_end))
-
-
-def _feathered_weights(shape, region, height: int, width: int, device) -> torch.Tensor:
-    """Ones over the region, fading linearly over 8 pixels at edges that lie inside the latent."""
-    weights = torch.ones(shape, device=device)
-    y0, y1, x0, x1 = region
-    rows, cols = y1 - y0, x1 - x0
-    for t in range(AREA_FEATHER):
-        fade = (t + 1) / AREA_FEATHER
-        if y0 != 0 and t < rows:
-            weights[:, :, t, :] *= fade
-        if y1 < height and t < rows:
-            weights[:, :, rows - 1 - t, :] *= fade
-        if x0 != 0 and t < cols:
-            weights[:, :, :, t] *= fade
-        if x1 < width and t < cols:
-            weights[:, :, :, cols - 1 - t] *= fade
-    return weights
-
-
-def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    if tensor.shape[0] < batch:
-        tensor = tensor.repeat((math.ceil(batch / tensor.shape[0]),) + (1,) * (tensor.ndim - 1))
-    return tensor[:batch]
-
-
-@dataclass
-class _Chunk:
-    """One entry's slice of the batch for one UNet call."""
-    kind: int  # 0 = positive, 1 = negative
-    region: tuple  # (y0, y1, x0, x1)
-    x: torch.Tensor
-    weights: torch.Tensor
-    context: Optional[torch.Tensor]
-    model_kwargs: dict
-
-
-def _contexts_concatenable(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if a.shape == b.shape:
-        return True
-    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
-        return False
-    return math.lcm(a.shape[1], b.shape[1]) // min(a.shape[1], b.shape[1]) <= MAX_CONTEXT_REPEAT
-
-
-def _chunks_concatenable(a: _Chunk, b: _Chunk) -> bool:
-    if a.x.shape != b.x.shape or a.model_kwargs.keys() != b.model_kwargs.keys():
-        return False
-    for key, value in a.model_kwargs.items():
-        other = b.model_kwargs[key]
-        if torch.is_tensor(value) != torch.is_tensor(other):
-            return False
-        if torch.is_tensor(value) and value.shape != other.shape:
-            return False
-        if not torch.is_tensor(value) and value != other:
-            return False
-    return _contexts_concatenable(a.context, b.context)
-
-
-def _concat_contexts(contexts: list[torch.Tensor]) -> torch.Tensor:
-    # Repeating tokens does not change cross-attention's result, so shorter prompts are tiled to a common length.
-    length = 1
-    for c in contexts:
-        length = math.lcm(length, c.shape[1])
-    return torch.cat([c.repeat(1, length // c.shape[1], 1) if c.shape[1] < length else c for c in contexts])
-
-
 class CFGDenoiser:
     """Denoiser D(x, sigma) with classifier-free guidance over ComfyUI conditioning lists.
 
     D = D_neg + cfg * (D_pos - D_neg), where D_pos / D_neg are the weighted compositions of the active
-    positive / negative entries.  With cfg == 1 the negative side is skipped entirely.
+    positive / negative entries.  With cfg == 1 the negative side is skipped entirely (unless the model options
+    say "disable_cfg1_optimization").
+
+    ``model_options`` is ComfyUI's dict of model patches (DiffusionModel.model_options) and is honoured as
+    ComfyUI's sampler does: "sampler_pre_cfg_function" (list), "sampler_cfg_function", "sampler_post_cfg_function"
+    (list), "model_function_wrapper", "disable_cfg1_optimization", and "transformer_options" (its "patches" /
+    "patches_replace" reach the UNet, see networks/unet.py).  The functions get ComfyUI's argument dicts; their
+    "model" is this denoiser, which answers ``apply_model`` and :func:`calc_cond_batch` like ComfyUI's model.
+
+    A conditioning entry's "control" option (ControlNet-style object) is asked once per UNet batch:
+    ``control.get_control(x, sigma, cond, batched_number, transformer_options)`` with the unscaled noisy batch,
+    ``cond`` holding "c_crossattn" (and "y"), returning {"input"/"middle"/"output": [tensors]} for the UNet; each
+    distinct control gets ``pre_run(self, percent_to_sigma)`` before the first step.
     """
 
     def __init__(self, unet_apply: UnetApply, positive, negative, cfg: float, *,
@@ -294,40 +132,57 @@ class CFGDenoiser:
                  model_options: Optional[dict] = None):
         self.unet_apply = unet_apply
         self.model_options = model_options or {}
-        self.positive = _normalise_conditioning(positive)
-        self.negative = _normalise_conditioning(negative)
+        self.positive = normalise_conditioning(positive)
+        self.negative = normalise_conditioning(negative)
+        _share_controls_with_uncond(self.positive, self.negative)
         self.cfg = float(cfg)
         self.model_sampling = model_sampling if model_sampling is not None else ModelSampling()
         self.encode_extra = encode_extra
         self.model_dtype = model_dtype
         self.max_batch_chunks = max_batch_chunks
-        self._resolved: dict[tuple, tuple[list[_ResolvedEntry], list[_ResolvedEntry]]] = {}
+        self._resolved: dict[tuple, list[list[ResolvedEntry]]] = {}
+        self._controls_ready = False
+        self._passes_options = _accepts_keyword(unet_apply, "transformer_options")
         self.unet_calls = 0
 
     @property
     def skips_negative(self) -> bool:
-        return math.isclose(self.cfg, 1.0)
+        return self._skips_negative(self.model_options)
 
-    def _resolve(self, x: torch.Tensor):
-        key = (tuple(x.shape), x.device)
+    def _skips_negative(self, options: dict) -> bool:
+        return math.isclose(self.cfg, 1.0) and not options.get("disable_cfg1_optimization", False)
+
+    # ---- conditioning for a latent shape ----------------------------------------------------------------
+
+    def _resolve(self, conds: list, x: torch.Tensor) -> list[Optional[list[ResolvedEntry]]]:
+        """Each conditioning list resolved for x's shape (cached); the standard [positive, negative] pair also
+        gets ComfyUI's matching areas."""
+        key = (tuple(id(c) for c in conds), tuple(x.shape), x.device)
         if key not in self._resolved:
             height, width = x.shape[-2], x.shape[-1]
             sides = []
-            for entries in (self.positive, self.negative):
+            for index, entries in enumerate(conds):
+                if entries is None:
+                    sides.append(None)
+                    continue
+                # As in ComfyUI, the last of several lists is the negative prompt (SDXL refiner's aesthetic score).
+                negative = len(conds) > 1 and index == len(conds) - 1
+                entries = normalise_conditioning(entries)
                 resolved = []
                 for entry in entries:
                     if self.encode_extra is not None:
-                        extra = self.encode_extra(entry.options, x.shape) or {}
+                        options = {**entry.options, "prompt_type": "negative"} if negative else entry.options
+                        extra = self.encode_extra(options, x.shape) or {}
                         entry = ConditioningEntry(entry.context, entry.options, {**entry.model_kwargs, **extra})
-                    resolved.append(_resolve_entry(entry, height, width, x.device, self.model_sampling))
+                    resolved.append(resolve_entry(entry, height, width, x.device, self.model_sampling))
                 sides.append(resolved)
-            positive, negative = sides
-            _add_matching_areas(positive, negative)
-            _add_matching_areas(negative, positive)
-            self._resolved[key] = (positive, negative)
+            if len(sides) == 2 and sides[0] is not None and sides[1] is not None:
+                add_matching_areas(sides[0], sides[1])
+                add_matching_areas(sides[1], sides[0])
+            self._resolved[key] = sides
         return self._resolved[key]
 
-    def _chunk(self, kind: int, resolved: _ResolvedEntry, x: torch.Tensor, sigma: torch.Tensor) -> Optional[_Chunk]:
+    def _chunk(self, kind: int, resolved: ResolvedEntry, x: torch.Tensor, sigma: torch.Tensor) -> Optional[Chunk]:
         current = float(sigma.reshape(-1)[0])
         if resolved.sigma_start is not None and current > resolved.sigma_start:
             return None
@@ -345,54 +200,157 @@ class CFGDenoiser:
             mask = repeat_to_batch(resolved.mask[:, y0:y1, x0:x1], x.shape[0]).to(x.dtype)
             weights = mask.unsqueeze(1).expand(-1, x.shape[1], -1, -1) * resolved.strength
         else:
-            weights = _feathered_weights(x_part.shape, region, height, width, x.device) * resolved.strength
+            weights = feathered_weights(x_part.shape, region, height, width, x.device) * resolved.strength
         entry = resolved.entry
         context = entry.context
         if context is not None:
             context = repeat_to_batch(context.to(x.device), x.shape[0])
         model_kwargs = {k: repeat_to_batch(v.to(x.device), x.shape[0]) if torch.is_tensor(v) else v
                         for k, v in entry.model_kwargs.items()}
-        return _Chunk(kind, region, x_part, weights, context, model_kwargs)
+        return Chunk(kind, region, x_part, weights, context, model_kwargs, entry.options.get("control"))
 
-    def _run_batch(self, chunks: list[_Chunk], sigma: torch.Tensor) -> list[torch.Tensor]:
-        x = torch.cat([c.x for c in chunks])
-        sigmas = torch.cat([sigma] * len(chunks))
-        kwargs: dict[str, Any] = {}
-        if chunks[0].context is not None:
-            kwargs["context"] = _concat_contexts([c.context for c in chunks])
-        for key, value in chunks[0].model_kwargs.items():
-            kwargs[key] = torch.cat([c.model_kwargs[key] for c in chunks]) if torch.is_tensor(value) else value
+    # ---- the model ------------------------------------------------------------------------------------
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, c_crossattn=None, control=None,
+                    transformer_options=None, **kwargs) -> torch.Tensor:
+        """ComfyUI's model.apply_model: the x_0 estimate of noisy ``x`` at sigmas ``t`` (float32)."""
+        if c_crossattn is not None:
+            kwargs["context"] = c_crossattn
+        if control is not None:
+            kwargs["control"] = control
+        if transformer_options is not None and self._passes_options:
+            kwargs["transformer_options"] = transformer_options
         self.unet_calls += 1
-        denoised = self.model_sampling.apply_model(self.unet_apply, x, sigmas, model_dtype=self.model_dtype,
-                                                   **kwargs)
-        return list(denoised.chunk(len(chunks)))
+        return self.model_sampling.apply_model(self.unet_apply, x, t, model_dtype=self.model_dtype, **kwargs)
 
-    def predictions(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The composed positive and negative x_0 estimates (negative None when cfg == 1)."""
-        positive, negative = self._resolve(x)
-        pending = [c for c in (self._chunk(0, r, x, sigma) for r in positive) if c is not None]
-        if not self.skips_negative:
-            pending += [c for c in (self._chunk(1, r, x, sigma) for r in negative) if c is not None]
-        totals = [torch.zeros_like(x), torch.zeros_like(x)]
-        weight_sums = [torch.full_like(x, EMPTY_WEIGHT), torch.full_like(x, EMPTY_WEIGHT)]
+    def _run_batch(self, chunks: list[Chunk], sigma: torch.Tensor, options: dict) -> list[torch.Tensor]:
+        x = torch.cat([c.x for c in chunks])
+        sigmas = torch.cat([sigma.reshape(-1)] * len(chunks))
+        cond_or_uncond = [c.kind for c in chunks]
+        c: dict[str, Any] = {}
+        if chunks[0].context is not None:
+            c["c_crossattn"] = concat_contexts([chunk.context for chunk in chunks])
+        for key, value in chunks[0].model_kwargs.items():
+            c[key] = torch.cat([chunk.model_kwargs[key] for chunk in chunks]) if torch.is_tensor(value) else value
+        transformer_options = dict(options.get("transformer_options", {}))
+        transformer_options["cond_or_uncond"] = cond_or_uncond
+        transformer_options["sigmas"] = sigmas
+        if chunks[0].control is not None:
+            c["control"] = chunks[0].control.get_control(x, sigmas, c, len(chunks), transformer_options)
+        c["transformer_options"] = transformer_options
+        wrapper = options.get("model_function_wrapper")
+        if wrapper is not None:
+            denoised = wrapper(self.apply_model, {"input": x, "timestep": sigmas, "c": c,
+                                                  "cond_or_uncond": cond_or_uncond})
+        else:
+            denoised = self.apply_model(x, sigmas, **c)
+        return list(denoised.float().chunk(len(chunks)))
+
+    def calc_cond_batch(self, conds: list, x: torch.Tensor, sigma: torch.Tensor,
+                        model_options: Optional[dict] = None) -> list[torch.Tensor]:
+        """ComfyUI's calc_cond_batch: the composed x_0 estimate for each conditioning list (None -> zeros),
+        entries of all lists batched into as few UNet calls as possible."""
+        options = self.model_options if model_options is None else model_options
+        pending = []
+        for kind, side in enumerate(self._resolve(list(conds), x)):
+            if side is not None:
+                pending += [c for c in (self._chunk(kind, r, x, sigma) for r in side) if c is not None]
+        totals = [torch.zeros_like(x) for _ in conds]
+        weight_sums = [torch.full_like(x, EMPTY_WEIGHT) for _ in conds]
         while pending:
-            batch = [c for c in pending if _chunks_concatenable(c, pending[0])]
+            batch = [c for c in pending if chunks_concatenable(c, pending[0])]
             if self.max_batch_chunks:
                 batch = batch[:self.max_batch_chunks]
             pending = [c for c in pending if not any(c is b for b in batch)]
-            for chunk, denoised in zip(batch, self._run_batch(batch, sigma)):
+            for chunk, denoised in zip(batch, self._run_batch(batch, sigma, options)):
                 y0, y1, x0, x1 = chunk.region
                 totals[chunk.kind][:, :, y0:y1, x0:x1] += denoised * chunk.weights
                 weight_sums[chunk.kind][:, :, y0:y1, x0:x1] += chunk.weights
-        positive_out = totals[0] / weight_sums[0]
-        negative_out = None if self.skips_negative else totals[1] / weight_sums[1]
-        return positive_out, negative_out
+        return [total / weight_sum for total, weight_sum in zip(totals, weight_sums)]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        positive_out, negative_out = self.predictions(x, sigma)
-        if negative_out is None:
-            negative_out = torch.zeros_like(positive_out)
-        return negative_out + (positive_out - negative_out) * self.cfg
+    def predictions(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The composed positive and negative x_0 estimates (negative None when cfg == 1)."""
+        skip = self.skips_negative
+        positive, negative = self.calc_cond_batch([self.positive, None if skip else self.negative], x, sigma)
+        return positive, None if skip else negative
+
+    # ---- guidance ---------------------------------------------------------------------------------------
+
+    def _pre_run_controls(self) -> None:
+        self._controls_ready = True
+        controls = {id(e.options["control"]): e.options["control"] for e in self.positive + self.negative
+                    if e.options.get("control") is not None}
+        for control in controls.values():
+            if hasattr(control, "pre_run"):
+                control.pre_run(self, self.model_sampling.percent_to_sigma)
+
+    def cfg_function(self, cond_pred, uncond_pred, x, sigma, options: dict, cond=None, uncond=None):
+        if "sampler_cfg_function" in options:
+            args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": self.cfg, "timestep": sigma,
+                    "input": x, "sigma": sigma, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                    "model": self, "model_options": options}
+            result = x - options["sampler_cfg_function"](args)
+        else:
+            result = uncond_pred + (cond_pred - uncond_pred) * self.cfg
+        for function in options.get("sampler_post_cfg_function", ()):
+            result = function({"denoised": result, "cond": cond, "uncond": uncond, "cond_scale": self.cfg,
+                               "model": self, "uncond_denoised": uncond_pred, "cond_denoised": cond_pred,
+                               "sigma": sigma, "model_options": options, "input": x})
+        return result
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, model_options: Optional[dict] = None) -> torch.Tensor:
+        """The guided x_0.  ``model_options`` (per call, e.g. a cfg++ sampler's post-cfg hook) is added to the
+        model's: its function lists are appended, other keys override."""
+        options = _merged_options(self.model_options, model_options)
+        if not self._controls_ready:
+            self._pre_run_controls()
+        uncond = None if self._skips_negative(options) else self.negative
+        conds = [self.positive, uncond]
+        out = self.calc_cond_batch(conds, x, sigma, options)
+        for function in options.get("sampler_pre_cfg_function", ()):
+            out = function({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": sigma,
+                            "input": x, "sigma": sigma, "model": self, "model_options": options})
+        return self.cfg_function(out[0], out[1], x, sigma, options, self.positive, uncond)
+
+
+def calc_cond_batch(model: CFGDenoiser, conds: list, x: torch.Tensor, sigma: torch.Tensor,
+                    model_options: Optional[dict] = None) -> list[torch.Tensor]:
+    """ComfyUI's comfy.samplers.calc_cond_batch for a cfg function's "model" (a CFGDenoiser)."""
+    return model.calc_cond_batch(conds, x, sigma, model_options)
+
+
+_FUNCTION_LISTS = ("sampler_pre_cfg_function", "sampler_post_cfg_function")
+
+
+def _merged_options(base: dict, extra: Optional[dict]) -> dict:
+    if not extra:
+        return base
+    merged = {**base, **extra}
+    for key in _FUNCTION_LISTS:
+        if key in base and key in extra:
+            merged[key] = list(base[key]) + list(extra[key])
+    return merged
+
+
+def _share_controls_with_uncond(positive: list[ConditioningEntry], negative: list[ConditioningEntry]) -> None:
+    """ComfyUI gives negative entries without a ControlNet the one of a positive entry that asks for it
+    ("control_apply_to_uncond", set by the old ControlNetApply)."""
+    shared = [e.options["control"] for e in positive
+              if e.options.get("control_apply_to_uncond") and e.options.get("control") is not None]
+    if not shared:
+        return
+    for index, entry in enumerate(negative):
+        if entry.options.get("control") is None:
+            negative[index] = ConditioningEntry(entry.context, {**entry.options, "control": shared[0]},
+                                                entry.model_kwargs)
+
+
+def _accepts_keyword(function, name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == p.VAR_KEYWORD or p.name == name for p in parameters)
 
 
 def cfg_denoiser(unet_apply: UnetApply, cond, uncond, cfg: float, **options) -> CFGDenoiser:
