@@ -406,6 +406,38 @@ class LatentApplyOperation:
         return (_with_samples(samples, operation(latent=samples["samples"])),)
 
 
+class GuidanceOperation:
+    """A pre-CFG function: applies a latent operation to the guidance direction (positive minus negative x_0
+    estimate) and adds the negative back; with a single prediction, to that prediction."""
+
+    def __init__(self, operation):
+        self.operation = operation
+
+    def __call__(self, args: dict):
+        conds_out = list(args["conds_out"])
+        if len(conds_out) == 2:
+            conds_out[0] = self.operation(latent=conds_out[0] - conds_out[1]) + conds_out[1]
+        else:
+            conds_out[0] = self.operation(latent=conds_out[0])
+        return conds_out
+
+
+class LatentApplyOperationCFG:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "operation": ("LATENT_OPERATION",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "latent/advanced/operations"
+    EXPERIMENTAL = True
+
+    def patch(self, model, operation):
+        patched = model.clone()
+        patched.set_model_sampler_pre_cfg_function(GuidanceOperation(operation))
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {
     "LatentAdd": LatentAdd,
     "LatentSubtract": LatentSubtract,
@@ -420,6 +452,7 @@ NODE_CLASS_MAPPINGS = {
     "LatentOperationSharpen": LatentOperationSharpen,
     "LatentOperationTonemapReinhard": LatentOperationTonemapReinhard,
     "LatentApplyOperation": LatentApplyOperation,
+    "LatentApplyOperationCFG": LatentApplyOperationCFG,
 }
 
 # ComfyUI 0.3.64 reports null for its V3 latent nodes; LatentCompositeMasked shows its class name.

@@ -5,6 +5,7 @@ from comfy_serverless.catalog.comfy_modules import missing_attribute
 from comfy_serverless.nodes.latent_ops import (
     LatentAdd,
     LatentApplyOperation,
+    LatentApplyOperationCFG,
     LatentBatch,
     LatentBatchSeedBehavior,
     LatentConcat,
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "LatentBatch": LatentBatch,
     "LatentBatchSeedBehavior": LatentBatchSeedBehavior,
     "LatentApplyOperation": LatentApplyOperation,
+    "LatentApplyOperationCFG": LatentApplyOperationCFG,
     "LatentOperationTonemapReinhard": LatentOperationTonemapReinhard,
     "LatentOperationSharpen": LatentOperationSharpen,
 }
