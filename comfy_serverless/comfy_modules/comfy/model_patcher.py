@@ -1,10 +1,11 @@
 """ComfyUI's `comfy.model_patcher` for custom node packs.
 
-MODEL objects here are comfy_serverless.models.DiffusionModel (ComfyUI's ModelPatcher cut down to what SD
-needs: clone, LoRA patches, model_options, get_model_object("model_sampling"), model_dtype, load_device), so
-`isinstance(model, ModelPatcher)` holds for them. Wrapping a network of a pack's own in a ModelPatcher, and the
-patching methods this server's sampler cannot honour (set_model_sampler_cfg_function, set_model_patch,
-set_model_unet_function_wrapper, add_object_patch, ...), are not provided.
+MODEL objects here are comfy_serverless.models.DiffusionModel, so `isinstance(model, ModelPatcher)` holds for
+them. They answer ComfyUI's ModelPatcher methods for SD models (models/patcher_api.py): clone, the cfg / pre-cfg /
+post-cfg functions, the UNet function wrapper, block and attention patches and replacements, add_object_patch
+("model_sampling"), get_model_object, add_patches / get_key_patches / model_state_dict, model_dtype, load_device.
+Wrapping a network of a pack's own in a ModelPatcher (the constructor) and ComfyUI's hook/wrapper registries
+(patcher_extension callbacks) are not provided.
 """
 
 from __future__ import annotations
