@@ -296,3 +296,24 @@ def test_checkpoint_buffers_and_statistics_are_used():
     torch.testing.assert_close(z, (a * (embeds - 2) / 3 + b * noise) * 3 + 2)
     with pytest.raises(ValueError, match="statistics are 4 wide"):
         NoiseAugmentor(state, 8)
+
+
+def test_the_image_encoder_inside_an_unclip_checkpoint_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_clip_vision_config()
+    weights = random_clip_vision_weights(config, seed=6)
+    stored = {key: value.contiguous()
+              for key, value in to_openclip_state_dict(weights, UNCLIP_CHECKPOINT_PREFIX).items()}
+    stored["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # the rest of the checkpoint is left alone
+    stored["embedder.model.logit_scale"] = torch.ones(())
+    path = tmp_path / "unclip.safetensors"
+    save_file(stored, str(path), metadata={"clip_vision.heads": "4"})
+    with server_context(force_fp32=True):
+        vision = load_clip_vision(str(path), prefix=UNCLIP_CHECKPOINT_PREFIX)
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf_model(config, weights)(pixel_values=clip_preprocess(image, 32))
+    torch.testing.assert_close(vision.encode_image(image).image_embeds, expected.image_embeds, atol=1e-4, rtol=1e-4)
+    with pytest.raises(CheckpointError, match="not a CLIP vision model"):
+        load_clip_vision(str(path))  # without the prefix: no tower at "visual."
