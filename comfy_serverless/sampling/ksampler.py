@@ -11,13 +11,13 @@ The pieces, in the order a KSampler node uses them:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .denoising import CFGDenoiser, ModelSampling, UnetApply, per_item_view, repeat_to_batch
-from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, DenoiseFn, StepCallback, default_noise_sampler, get_sampler
+from .denoising import CFGDenoiser, ModelSampling, UnetApply, repeat_to_batch
+from .sampler_object import KSamplerObject, inpainting_denoiser, sampler_object  # noqa: F401
+from .samplers import DISCARD_PENULTIMATE_SIGMA_SAMPLERS, DenoiseFn, StepCallback, get_sampler
 from .schedules import SCHEDULER_NAMES, SCHEDULERS, calculate_sigmas
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,50 +104,21 @@ def slice_sigmas(sigmas: torch.Tensor, start_step: Optional[int] = None, last_st
 # Running a sampler
 # --------------------------------------------------------------------------------------------------------
 
-def inpainting_denoiser(denoise_fn: DenoiseFn, model_sampling: ModelSampling, latent_image: torch.Tensor,
-                        noise: torch.Tensor, denoise_mask: torch.Tensor) -> DenoiseFn:
-    """Keep the unmasked region on the original latent's trajectory: before each model call it is replaced
-    by the latent noised with the fixed ``noise`` to the current sigma, and the x_0 estimate there is the
-    latent itself (mask 1 = regenerate, 0 = keep)."""
-    keep = 1.0 - denoise_mask
-
-    def denoise(x, sigma):
-        noised_latent = model_sampling.noise_scaling(per_item_view(sigma, noise), noise, latent_image)
-        x = x * denoise_mask + noised_latent * keep
-        return denoise_fn(x, sigma) * denoise_mask + latent_image * keep
-
-    return denoise
-
-
-def run_sampler(denoise_fn: DenoiseFn, model_sampling: ModelSampling, sampler_name: str, noise: torch.Tensor,
+def run_sampler(denoise_fn: DenoiseFn, model_sampling: ModelSampling, sampler_name, noise: torch.Tensor,
                 latent_image: torch.Tensor, sigmas: torch.Tensor, *, seed: Optional[int] = None,
                 denoise_mask: Optional[torch.Tensor] = None, callback: Optional[StepCallback] = None,
                 sampler_options: Optional[dict] = None) -> torch.Tensor:
-    """Noise ``latent_image`` to ``sigmas[0]`` with ``noise`` and run ``sampler_name`` along ``sigmas``.
+    """Noise ``latent_image`` to ``sigmas[0]`` with ``noise`` and run the sampler along ``sigmas``.
 
+    ``sampler_name`` is a name (with ``sampler_options``) or a SAMPLER object (KSamplerObject).
     ``denoise_mask`` (already at latent shape, 1 = regenerate) restricts the change to the masked region.
     """
-    sampler = get_sampler(sampler_name)
-    if sigmas.shape[-1] == 0:
-        return latent_image
-    sigmas = sigmas.to(latent_image.device)
-    if denoise_mask is not None:
-        inpaint_noise = noise
-        if sampler_name == "ddim":
-            # ComfyUI's ddim re-noises the kept region with independent noise seeded seed + 1.
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed((41 if seed is None else seed) + 1)
-            inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise)
-        denoise_fn = inpainting_denoiser(denoise_fn, model_sampling, latent_image, inpaint_noise, denoise_mask)
-    sigma_max = float(model_sampling.sigma_max)
-    first = float(sigmas[0])
-    max_denoise = math.isclose(sigma_max, first, rel_tol=1e-5) or first > sigma_max
-    x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
-    if len(sigmas) > 1:
-        noise_sampler = default_noise_sampler(x, seed=seed)
-        x = sampler(denoise_fn, x, sigmas, noise_sampler=noise_sampler, callback=callback,
-                    **(sampler_options or {}))
-    return model_sampling.inverse_noise_scaling(sigmas[-1], x)
+    if isinstance(sampler_name, KSamplerObject):
+        sampler = sampler_name
+    else:
+        sampler = sampler_object(sampler_name, sampler_options)
+    return sampler.run(denoise_fn, model_sampling, noise, latent_image, sigmas, seed=seed,
+                       denoise_mask=denoise_mask, callback=callback)
 
 
 def ksampler(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image: torch.Tensor, *, seed: int,
@@ -159,12 +130,14 @@ def ksampler(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image:
              process_latent_in: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              process_latent_out: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              encode_extra: Optional[Callable[[dict, torch.Size], dict]] = None,
-             model_dtype: Optional[torch.dtype] = None, sampler_options: Optional[dict] = None) -> torch.Tensor:
+             model_dtype: Optional[torch.dtype] = None, sampler_options: Optional[dict] = None,
+             model_options: Optional[dict] = None) -> torch.Tensor:
     """ComfyUI's KSampler (common_ksampler): returns the sampled latent, in the same space as the input.
 
     ``process_latent_in`` / ``process_latent_out`` map between the stored latent and the model's latent space
     (e.g. multiply / divide by the VAE scale factor); like ComfyUI, an all-zero input latent is not mapped in.
-    ``batch_index`` is the LATENT's "batch_index", ``noise_mask`` its "noise_mask".
+    ``batch_index`` is the LATENT's "batch_index", ``noise_mask`` its "noise_mask"; ``model_options`` the
+    MODEL's (its patches reach the guided denoiser).
     """
     check_names(sampler_name, scheduler)
     latent_image = latent_image.to(torch.float32)
@@ -187,7 +160,7 @@ def ksampler(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image:
         denoise_mask = prepare_noise_mask(noise_mask, latent_image.shape, latent_image.device)
 
     denoiser = CFGDenoiser(unet_apply, positive, negative, cfg, model_sampling=model_sampling,
-                           encode_extra=encode_extra, model_dtype=model_dtype)
+                           encode_extra=encode_extra, model_dtype=model_dtype, model_options=model_options)
     samples = run_sampler(denoiser, model_sampling, sampler_name, noise, model_latent, sigmas, seed=seed,
                           denoise_mask=denoise_mask, callback=callback, sampler_options=sampler_options)
     samples = samples.to(torch.float32)
