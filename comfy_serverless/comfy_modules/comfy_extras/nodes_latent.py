@@ -1,5 +1,5 @@
 """ComfyUI's `comfy_extras.nodes_latent`: the latent arithmetic, batch and operation nodes
-(comfy_serverless/nodes/latent_ops.py). Other names of that module are placeholders."""
+(comfy_serverless/nodes/latent_ops.py) and its helper reshape_latent_to. Other names are placeholders."""
 
 from comfy_serverless.catalog.comfy_modules import missing_attribute
 from comfy_serverless.nodes.latent_ops import (
@@ -16,6 +16,7 @@ from comfy_serverless.nodes.latent_ops import (
     LatentOperationTonemapReinhard,
     LatentSubtract,
 )
+from comfy_serverless.nodes.latent_ops import _shaped_like as reshape_latent_to  # noqa: F401  (packs import it)
 
 NODE_CLASS_MAPPINGS = {
     "LatentAdd": LatentAdd,
