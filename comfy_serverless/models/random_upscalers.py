@@ -4,6 +4,7 @@
                                            (conv_first ...; scale 2 and 1 fold the input by pixel_unshuffle
                                            like Real-ESRGAN x2plus and its 1x models)
     compact_state_dict(scale)              SRVGGNetCompact weights (body.N)
+    span_state_dict(scale)                 SPAN weights (conv_1, block_1..6, conv_cat, conv_2, upsampler)
     write_model(path, state_dict, wrap=)   .pth (torch.save, optionally inside {"params_ema": ...}) or
                                            .safetensors, chosen by the suffix
 """
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from ..networks.upscalers import compact, rrdbnet
+from ..networks.upscalers import compact, rrdbnet, span
 
 
 def _randomised(network: torch.nn.Module, seed: int, spread: float) -> dict[str, torch.Tensor]:
@@ -67,6 +68,13 @@ def compact_state_dict(scale: int = 4, num_feat: int = 8, num_conv: int = 2, cha
                        spread: float = 0.05) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         network = compact.SRVGGNetCompact(compact.CompactConfig(channels, channels, num_feat, num_conv, scale))
+    return _randomised(network, seed, spread)
+
+
+def span_state_dict(scale: int = 4, features: int = 4, norm: bool = True, seed: int = 0,
+                    spread: float = 0.05) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        network = span.SPAN(span.SPANConfig(3, 3, features, scale, norm))
     return _randomised(network, seed, spread)
 
 

@@ -182,7 +182,7 @@ def test_other_architectures_are_named_in_the_refusal():
 def test_a_damaged_esrgan_file_is_refused_with_the_reason():
     weights = ru.esrgan_state_dict(4, "esrgan")
     del weights["model.10.weight"], weights["model.10.bias"]  # conv_last gone: model.8 looks last
-    with pytest.raises(UnsupportedUpscaler, match=r"resemble an ESRGAN-family model.*expected model"):
+    with pytest.raises(UnsupportedUpscaler, match=r"resemble a supported model.*expected model"):
         upscalers.detect(weights)
     weights = ru.esrgan_state_dict(4, "basicsr")
     weights["body.0.rdb1.conv2.weight"] = torch.zeros(4, 3, 3, 3)
@@ -202,3 +202,49 @@ def test_rrdb_config_rejects_unknown_scales():
     with pytest.raises(ValueError, match="scale must be"):
         ru.rrdb_config(3)
     assert rrdbnet.RRDBConfig(num_upsample=3).scale == 8
+
+
+# ---- SPAN -----------------------------------------------------------------------------------------------
+
+def _conv3xc_branches(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The trained form: 1x1 skip plus a 1x1 -> 3x3 (unpadded, on the zero-padded input) -> 1x1 chain."""
+    chain = F.conv2d(F.pad(x, (1, 1, 1, 1)), sd[f"{name}.conv.0.weight"], sd[f"{name}.conv.0.bias"])
+    chain = F.conv2d(chain, sd[f"{name}.conv.1.weight"], sd[f"{name}.conv.1.bias"])
+    chain = F.conv2d(chain, sd[f"{name}.conv.2.weight"], sd[f"{name}.conv.2.bias"])
+    return chain + F.conv2d(x, sd[f"{name}.sk.weight"], sd[f"{name}.sk.bias"])
+
+
+def span_reference(sd: dict, x: torch.Tensor, scale: int, norm: bool) -> torch.Tensor:
+    if norm:
+        x = (x - torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)) * 255.0
+    first = _conv3xc_branches(sd, "conv_1", x)
+    out, outputs = first, []
+    for b in range(1, 7):
+        activated = F.silu(_conv3xc_branches(sd, f"block_{b}.c1_r", out))
+        third = _conv3xc_branches(sd, f"block_{b}.c3_r", F.silu(_conv3xc_branches(sd, f"block_{b}.c2_r", activated)))
+        out = (third + out) * (torch.sigmoid(third) - 0.5)
+        outputs.append(out)
+    joined = torch.cat([first, _conv3xc_branches(sd, "conv_2", outputs[5]), outputs[0], activated], 1)
+    joined = F.conv2d(joined, sd["conv_cat.weight"], sd["conv_cat.bias"])
+    return F.pixel_shuffle(_conv(sd, "upsampler.0", joined), scale)
+
+
+@pytest.mark.parametrize("scale, norm", [(4, True), (2, False), (1, True)])
+def test_span_matches_the_branch_form(scale, norm):
+    weights = ru.span_state_dict(scale, features=5, norm=norm, spread=0.2, seed=scale)
+    network, info = upscalers.build(weights)
+    assert (info.architecture, info.scale, info.config.feature_channels, info.config.norm) == ("SPAN", scale, 5,
+                                                                                               norm)
+    x = torch.rand(1, 3, 9, 6)
+    with torch.no_grad():
+        ours, expected = network(x), span_reference(weights, x, scale, norm)
+    assert ours.shape == (1, 3, 9 * scale, 6 * scale)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-4)  # values reach ~100 (inputs x 255)
+
+
+def test_span_ignores_a_stale_merged_kernel():
+    weights = ru.span_state_dict(2, features=4, seed=1)
+    stale = dict(weights, **{"conv_1.eval_conv.weight": torch.randn_like(weights["conv_1.eval_conv.weight"])})
+    x = torch.rand(1, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(upscalers.build(weights)[0](x), upscalers.build(stale)[0](x))

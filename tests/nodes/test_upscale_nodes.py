@@ -19,11 +19,10 @@ from conftest import server_context
 
 @pytest.fixture
 def model_dir(tmp_path):
-    with server_context(base_directory=str(tmp_path)) as server:
+    with server_context(base_directory=str(tmp_path)):
         folder = tmp_path / "models" / "upscale_models"
         folder.mkdir(parents=True)
         yield folder
-        server.run(lambda: None)
 
 
 def nearest(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -58,6 +57,13 @@ def test_the_node_scales_and_clamps(model_dir):
         raw = torch.cat([model.model(pixels[i: i + 1]) for i in range(2)]).movedim(1, -1)
     assert raw.min() < 0 or raw.max() > 1  # so the clamp did something
     torch.testing.assert_close(out, raw.clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def test_span_file_through_the_nodes(model_dir):
+    ru.write_model(model_dir / "4x-span.safetensors", ru.span_state_dict(4, features=4))
+    (model,) = UpscaleModelLoader().load_model("4x-span.safetensors")
+    (out,) = ImageUpscaleWithModel().upscale(model, torch.rand(1, 6, 5, 3))
+    assert model.architecture.name == "SPAN" and out.shape == (1, 24, 20, 3)
 
 
 def test_odd_sizes_are_padded_for_unshuffle_models(model_dir):

@@ -5,8 +5,8 @@
     build(state_dict)    (network in eval mode, UpscalerInfo)
 
 Recognised: ESRGAN's RRDBNet in the original ("model.0.weight") and the BasicSR / Real-ESRGAN ("conv_first")
-layouts, any scale that is a power of two, pixel-unshuffle variants (x2plus, 1x) and Real-ESRGAN's compact
-SRVGGNetCompact. One module per architecture; this one only dispatches.
+layouts, any scale that is a power of two, pixel-unshuffle variants (x2plus, 1x), Real-ESRGAN's compact
+SRVGGNetCompact, and SPAN. One module per architecture; this one only dispatches.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class UnsupportedUpscaler(ValueError):
 
 @dataclass(frozen=True)
 class UpscalerInfo:
-    architecture: str  # "ESRGAN" or "RealESRGAN-Compact"
+    architecture: str  # "ESRGAN", "RealESRGAN-Compact" or "SPAN"
     layout: str  # how the file names its weights
     scale: int
     input_channels: int
@@ -33,7 +33,6 @@ class UpscalerInfo:
 # Key fragments of architectures that are recognised by name only, to say what a refused file is.
 _KNOWN_OTHERS = (
     ("layers.0.residual_group.blocks.0", "SwinIR/HAT (transformer)"),
-    ("block_1.c1_r.", "SPAN"),
     ("residual_layer.0.residual_layer", "OmniSR"),
     ("layers.0.blocks.0.attn", "a Swin transformer (DAT/SwinIR?)"),
     ("stylegan_decoder.", "GFPGAN (face restoration)"),
@@ -60,7 +59,7 @@ def _describe(state_dict: dict) -> str:
 
 
 def detect(state_dict: dict) -> UpscalerInfo:
-    from . import compact, rrdbnet
+    from . import compact, rrdbnet, span
 
     state_dict = without_module_prefix(state_dict)
     try:
@@ -74,12 +73,15 @@ def detect(state_dict: dict) -> UpscalerInfo:
             config = compact.config_from_state_dict(state_dict)
             return UpscalerInfo("RealESRGAN-Compact", "BasicSR", config.scale, config.in_channels,
                                 config.out_channels, 1, 0, config)
+        if span.is_span_layout(state_dict):
+            config = span.config_from_state_dict(state_dict)
+            return UpscalerInfo("SPAN", "SPAN", config.scale, config.in_channels, config.out_channels, 1, 0, config)
     except (KeyError, ValueError, IndexError) as exc:
-        raise UnsupportedUpscaler(f"unsupported upscale model: the weights resemble an ESRGAN-family model but "
+        raise UnsupportedUpscaler(f"unsupported upscale model: the weights resemble a supported model but "
                                   f"do not fit it ({exc})") from None
     raise UnsupportedUpscaler(f"unsupported upscale model architecture ({_describe(state_dict)}); supported: "
-                              f"ESRGAN/Real-ESRGAN (RRDBNet, both key layouts) and Real-ESRGAN compact "
-                              f"(SRVGGNetCompact)")
+                              f"ESRGAN/Real-ESRGAN (RRDBNet, both key layouts), Real-ESRGAN compact "
+                              f"(SRVGGNetCompact) and SPAN")
 
 
 def build(state_dict: dict):
@@ -87,13 +89,13 @@ def build(state_dict: dict):
     half precision, which CPUs run slowly or not at all)."""
     import torch
 
-    from . import compact, rrdbnet
+    from . import compact, rrdbnet, span
 
     info = detect(state_dict)
     state_dict = {key: value.to(torch.float32) if value.is_floating_point() else value
                   for key, value in without_module_prefix(state_dict).items()}
     try:
-        network = rrdbnet.build(state_dict) if info.architecture == "ESRGAN" else compact.build(state_dict)
+        network = {"ESRGAN": rrdbnet, "RealESRGAN-Compact": compact, "SPAN": span}[info.architecture].build(state_dict)
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shape mismatches
         detail = " ".join(str(exc).split())[:300]
         raise UnsupportedUpscaler(f"unsupported {info.architecture} variant: {detail}") from None
