@@ -300,7 +300,8 @@ class Backend:
         entry = found.get(run.backend_id) if isinstance(found, dict) else None
         if not isinstance(entry, dict):
             return None
-        await self._post_quietly("/history", {"delete": [run.backend_id]})  # ours is the history clients read
+        # ours is the history clients read; removed there without holding up this prompt's end
+        self.loop.create_task(self._post_quietly("/history", {"delete": [run.backend_id]}))
         result = {"outputs": entry.get("outputs") or {}, "meta": entry.get("meta") or {},
                   "status": entry.get("status") or {"status_str": "error", "completed": False, "messages": []}}
         if run.backend_id != run.prompt_id:
