@@ -535,7 +535,8 @@ def _unpack_returns(results: list, cls):
     for u in uis:
         for key, values in u.items():
             ui.setdefault(key, [])
-            ui[key].extend(values if isinstance(values, list) else [values])
+            # ComfyUI concatenates each key's sequences, so a node's (value,) tuple merges like a list.
+            ui[key].extend(values if isinstance(values, (list, tuple)) else [values])
     if expanded:
         return None, ui, expansions
     return (_merge_outputs(tuples, cls) if tuples else []), ui, None

@@ -61,7 +61,8 @@ class RecordList(Record):
     INPUT_IS_LIST = True
 
     def run(self, value, label=None):
-        return {"ui": {"values": [list(value)], "labels": [len(value)]}}
+        # A tuple, as many ComfyUI nodes return it: merged like a list.
+        return {"ui": {"values": [list(value)], "labels": (len(value),)}}
 
 
 class MakeList:
