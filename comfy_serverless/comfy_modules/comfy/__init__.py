@@ -1,8 +1,9 @@
 """ComfyUI's `comfy` package for custom node packs: thin faces over comfy_serverless's own modules.
 
-`comfy.utils`, `comfy.model_management`, `comfy.samplers`, `comfy.sample`, `comfy.sd`, `comfy.model_patcher`,
-`comfy.cli_args` and `comfy.comfy_types` have files here; every other submodule (`comfy.model_base`,
-`comfy.ldm...`) is a placeholder (comfy_serverless/catalog/comfy_modules.py).
+The submodules with a file in this folder (`comfy.utils`, `comfy.model_management`, `comfy.samplers`,
+`comfy.model_patcher`, `comfy.controlnet`, `comfy.clip_vision`, ...: the README's module table lists them) are
+backed by this server's code; every other submodule (`comfy.model_base`, `comfy.ldm...`) is a placeholder
+(comfy_serverless/catalog/comfy_modules.py).
 """
 
 from comfy_serverless.catalog.comfy_modules import package_attribute

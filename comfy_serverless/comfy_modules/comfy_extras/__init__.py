@@ -1,6 +1,6 @@
 """ComfyUI's `comfy_extras` package for custom node packs: the extra core nodes this server has, under the
-modules ComfyUI keeps them in (nodes_mask, nodes_images, nodes_post_processing, nodes_rebatch, nodes_primitive).
-Other modules are placeholders (comfy_serverless/catalog/comfy_modules.py).
+modules ComfyUI keeps them in (every nodes_*.py file in this folder re-exports ours; the README's module table
+lists them). Other modules are placeholders (comfy_serverless/catalog/comfy_modules.py).
 """
 
 from comfy_serverless.catalog.comfy_modules import package_attribute
