@@ -7,6 +7,7 @@ Layouts read (safetensors or .pth):
     diffusers    controlnet_cond_embedding.conv_in.weight, down_blocks.0.resnets.0.conv1.weight,
                  controlnet_down_blocks.0.weight, controlnet_mid_block.weight, ...
     T2I-Adapter  see models/t2i_adapters.py
+    control-LoRA see models/control_lora.py
 
 load_controlnet(path, model=None) returns a control object (models/control_objects.py); the network itself is
 built on first use through the loaded-model cache, in the UNet's compute dtype.
@@ -33,7 +34,8 @@ ORIGINAL_PREFIX = "control_model."
 DIFF_MARKER = "difference"
 UNION_MARKER = "control_add_embedding.linear_1.weight"
 CONTROL_LORA_MARKER = "lora_controlnet"
-SUPPORTED = "supported: ControlNets for SD1.x, SD2.x and SDXL (original or diffusers layout), T2I-Adapters"
+SUPPORTED = ("supported: ControlNets for SD1.x, SD2.x and SDXL (original or diffusers layout, diff, control-LoRA), "
+             "T2I-Adapters")
 
 # ---- diffusers names -> ours -------------------------------------------------------------------------
 
@@ -228,7 +230,10 @@ def load_controlnet(path: str, model=None):
     try:
         state_dict = open_state_dict(path)
         if CONTROL_LORA_MARKER in state_dict:
-            raise CheckpointError("a control-LoRA (lora_controlnet): not supported by this server; " + SUPPORTED)
+            from .control_lora import ControlLora, read_control_lora
+
+            read_control_lora(state_dict)  # a damaged file fails here, not when sampling
+            return ControlLora(path, global_average_pooling=_shuffle_name(path))
         if is_t2i_adapter(state_dict):
             return load_t2i_adapter(path, state_dict)
         weights, is_diff = read_controlnet_weights(state_dict)

@@ -81,6 +81,38 @@ def make_test_diff_controlnet(checkpoint_path: str | os.PathLike, out_path: str 
     return weights
 
 
+def make_test_control_lora(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, rank: int = 2,
+                           seed: int = 0) -> dict[str, torch.Tensor]:
+    """A control-LoRA for a checkpoint: low-rank updates of the UNet's linear and conv weights, the hint encoder,
+    zero convs and most norms/biases in full, the res blocks' embedding biases left to the UNet. Returns the
+    ControlNet weights it makes with that checkpoint's UNet (float32, our names)."""
+    from .checkpoint_files import detect_architecture, open_state_dict
+    from .control_lora import MARKER
+
+    checkpoint = open_state_dict(checkpoint_path)
+    unet = strip_prefix(checkpoint, UNET_PREFIX)
+    config = ControlNetConfig(detect_architecture(checkpoint).unet_config, hint_block_channels=TINY_HINT_CHANNELS)
+    generator = torch.Generator().manual_seed(seed)
+    stored: dict[str, torch.Tensor] = {MARKER: torch.zeros(1)}
+    expected = {}
+    for key, value in random_controlnet_weights(config, seed).items():
+        base = unet.get(key)
+        if base is None:
+            stored[key] = expected[key] = value
+        elif base.ndim >= 2:  # a linear or conv weight: a low-rank update of the UNet's
+            module = key[: -len(".weight")]
+            up = torch.randn(base.shape[0], rank, *([1] * (base.ndim - 2)), generator=generator) * 0.1
+            down = torch.randn(rank, *base.shape[1:], generator=generator) * 0.1
+            stored[f"{module}.up"], stored[f"{module}.down"] = up, down
+            expected[key] = base.float() + (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
+        elif "emb_layers" in key:
+            expected[key] = base.float()
+        else:
+            stored[key] = expected[key] = value
+    _save(stored, out_path)
+    return expected
+
+
 def tiny_adapter_config(kind: str = "full", xl: bool = False, in_channels: int = 3) -> AdapterConfig:
     """Small widths; the level structure (four levels, as the SD UNets expect) is the real one."""
     if kind == "light":

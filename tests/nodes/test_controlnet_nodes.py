@@ -13,6 +13,7 @@ from comfy_serverless.models.checkpoint_files import CheckpointError
 from comfy_serverless.models.control_objects import ControlNet, broadcast_image_to, resize_hint
 from comfy_serverless.models.random_checkpoints import make_test_checkpoint
 from comfy_serverless.models.random_controlnets import (
+    make_test_control_lora,
     make_test_controlnet,
     make_test_diff_controlnet,
     make_test_t2i_adapter,
@@ -52,6 +53,9 @@ def base(tmp_path_factory):
     weights["cn-sdxl.safetensors"] = make_test_controlnet("sdxl", controlnets / "cn-sdxl.safetensors", "diffusers")
     weights["cn-diff.safetensors"] = make_test_diff_controlnet(checkpoints / "tiny-sd15.safetensors",
                                                                controlnets / "cn-diff.safetensors", seed=8)
+    for family in ("sd15", "sdxl"):
+        weights[f"cn-lora-{family}.safetensors"] = make_test_control_lora(
+            checkpoints / f"tiny-{family}.safetensors", controlnets / f"cn-lora-{family}.safetensors", seed=10)
     for name, (config, layout) in ADAPTERS.items():
         weights[name] = make_test_t2i_adapter(controlnets / name, config, layout, seed=9)
     (root / "input").mkdir()
@@ -225,6 +229,37 @@ def test_sdxl_controlnet_needs_y_and_fitting_context(ctx):
     assert len(out["output"]) == 6 and out["middle"][0].shape == (2, 64, 2, 2)
 
 
+# -- control-LoRAs ------------------------------------------------------------------------------------------
+
+def test_control_lora_is_made_from_the_sampled_unet(ctx, base, sd15):
+    from comfy_serverless.models.control_lora import ControlLora
+    from comfy_serverless.sampling.denoising import CFGDenoiser
+
+    model = sd15[0]
+    control = load("cn-lora-sd15.safetensors")
+    assert isinstance(control, ControlLora) and control.handle is None
+    x, context = latents_and_context()
+    (applied,) = ControlNetApply().apply_controlnet(conditioning(context), control, hint_image(), 0.8)
+    control = applied[0][1]["control"]
+    # As the sampler calls it: with its denoiser, which reaches the MODEL through its UNet call.
+    denoiser = CFGDenoiser(model.unet_apply, applied, [], 1.0, model_sampling=model.model_sampling)
+    control.pre_run(denoiser, model.model_sampling.percent_to_sigma)
+    assert control.config.unet == model.handle.get().config and control.family == "sd15"
+    state, expected = network_state(control), base[1]["cn-lora-sd15.safetensors"]
+    assert state.keys() == expected.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], expected[key], rtol=1e-5, atol=1e-5)
+    out = control.get_control(x, torch.tensor([1.0, 1.0]), {"c_crossattn": context}, 1, {})
+    assert len(out["output"]) == 6 and out["output"][0].abs().max() > 0
+
+
+def test_control_lora_for_another_family_fails_clearly(ctx, sd15):
+    control = load("cn-lora-sdxl.safetensors").copy().set_cond_hint(hint_image().movedim(-1, 1))
+    with pytest.raises(CheckpointError, match="made for this model family"):
+        control.pre_run(sd15[0], sd15[0].model_sampling.percent_to_sigma)
+        control.handle.get()
+
+
 # -- T2I-Adapters ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ADAPTERS)
@@ -326,6 +361,8 @@ def test_controlnet_through_the_server(base):
         controlled = pixels(controlnet_workflow(1.0))
         assert np.abs(controlled - plain).max() > 2
         assert np.array_equal(pixels(controlnet_workflow(1.0, "cn-diffusers.safetensors")), controlled)
+        with_lora = pixels(controlnet_workflow(1.0, "cn-lora-sd15.safetensors"))
+        assert np.abs(with_lora - plain).max() > 2 and not np.array_equal(with_lora, controlled)
 
         bad = controlnet_workflow(1.0, "t2i-light.pth")
         bad["5"]["inputs"]["control_net_name"] = "nope.safetensors"
