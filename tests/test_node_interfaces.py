@@ -48,10 +48,16 @@ def _normalised_inputs(inputs: dict) -> dict:
 
 
 def _file_combos(ours: dict) -> set[tuple[str, str]]:
+    """Inputs whose options are a model folder's files: V1 [{"__files__": ...}, {...}] and V3 ["COMBO",
+    {"options": {"__files__": ...}}]."""
     found = set()
     for section, entries in ours["input"].items():
         for name, spec in entries.items():
-            if isinstance(spec, list) and isinstance(spec[0], dict) and FILES_MARKER in spec[0]:
+            if not isinstance(spec, list):
+                continue
+            if isinstance(spec[0], dict) and FILES_MARKER in spec[0]:
+                found.add((section, name))
+            elif spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1].get("options"), dict):
                 found.add((section, name))
     return found
 
@@ -65,8 +71,12 @@ def differences(ours: dict, theirs: dict) -> list[str]:
     our_inputs = _normalised_inputs(ours["input"])
     their_inputs = _normalised_inputs(theirs["input"])
     for section, name in _file_combos(ours):  # ComfyUI's list is the files of the machine it was read on
-        if isinstance(their_inputs.get(section, {}).get(name), list):
-            their_inputs[section][name][0] = "<files>"
+        for inputs in (our_inputs, their_inputs):
+            spec = inputs.get(section, {}).get(name)
+            if isinstance(spec, list) and spec[0] == "COMBO":
+                spec[1]["options"] = "<files>"
+            elif isinstance(spec, list):
+                spec[0] = "<files>"
     for section in sorted(set(our_inputs) | set(their_inputs)):
         mine, reference = our_inputs.get(section, {}), their_inputs.get(section, {})
         for name in sorted(set(mine) | set(reference)):
