@@ -136,6 +136,96 @@ def load_vae(path: str) -> VAEModel:
     return VAEModel(handle, dtype, config.downscale_factor, config.latent_channels)
 
 
+# ---- part files: UNETLoader, CLIPLoader, DualCLIPLoader ----------------------------------------------------
+
+# UNETLoader's weight_dtype options besides "default" (ComfyUI's fp8 storage, which this server cannot compute in).
+FP8_WEIGHT_DTYPES = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+# The family a lone text encoder serves (CLIPLoader type stable_diffusion), as ComfyUI picks it.
+SINGLE_TEXT_ENCODER_FAMILY = {"clip_l": "sd15", "clip_h": "sd2", "clip_g": "sdxl_refiner"}
+
+
+def load_unet(path: str, weight_dtype: str = "default") -> DiffusionModel:
+    """UNETLoader: a diffusion_models/ file holding only an SD-family UNet (LDM or diffusers names)."""
+    from .checkpoint_files import CheckpointError
+    from .component_files import open_unet, unet_weights
+
+    if weight_dtype != "default":
+        raise CheckpointError(f"weight_dtype {weight_dtype!r} is not supported by this server (it computes in the "
+                              f"dtype --unet-dtype / the device picks); choose default")
+    stamp = file_stamp(path)
+    key = (stamp, "unet-file")
+    with _lock:
+        found = _architectures.get(key)
+    if found is None:
+        found = open_unet(path)[0]
+        log.info("%s: %s UNet, prediction from %s", os.path.basename(path), found.description,
+                 found.prediction_reason)
+        with _lock:
+            _architectures[key] = found
+    arch = found
+    dtype = unet_dtype()
+
+    def build():
+        from ..networks.build import build_from_state_dict
+        from ..networks.unet import UNetModel
+        from .checkpoint_files import open_state_dict
+
+        weights = _converted(path, unet_weights(open_state_dict(path)), dtype)
+        return build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype)
+
+    from ..networks.build import build_on_meta  # shapes only: the size estimate without reading the file
+    from ..networks.unet import UNetModel
+
+    size = _size_in(build_on_meta(lambda: UNetModel(arch.unet_config)).state_dict(), dtype)
+    handle = loaded_models().handle((stamp, "unet-file", str(dtype)),
+                                    f"{os.path.basename(path)} UNet ({dtype_name(dtype)})", build, size,
+                                    family=(stamp[0], "unet-file"))
+    return diffusion_model(handle, arch, dtype)
+
+
+def load_text_encoders(paths: list[str], clip_type: str) -> TextEncoder:
+    """CLIPLoader (one file, type stable_diffusion: CLIP-L -> SD1, ViT-H -> SD2, bigG -> SDXL refiner) and
+    DualCLIPLoader (type sdxl: a CLIP-L and a bigG file, in either order)."""
+    from .checkpoint_files import CheckpointError
+    from .component_files import TEXT_KIND_NAMES, open_text_encoder
+
+    stamps = [file_stamp(path) for path in paths]
+    kinds = {}
+    for path in paths:
+        kind, weights, config = open_text_encoder(path)
+        if kind in kinds:
+            raise CheckpointError(f"{os.path.basename(path)} and {os.path.basename(kinds[kind][0])} are both "
+                                  f"{TEXT_KIND_NAMES[kind]} text encoders")
+        kinds[kind] = (path, config, weights)
+    names = " + ".join(TEXT_KIND_NAMES[kind] for kind in kinds)
+    if len(paths) == 1:
+        family = SINGLE_TEXT_ENCODER_FAMILY[next(iter(kinds))]
+    elif set(kinds) == TEXT_ENCODERS["sdxl"]:
+        family = "sdxl"
+    else:
+        raise CheckpointError(f"type {clip_type} needs a CLIP-L and an OpenCLIP ViT-bigG file; these are {names}")
+    dtype = text_encoder_dtype()
+    configs = {kind: config for kind, (_, config, _) in kinds.items()}
+
+    def build():
+        from ..networks.clip import SD1TextEncoder, SD2TextEncoder, SDXLRefinerTextEncoder, SDXLTextEncoder
+
+        models = {kind: _build_text_model(_converted(path, open_text_encoder(path)[1], dtype), configs[kind], dtype)
+                  for kind, (path, _, _) in kinds.items()}
+        if family == "sdxl":
+            return SDXLTextEncoder(models["clip_l"], models["clip_g"])
+        encoder = {"sd15": SD1TextEncoder, "sd2": SD2TextEncoder, "sdxl_refiner": SDXLRefinerTextEncoder}[family]
+        return encoder(*models.values())
+
+    size = sum(_size_in(weights, dtype) for _, _, weights in kinds.values())
+    description = " + ".join(os.path.basename(path) for path in paths)
+    handle = loaded_models().handle((tuple(stamps), "text-encoder-files", str(dtype)),
+                                    f"{description} text encoder ({dtype_name(dtype)})", build, size,
+                                    family=(tuple(stamp[0] for stamp in stamps), "text-encoder-files"))
+    first = configs["clip_l"] if family == "sdxl" else next(iter(configs.values()))
+    return TextEncoder(handle, family, first.layers, dtype, embeddings=embeddings_from_folders())
+
+
 def _converted(path: str, weights: dict, dtype) -> dict:
     """`weights` with floating tensors in `dtype`, converted one at a time. A tensor already in `dtype` is
     kept as it is (memory-mapped: no copy). For safetensors files (whose tensors never overlap) the source's

@@ -1,4 +1,4 @@
-"""Loader nodes: checkpoints, VAEs and LoRAs from the model folders.
+"""Loader nodes: checkpoints, VAEs, LoRAs, and UNets / text encoders on their own, from the model folders.
 
 Combos list the folders at request time (paths.FileList). Loading reads only headers and shapes here; the
 networks are built on first use and kept in the loaded-model cache (models.model_cache). Standard library
@@ -126,12 +126,96 @@ class LoraLoaderModelOnly(LoraLoader):
         return (self.load_lora(model, None, lora_name, strength_model, 0)[0],)
 
 
+class UNETLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (paths.current().list_models("diffusion_models"),),
+            "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load_unet"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("Loads a diffusion model file holding only a UNet (SD1.x, SD2.x, SDXL base or refiner; original "
+                   "or diffusers names). Only the default weight dtype is supported.")
+
+    def load_unet(self, unet_name, weight_dtype):
+        from ..models.loading import load_unet
+
+        return (load_unet(model_file("diffusion_models", unet_name), weight_dtype),)
+
+
+# ComfyUI's CLIPLoader / DualCLIPLoader types; this server builds the Stable Diffusion ones only.
+CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
+DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
+
+
+def _supported_type(clip_type: str, supported: str) -> None:
+    if clip_type != supported:
+        raise ValueError(f"CLIP type {clip_type!r} is not supported by this server (its models are not built "
+                         f"here); use {supported!r}")
+
+
+class CLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_name": (paths.current().list_models("text_encoders"),),
+                "type": (list(CLIP_TYPES),),
+            },
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = ("Loads a text encoder file. stable_diffusion: CLIP-L (SD1.x), OpenCLIP ViT-H (SD2.x) or "
+                   "OpenCLIP ViT-bigG alone (the SDXL refiner).")
+
+    def load_clip(self, clip_name, type="stable_diffusion", device="default"):
+        from ..models.loading import load_text_encoders
+
+        _supported_type(type, "stable_diffusion")
+        return (load_text_encoders([model_file("text_encoders", clip_name)], type),)
+
+
+class DualCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip_name1": (paths.current().list_models("text_encoders"),),
+                "clip_name2": (paths.current().list_models("text_encoders"),),
+                "type": (list(DUAL_CLIP_TYPES),),
+            },
+            "optional": {"device": (["default", "cpu"], {"advanced": True})},
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = "advanced/loaders"
+    DESCRIPTION = "Loads two text encoder files. sdxl: CLIP-L and OpenCLIP ViT-bigG, in either order."
+
+    def load_clip(self, clip_name1, clip_name2, type, device="default"):
+        from ..models.loading import load_text_encoders
+
+        _supported_type(type, "sdxl")
+        files = [model_file("text_encoders", clip_name1), model_file("text_encoders", clip_name2)]
+        return (load_text_encoders(files, type),)
+
+
 NODE_CLASS_MAPPINGS = {
     "CheckpointLoaderSimple": CheckpointLoaderSimple,
     "CheckpointLoader": CheckpointLoader,
     "VAELoader": VAELoader,
     "LoraLoader": LoraLoader,
     "LoraLoaderModelOnly": LoraLoaderModelOnly,
+    "UNETLoader": UNETLoader,
+    "CLIPLoader": CLIPLoader,
+    "DualCLIPLoader": DualCLIPLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -139,4 +223,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "CheckpointLoader": "Load Checkpoint With Config (DEPRECATED)",
     "VAELoader": "Load VAE",
     "LoraLoader": "Load LoRA",
+    "UNETLoader": "Load Diffusion Model",
+    "CLIPLoader": "Load CLIP",
+    "DualCLIPLoader": "DualCLIPLoader",
 }
