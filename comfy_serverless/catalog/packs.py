@@ -44,6 +44,8 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.strings",
     "comfy_serverless.nodes.latent_ops",
     "comfy_serverless.nodes.custom_sampling",
+    "comfy_serverless.nodes.custom_sampling_samplers",
+    "comfy_serverless.nodes.custom_sampling_schedulers",
     "comfy_serverless.nodes.controlnet_nodes",
     "comfy_serverless.nodes.upscale_nodes",
     "comfy_serverless.nodes.clip_vision_nodes",

@@ -15,8 +15,14 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 # Exactly the names sampling.samplers / sampling.schedules implement, in ComfyUI's order. Kept here as
 # plain lists because those modules import torch and INPUT_TYPES must not (tests check the lists agree).
-SAMPLER_NAMES = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
-                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc"]
+SAMPLER_NAMES = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+                 "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+                 "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp",
+                 "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
+                 "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+                 "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+                 "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+                 "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
 SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                    "linear_quadratic", "kl_optimal"]
 
@@ -51,7 +57,8 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
         sampler_name=sampler_name, scheduler=scheduler, positive=positive, negative=negative,
         noise_mask=latent.get("noise_mask"), batch_index=latent.get("batch_index"),
         callback=step_callback(model, steps), process_latent_in=model.process_latent_in,
-        process_latent_out=model.process_latent_out, encode_extra=model.encode_extra, **options)
+        process_latent_out=model.process_latent_out, encode_extra=model.encode_extra,
+        model_options=model.model_options, **options)
     out = dict(latent)
     out["samples"] = samples
     return (out,)
