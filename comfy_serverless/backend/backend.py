@@ -74,6 +74,27 @@ class Backend:
         self.loop = loop
         self._up = asyncio.Event()
 
+    # set by attach() and a boot: these read them once they exist
+    @property
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        assert self.loop is not None, "Backend.attach() was not called"
+        return self.loop
+
+    @property
+    def _event(self) -> asyncio.Event:
+        assert self._up is not None, "Backend.attach() was not called"
+        return self._up
+
+    @property
+    def _http(self) -> HTTPClient:
+        assert self.http is not None, "the backend was never booted"
+        return self.http
+
+    @property
+    def _socket(self) -> WebSocketClient:
+        assert self.socket is not None, "the backend was never booted"
+        return self.socket
+
     # -- life --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Starts booting unless up, booting or stopped (event loop only)."""
@@ -83,7 +104,7 @@ class Backend:
 
     def _begin_boot(self) -> None:
         self.state = "booting"
-        self._boot_task = self.loop.create_task(self._boot())
+        self._boot_task = self._loop.create_task(self._boot())
 
     async def _boot(self) -> None:
         started = time.monotonic()
@@ -101,7 +122,7 @@ class Backend:
             self.version = (stats.get("system") or {}).get("comfyui_version") if isinstance(stats, dict) else None
             self.socket = WebSocketClient(self.http)
             await self.socket.connect()
-            self._reader = self.loop.create_task(self._read_events(self.socket))
+            self._reader = self._loop.create_task(self._read_events(self.socket))
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             self.last_error = reason
@@ -113,7 +134,7 @@ class Backend:
         self.boot_seconds = round(time.monotonic() - started, 3)
         self.state = "up"
         self.last_error = None
-        self._up.set()
+        self._event.set()
         self.context.timeline.mark("backend_ready")
         log.info("the ComfyUI backend (%s) is up after %.2f s", self.version or "unknown version", self.boot_seconds)
         await self._refresh_catalog()
@@ -126,7 +147,7 @@ class Backend:
                 raise BackendUnavailable(f"ComfyUI exited with status {self.process.proc.returncode} while "
                                          f"starting; its last lines:\n{tail}")
             try:
-                status, body = await self.http.request("GET", "/system_stats", timeout=5.0)
+                status, body = await self._http.request("GET", "/system_stats", timeout=5.0)
                 if status == 200:
                     return json.loads(body)
             except (BackendUnavailable, ValueError):
@@ -139,7 +160,7 @@ class Backend:
     async def _refresh_catalog(self) -> None:
         """The live /object_info replaces the snapshot's (file lists are the backend's files now)."""
         try:
-            info = await self.http.get_json("/object_info", timeout=120.0)
+            info = await self._http.get_json("/object_info", timeout=120.0)
         except (BackendUnavailable, ValueError) as exc:
             log.warning("could not read the ComfyUI backend's /object_info: %s", exc)
             return
@@ -153,7 +174,7 @@ class Backend:
             raise BackendUnavailable("the server is shutting down")
         self.start()
         deadline = time.monotonic() + (timeout if timeout is not None else self.settings.comfyui_boot_timeout + 5)
-        while not self._up.is_set():
+        while not self._event.is_set():
             if self.state in ("failed", "stopped"):
                 raise BackendUnavailable(self.last_error or self.state)
             if time.monotonic() > deadline:
@@ -173,7 +194,7 @@ class Backend:
 
     def _exited_from_thread(self, process, returncode: int) -> None:
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._exited, process, returncode)
+            self._loop.call_soon_threadsafe(self._exited, process, returncode)
 
     def _exited(self, process, returncode: int) -> None:
         if process is not self.process or process.stopping or self.state == "stopped":
@@ -186,7 +207,7 @@ class Backend:
             return  # already handled, or a boot in progress (it sees the exit itself)
         log.error("%s; restarting it", reason)
         self.last_error = reason
-        self._up.clear()
+        self._event.clear()
         run = self._run
         if run is not None and not run.done.is_set():
             run.failure = self._failure(run, f"{reason} while running this prompt; it is being restarted",
@@ -197,7 +218,7 @@ class Backend:
         process = self.process
         if process is not None and process.alive():
             process.stopping = True
-            self.loop.run_in_executor(None, process.stop, 2.0)
+            self._loop.run_in_executor(None, process.stop, 2.0)
         now = time.monotonic()
         self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S]
         if len(self._restart_times) >= MAX_RESTARTS_IN_WINDOW:
@@ -208,7 +229,7 @@ class Backend:
         self._restart_times.append(now)
         self.restarts += 1
         self.state = "restarting"
-        self.loop.call_later(RESTART_DELAY_S, self._restart)
+        self._loop.call_later(RESTART_DELAY_S, self._restart)
 
     def _restart(self) -> None:
         if self.state == "restarting":
@@ -217,7 +238,7 @@ class Backend:
     async def stop(self) -> None:
         """At shutdown, after the drain: the backend has nothing of ours left to run."""
         self.state = "stopped"
-        self._up.clear()
+        self._event.clear()
         if self.socket is not None:
             self.socket.close()
         if self._boot_task is not None and not self._boot_task.done():
@@ -229,7 +250,7 @@ class Backend:
     def run_blocking(self, prompt_id: str, prompt: dict, extra_data: dict, outputs: list, notify) -> dict:
         """From the prompt worker's thread: runs the prompt on the backend and returns its history entry."""
         future = asyncio.run_coroutine_threadsafe(self.run_prompt(prompt_id, prompt, extra_data, outputs, notify),
-                                                  self.loop)
+                                                  self._loop)
         return future.result()
 
     async def run_prompt(self, prompt_id: str, prompt: dict, extra_data: dict, outputs: list, notify) -> dict:
@@ -250,11 +271,11 @@ class Backend:
 
     async def _submit_and_wait(self, run: _Run, prompt: dict, extra_data: dict, outputs: list) -> dict:
         extra = {k: v for k, v in extra_data.items() if k != "client_id"}
-        extra["client_id"] = self.socket.client_id
-        body = {"prompt": prompt, "prompt_id": run.prompt_id, "client_id": self.socket.client_id,
+        extra["client_id"] = self._socket.client_id
+        body = {"prompt": prompt, "prompt_id": run.prompt_id, "client_id": self._socket.client_id,
                 "extra_data": extra, "partial_execution_targets": outputs}
         try:
-            status, data = await self.http.request("POST", "/prompt", body)
+            status, data = await self._http.request("POST", "/prompt", body)
         except BackendUnavailable as exc:
             if run.failure is None:
                 return self._fail(run, f"the ComfyUI backend did not take the prompt: {exc}", "BackendUnavailable")
@@ -294,14 +315,14 @@ class Backend:
 
     async def _history_entry(self, run: _Run) -> dict | None:
         try:
-            found = await self.http.get_json(f"/history/{run.backend_id}")
+            found = await self._http.get_json(f"/history/{run.backend_id}")
         except (BackendUnavailable, ValueError):
             return None
         entry = found.get(run.backend_id) if isinstance(found, dict) else None
         if not isinstance(entry, dict):
             return None
         # ours is the history clients read; removed there without holding up this prompt's end
-        self.loop.create_task(self._post_quietly("/history", {"delete": [run.backend_id]}))
+        self._loop.create_task(self._post_quietly("/history", {"delete": [run.backend_id]}))
         result = {"outputs": entry.get("outputs") or {}, "meta": entry.get("meta") or {},
                   "status": entry.get("status") or {"status_str": "error", "completed": False, "messages": []}}
         if run.backend_id != run.prompt_id:
@@ -312,7 +333,7 @@ class Backend:
 
     async def _post_quietly(self, path: str, body: dict) -> None:
         try:
-            await self.http.request("POST", path, body, timeout=10.0)
+            await self._http.request("POST", path, body, timeout=10.0)
         except BackendUnavailable as exc:
             log.warning("POST %s to the ComfyUI backend failed: %s", path, exc)
 
@@ -326,10 +347,12 @@ class Backend:
         return self._finish_failure(run)
 
     def _finish_failure(self, run: _Run) -> dict:
-        log.error("prompt %s: %s", run.prompt_id, outcomes.final_data(run.failure)["exception_message"])
+        entry = run.failure
+        assert entry is not None
+        log.error("prompt %s: %s", run.prompt_id, outcomes.final_data(entry)["exception_message"])
         if run.client is not None:
-            run.emit("execution_error", outcomes.final_data(run.failure), run.client)
-        return run.failure
+            run.emit("execution_error", outcomes.final_data(entry), run.client)
+        return entry
 
     def _rejected(self, run: _Run, status: int, answer, raw: bytes) -> dict:
         error = answer.get("error") if isinstance(answer, dict) else None
@@ -390,7 +413,7 @@ class Backend:
         # a node pack's own message: to the running prompt's client, else to everyone (as ComfyUI's broadcast)
         target = run.client if run is not None else None
         if run is None or target is not None:
-            self.loop.call_soon(self.hub.send, event, data, target)  # after the events already posted
+            self._loop.call_soon(self.hub.send, event, data, target)  # after the events already posted
 
     def _binary_sender(self, client: str | None):
         def send(frame: bytes) -> None:
@@ -420,7 +443,7 @@ class Backend:
                 meta = json.dumps(metadata).encode()
                 frame = frame[:4] + struct.pack(">I", len(meta)) + meta + frame[8 + size:]
         # after the text events already queued for the client (the worker posts those through the loop)
-        self.loop.call_soon(run.send_binary, frame)
+        self._loop.call_soon(run.send_binary, frame)
 
     # -- forwarded requests --------------------------------------------------------------------------------
     async def free(self, body: dict) -> None:

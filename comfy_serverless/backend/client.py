@@ -124,12 +124,13 @@ class WebSocketClient:
                 self._pending.append(event)
 
     def send_text(self, text: str) -> None:
+        assert self.writer is not None, "connect() first"
         self.writer.write(self.ws.send(TextMessage(data=text)))
 
     async def receive(self):
         while True:
             for event in self._drain_events():
-                if isinstance(event, Ping):
+                if isinstance(event, Ping) and self.writer is not None:
                     self.writer.write(self.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     return None
@@ -144,6 +145,8 @@ class WebSocketClient:
                                 continue
                         if isinstance(event, BytesMessage):
                             return "binary", b"".join(parts)
+            if self.reader is None:
+                return None
             try:
                 data = await self.reader.read(READ_CHUNK)
             except OSError:

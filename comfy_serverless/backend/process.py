@@ -98,6 +98,7 @@ class ComfyUIProcess:
     def _watch(self) -> None:
         """Copies the child's output into our log (and keeps the tail for error messages), then reports its exit."""
         proc = self.proc
+        assert proc is not None and proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             self.log_tail.append(line)

@@ -56,8 +56,9 @@ class CatalogLoader:
             part = snapshot.load_backend(s.catalog_file)
             if part is not None:
                 self.backend_info, self.backend_fingerprint = part["object_info"], part.get("fingerprint")
-            log.info("ComfyUI backend catalogue: %s", f"{len(self.backend_info)} nodes from the snapshot"
-                     if part is not None else "not in the snapshot yet; read once the backend is up")
+                log.info("ComfyUI backend catalogue: %d nodes from the snapshot", len(part["object_info"]))
+            else:
+                log.info("ComfyUI backend catalogue: not in the snapshot yet; read once the backend is up")
         snap = snapshot.load(s.catalog_file)
         if snap is not None:
             self.catalog = self._catalog(snap)
