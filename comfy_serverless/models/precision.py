@@ -1,14 +1,25 @@
-"""Which dtype each model computes in: flags first, otherwise a measurement of this CPU.
+"""Which dtype each model computes in: flags first, then what the CPU's instruction set settles, and a
+measurement only where it leaves the answer open.
 
-bf16 runs 2-2.4x faster than fp32 on CPUs with native bf16 (avx512_bf16, AMX) and slower where it is
-emulated; fp16 is emulated almost everywhere on CPU (hundreds of times slower), so it is only used when a
-flag asks for it. Rather than guess from CPU flags, we time a small matmul and convolution in both dtypes
-once per process (about 30 ms) and pick bf16 only when it is clearly faster.
+bf16 runs 2-2.4x faster than fp32 where the CPU has native bf16 instructions (x86 avx512_bf16 or AMX) and
+slower where oneDNN emulates it (bf16 at 1-2 GFLOP/s on an AVX2-only AMD EPYC, issue 12); fp16 is emulated
+almost everywhere on CPU, so it is only used when a flag asks for it. The old per-start probe cost about 1 s on
+AVX2-only CPUs (its bf16 matmul and convolution are that slow) for an answer the flags already gave; now:
+- avx512_bf16 / amx_bf16 -> bf16, no timing;
+- x86 without AVX-512 (or a torch without oneDNN bf16) -> fp32, no timing;
+- anything else (AVX-512 without bf16, ARM, ...) -> timed once, and the result cached in a small JSON file
+  next to the catalogue snapshot (cpu_precision.json), keyed by CPU model + flags + torch version, so a later
+  start on the same machine class reads it instead of timing again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +29,9 @@ log = logging.getLogger(__name__)
 # bf16 must take at most this fraction of the fp32 time to be chosen ("clearly faster").
 BF16_MAX_TIME_RATIO = 0.8
 _ROUNDS = 3
+CACHE_FILE_NAME = "cpu_precision.json"
+_CACHE_FORMAT = 1
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 
 
 @dataclass(frozen=True)
@@ -34,8 +48,71 @@ class Bf16Measurement:
         return self.ratio <= BF16_MAX_TIME_RATIO
 
 
-_measurement: Bf16Measurement | None = None
-_lock = threading.Lock()
+@dataclass(frozen=True)
+class CpuFacts:
+    model: str
+    flags: frozenset
+    machine: str
+    torch_version: str
+    mkldnn_bf16: bool  # torch's oneDNN reports bf16 kernels (native or emulated)
+
+    @property
+    def key(self) -> str:
+        """CPU model + all flags + torch version: the machine class a measurement holds for."""
+        text = "|".join((self.model, self.machine, " ".join(sorted(self.flags)), self.torch_version))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Decision:
+    bf16: bool
+    reason: str
+    measurement: Bf16Measurement | None = None
+
+
+def read_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
+    """(model name, flags) of the first processor; ("unknown", empty) where the file is missing (macOS...)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return "unknown", frozenset()
+    model, flags = "unknown", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and model == "unknown":
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+        elif not line.strip() and flags:
+            break  # the first processor's block is enough
+    return model, flags
+
+
+def cpu_facts() -> CpuFacts:
+    import torch
+
+    model, flags = read_cpu_flags()
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        mkldnn_bf16 = False
+    return CpuFacts(model, flags, platform.machine().lower(), torch.__version__, mkldnn_bf16)
+
+
+def decide_from_capabilities(facts: CpuFacts) -> Decision | None:
+    """The answer where the instruction set settles it; None where only a measurement can tell."""
+    if facts.machine not in _X86 or not facts.flags:
+        return None
+    if not facts.mkldnn_bf16:
+        return Decision(False, "torch's oneDNN has no bf16 kernels for this CPU")
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in facts.flags:
+            return Decision(True, f"the CPU has {flag}")
+    if "avx512f" not in facts.flags:
+        return Decision(False, "no AVX-512: bf16 would be emulated (1-2 GFLOP/s)")
+    return None  # AVX-512 without bf16 instructions: emulation speed varies, so time it
 
 
 def _time_workload(dtype) -> float:
@@ -54,6 +131,11 @@ def _time_workload(dtype) -> float:
     a @ b
     F.conv2d(x, w, padding=1)
     return time.perf_counter() - start
+
+
+_measurement: Bf16Measurement | None = None
+_decision: Decision | None = None
+_lock = threading.Lock()
 
 
 def measure_bf16() -> Bf16Measurement:
@@ -79,10 +161,83 @@ def measure_bf16() -> Bf16Measurement:
         return _measurement
 
 
+def cache_path(settings=None) -> str | None:
+    """cpu_precision.json beside the catalogue snapshot (the build-time state folder)."""
+    if settings is None:
+        from .. import settings as settings_module
+
+        settings = settings_module.current()
+    catalog = getattr(settings, "catalog_file", None)
+    return os.path.join(os.path.dirname(os.path.abspath(catalog)), CACHE_FILE_NAME) if catalog else None
+
+
+def read_cached(path: str | None, facts: CpuFacts) -> Bf16Measurement | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        entry = data["entries"][facts.key] if data.get("format") == _CACHE_FORMAT else None
+        return Bf16Measurement(float(entry["fp32_ms"]), float(entry["bf16_ms"])) if entry else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_cached(path: str | None, facts: CpuFacts, measurement: Bf16Measurement) -> None:
+    """Adds this machine class's measurement (atomic replace; a read-only folder only costs the next start
+    another measurement)."""
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+            raise ValueError
+    except (OSError, ValueError):
+        data = {"format": _CACHE_FORMAT, "entries": {}}
+    data["entries"][facts.key] = {"fp32_ms": measurement.fp32_ms, "bf16_ms": measurement.bf16_ms,
+                                  "cpu": facts.model, "torch": facts.torch_version, "measured_at": time.time()}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu_precision.")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("precision: could not cache the bf16 measurement in %s (%s)", path, exc)
+
+
+def decide(settings=None, facts: CpuFacts | None = None) -> Decision:
+    """bf16 or fp32 as the default compute dtype: capabilities, else the cached measurement, else a new one."""
+    facts = facts or cpu_facts()
+    found = decide_from_capabilities(facts)
+    if found is not None:
+        return found
+    path = cache_path(settings)
+    cached = read_cached(path, facts)
+    if cached is not None:
+        return Decision(cached.bf16_is_faster, f"measured before on this CPU class ({path})", cached)
+    measured = measure_bf16()
+    write_cached(path, facts, measured)
+    return Decision(measured.bf16_is_faster, "measured now", measured)
+
+
+def default_decision() -> Decision:
+    """decide(), once per process."""
+    global _decision
+    if _decision is None:
+        found = decide()
+        with _lock:
+            if _decision is None:
+                _decision = found
+                log.info("precision: default compute dtype %s (%s)", "bf16" if found.bf16 else "fp32", found.reason)
+    return _decision
+
+
 def _measured_default():
     import torch
 
-    return torch.bfloat16 if measure_bf16().bf16_is_faster else torch.float32
+    return torch.bfloat16 if default_decision().bf16 else torch.float32
 
 
 def apply_torch_flags() -> None:
