@@ -242,7 +242,8 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_multistep():
                          FLOAT32_STEP_TOL)
 
 
-def test_uni_pc_matches_diffusers_unipc_multistep():
+@pytest.mark.parametrize("name, variant", [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
+def test_uni_pc_matches_diffusers_unipc_multistep(name, variant):
     """UniPC bh1, order 3 with warm-up and lower orders at the end, corrector after every step but the last.
 
     diffusers cannot take UniPC's last step to sigma 0 (lambda = -log sigma is infinite and bh1's B(h) = h turns
@@ -254,7 +255,7 @@ def test_uni_pc_matches_diffusers_unipc_multistep():
     predictor outputs are checked through the model evaluations, and our per-step (corrected) latents against
     ``last_sample``.
     """
-    reference = make_reference(UniPCMultistepScheduler, use_karras_sigmas=True, solver_order=3, solver_type="bh1",
+    reference = make_reference(UniPCMultistepScheduler, use_karras_sigmas=True, solver_order=3, solver_type=variant,
                                predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
     sigmas = levels(reference).clone()
     assert sigmas[-1] == 0
@@ -273,7 +274,7 @@ def test_uni_pc_matches_diffusers_unipc_multistep():
         results.append(result)
     final = results[-1].prev_sample * vp_scale(reference.sigmas[-1])
 
-    calls, latents = run_ours("uni_pc", start, sigmas)
+    calls, latents = run_ours(name, start, sigmas)
     assert_calls_match(calls, ref_calls, FP64_TOL)
     assert_latents_match(latents, corrected + [final], FP64_TOL)
 

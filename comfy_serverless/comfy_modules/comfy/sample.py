@@ -38,5 +38,15 @@ def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative
                           sigmas=sigmas, callback=callback, disable_pbar=disable_pbar, seed=seed)
 
 
+def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image, noise_mask=None,
+                  callback=None, disable_pbar=False, seed=None):
+    """Samples with a SAMPLER along SIGMAS (what SamplerCustom does); returns the latent in its own space."""
+    from comfy.samplers import sample as run
+
+    return run(model, noise, positive, negative, cfg, None, sampler, sigmas, model_options=model.model_options,
+               latent_image=latent_image, denoise_mask=noise_mask, callback=callback, disable_pbar=disable_pbar,
+               seed=seed)
+
+
 def __getattr__(name: str):
     return missing_attribute(__name__, name)

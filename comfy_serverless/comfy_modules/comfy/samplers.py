@@ -1,5 +1,6 @@
-"""ComfyUI's `comfy.samplers` for custom node packs: the sampler and scheduler names this server implements, the
-noise schedules, and `KSampler` over comfy_serverless.sampling.
+"""ComfyUI's `comfy.samplers` for custom node packs: the sampler and scheduler names (ComfyUI 0.3.64's, all
+implemented), the noise schedules, `KSampler`, `KSAMPLER` / `sampler_object` / `ksampler` (SAMPLER values),
+`CFGGuider` (GUIDER), `sample` and `calc_cond_batch`, over comfy_serverless.sampling.
 
 The name lists are what KSampler's combos offer here (comfy_serverless/nodes/sampling_nodes.py), so a pack that
 builds its combos from `comfy.samplers.KSampler.SAMPLERS` validates against the samplers that exist. torch is
@@ -71,7 +72,8 @@ class KSampler:
         if denoise_mask is not None:
             mask = ksampler.prepare_noise_mask(denoise_mask, latent.shape, latent.device)
         denoiser = CFGDenoiser(model.unet_apply, positive, negative, cfg,
-                               model_sampling=model.model_sampling, encode_extra=model.encode_extra)
+                               model_sampling=model.model_sampling, encode_extra=model.encode_extra,
+                               model_options=self.model_options or model.model_options)
 
         def step(index, x, denoised, total):
             callback(index, denoised, x, total)
@@ -83,4 +85,56 @@ class KSampler:
 
 
 def __getattr__(name: str):
+    if name in _LAZY:
+        return _LAZY[name]()
     return missing_attribute(__name__, name)
+
+
+def _sampler_object_class():
+    from comfy_serverless.sampling.sampler_object import KSamplerObject
+
+    return KSamplerObject
+
+
+def _guider_class():
+    from comfy_serverless.sampling.guiders import Guider
+
+    return Guider
+
+
+def _calc_cond_batch():
+    from comfy_serverless.sampling.denoising import calc_cond_batch as ours
+
+    return ours
+
+
+# Classes and functions that need torch, resolved on first access (module attribute lookup).
+_LAZY = {"KSAMPLER": _sampler_object_class, "CFGGuider": _guider_class, "calc_cond_batch": _calc_cond_batch}
+
+
+def sampler_object(name: str):
+    """The SAMPLER for a sampler name (what KSamplerSelect returns)."""
+    from comfy_serverless.sampling.sampler_object import sampler_object as ours
+
+    return ours(name)
+
+
+def ksampler(sampler_name: str, extra_options=None, inpaint_options=None):
+    """A SAMPLER running ``sampler_name`` (a KSAMPLER_NAMES name) with its own keyword options."""
+    from comfy_serverless.sampling.sampler_object import KSamplerObject
+
+    return KSamplerObject(sampler_name, extra_options, inpaint_options)
+
+
+def sample(model, noise, positive, negative, cfg, device, sampler, sigmas, model_options=None, latent_image=None,
+           denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+    """ComfyUI's comfy.samplers.sample: a CFGGuider over ``model`` run with a SAMPLER along ``sigmas``."""
+    from comfy_serverless.sampling.guiders import Guider
+
+    guider = Guider(model)
+    if model_options is not None:
+        guider.model_options = model_options
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask, callback=callback,
+                         disable_pbar=disable_pbar, seed=seed)
