@@ -217,5 +217,5 @@ class ControlNet(ControlBase):
         network = self.handle.get()
         with torch.no_grad():
             control = network(x_in.to(self.dtype), hint, timesteps, context.to(self.dtype),
-                              None if y is None else y.to(self.dtype))
+                              None if y is None else y.to(self.dtype), self.extra_args.get("control_type"))
         return self.control_merge(control, previous, output_dtype=None)

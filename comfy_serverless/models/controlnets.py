@@ -6,6 +6,8 @@ Layouts read (safetensors or .pth):
                  may be absent); a "difference" key marks a diff ControlNet (weights stored minus the UNet's)
     diffusers    controlnet_cond_embedding.conv_in.weight, down_blocks.0.resnets.0.conv1.weight,
                  controlnet_down_blocks.0.weight, controlnet_mid_block.weight, ...
+    union        either layout plus task_embedding, control_add_embedding.*, transformer_layes.0.*,
+                 spatial_ch_projs.* (ControlNet++; networks/controlnet.py)
     T2I-Adapter  see models/t2i_adapters.py
     control-LoRA see models/control_lora.py
 
@@ -32,9 +34,9 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_PREFIX = "control_model."
 DIFF_MARKER = "difference"
-UNION_MARKER = "control_add_embedding.linear_1.weight"
 CONTROL_LORA_MARKER = "lora_controlnet"
-SUPPORTED = ("supported: ControlNets for SD1.x, SD2.x and SDXL (original or diffusers layout, diff, control-LoRA), "
+SUPPORTED = ("supported: ControlNets for SD1.x, SD2.x and SDXL (original or diffusers layout, diff, control-LoRA, "
+             "union), "
              "T2I-Adapters")
 
 # ---- diffusers names -> ours -------------------------------------------------------------------------
@@ -56,6 +58,19 @@ def _resnet_part(rest: str) -> str:
     return f"{_RESNET_PARTS.get(module, module)}.{param}"
 
 
+# Union ControlNets' own parts keep their names in both layouts, except the fused attention projection.
+UNION_PREFIXES = ("control_add_embedding.", "task_embedding", "transformer_layes.", "spatial_ch_projs.")
+_DIFFUSERS_IN_PROJ = (".attn.in_proj_weight", ".attn.in_proj_bias")
+_OUR_IN_PROJ = (".attn.in_proj.weight", ".attn.in_proj.bias")
+
+
+def _union_name(key: str, to_ours: bool) -> str:
+    for theirs, ours in zip(_DIFFUSERS_IN_PROJ, _OUR_IN_PROJ):
+        if key.endswith(theirs if to_ours else ours):
+            return key[: -len(theirs if to_ours else ours)] + (ours if to_ours else theirs)
+    return key
+
+
 def diffusers_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers-layout ControlNet's tensors under our (original, prefix-less) names; unknown keys raise."""
     res_blocks = len({key.split(".")[3] for key in state_dict if key.startswith("down_blocks.0.resnets.")})
@@ -66,7 +81,9 @@ def diffusers_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     mapped = {}
     for key, tensor in state_dict.items():
         module, _, param = key.rpartition(".")
-        if module in _SIMPLE:
+        if key.startswith(UNION_PREFIXES):
+            name = _union_name(key, to_ours=True)
+        elif module in _SIMPLE:
             name = f"{_SIMPLE[module]}.{param}"
         elif module == "controlnet_cond_embedding.conv_out":
             name = f"input_hint_block.{2 + 2 * hint_blocks}.{param}"
@@ -104,6 +121,9 @@ def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: Contro
     for key, tensor in state_dict.items():
         module, _, param = key.rpartition(".")
         parts = module.split(".")
+        if key.startswith(UNION_PREFIXES):
+            out[_union_name(key, to_ours=False)] = tensor
+            continue
         if parts[0] == "input_hint_block":
             index = int(parts[1])
             name = ("controlnet_cond_embedding.conv_in" if index == 0 else "controlnet_cond_embedding.conv_out"
@@ -173,7 +193,10 @@ def controlnet_config(weights: Mapping[str, torch.Tensor]) -> tuple[ControlNetCo
         raise CheckpointError(f"the ControlNet's hint encoder (input_hint_block) is incomplete; {SUPPORTED}")
     widths = tuple(weights[f"input_hint_block.{i}.weight"].shape[0] for i in hint_convs[:-1:2])
     hint_channels = weights["input_hint_block.0.weight"].shape[1]
-    return ControlNetConfig(unet, hint_channels=hint_channels, hint_block_channels=widths), family
+    union = weights.get("task_embedding")
+    union_types = 0 if union is None else union.shape[0]
+    return ControlNetConfig(unet, hint_channels=hint_channels, hint_block_channels=widths,
+                            union_types=union_types), family
 
 
 # ---- files -------------------------------------------------------------------------------------------
@@ -181,16 +204,14 @@ def controlnet_config(weights: Mapping[str, torch.Tensor]) -> tuple[ControlNetCo
 
 def read_controlnet_weights(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
     """(weights in our names, is_diff) of a ControlNet file's tensors; raises CheckpointError for anything else."""
-    if UNION_MARKER in state_dict:
-        raise CheckpointError("a union ControlNet (ControlNet++ with control_add_embedding): not supported by this "
-                              "server; " + SUPPORTED)
     if "controlnet_cond_embedding.conv_in.weight" in state_dict:
         return diffusers_to_original(state_dict), False
     if ORIGINAL_PREFIX + "zero_convs.0.0.weight" in state_dict:
         weights = {k[len(ORIGINAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
         return weights, DIFF_MARKER in state_dict
     if "zero_convs.0.0.weight" in state_dict:
-        known = ("input_blocks.", "middle_block", "zero_convs.", "input_hint_block.", "time_embed.", "label_emb.")
+        known = ("input_blocks.", "middle_block", "zero_convs.", "input_hint_block.", "time_embed.", "label_emb.",
+                 *UNION_PREFIXES)
         return {k: v for k, v in state_dict.items() if k.startswith(known)}, False
     raise CheckpointError(f"not a ControlNet or T2I-Adapter: it looks like {describe_contents(state_dict)}; "
                           + SUPPORTED)

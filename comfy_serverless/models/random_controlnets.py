@@ -23,8 +23,8 @@ CONTROLNET_STD = 0.1
 TINY_HINT_CHANNELS = (8, 8, 16, 16)  # four stages: 8x down, like the real hint encoder
 
 
-def tiny_controlnet_config(family: str) -> ControlNetConfig:
-    return ControlNetConfig(tiny_unet_config(family), hint_block_channels=TINY_HINT_CHANNELS)
+def tiny_controlnet_config(family: str, union_types: int = 0) -> ControlNetConfig:
+    return ControlNetConfig(tiny_unet_config(family), hint_block_channels=TINY_HINT_CHANNELS, union_types=union_types)
 
 
 def random_controlnet_weights(config: ControlNetConfig, seed: int = 0, std: float = CONTROLNET_STD
@@ -56,9 +56,10 @@ def controlnet_file_weights(weights: dict[str, torch.Tensor], config: ControlNet
 
 
 def make_test_controlnet(family: str, out_path: str | os.PathLike, layout: str = "original", seed: int = 0,
-                         config: ControlNetConfig | None = None) -> dict[str, torch.Tensor]:
-    """Writes a tiny ControlNet (.safetensors, or .pth by suffix); returns its weights in our names."""
-    config = config or tiny_controlnet_config(family)
+                         config: ControlNetConfig | None = None, union_types: int = 0) -> dict[str, torch.Tensor]:
+    """Writes a tiny ControlNet (.safetensors, or .pth by suffix; a union one with `union_types` types); returns its
+    weights in our names."""
+    config = config or tiny_controlnet_config(family, union_types)
     weights = random_controlnet_weights(config, seed)
     _save(controlnet_file_weights(weights, config, layout), out_path)
     return weights

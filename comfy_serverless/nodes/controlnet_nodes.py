@@ -9,7 +9,15 @@ Standard library only at module level (see nodes/__init__.py)."""
 
 from __future__ import annotations
 
+import logging
+
 from .. import paths
+
+log = logging.getLogger(__name__)
+
+# Union ControlNet (ControlNet++) control types, by the index the network was trained with.
+UNION_CONTROLNET_TYPES = {"openpose": 0, "depth": 1, "hed/pidi/scribble/ted": 2,
+                          "canny/lineart/anime_lineart/mlsd": 3, "normal": 4, "segment": 5, "tile": 6, "repaint": 7}
 
 
 def _controlnet_file(name: str) -> str:
@@ -139,11 +147,34 @@ class ControlNetApplyAdvanced:
         return (out[0], out[1])
 
 
+class SetUnionControlNetType:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"control_net": ("CONTROL_NET",),
+                             "type": (["auto", *UNION_CONTROLNET_TYPES],)}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "set_controlnet_type"
+    CATEGORY = "conditioning/controlnet"
+    DESCRIPTION = "Tells a union ControlNet (ControlNet++) what kind of hint it gets; auto lets it guess."
+
+    def set_controlnet_type(self, control_net, type):
+        control_net = control_net.copy()
+        config = getattr(control_net, "config", None)
+        if not getattr(config, "union_types", 0):
+            # ComfyUI passes the type to any ControlNet and the others ignore it; say so instead of silence.
+            log.warning("SetUnionControlNetType: this is not a union ControlNet, the type has no effect")
+        index = UNION_CONTROLNET_TYPES.get(type)
+        control_net.set_extra_arg("control_type", [] if index is None else [index])
+        return (control_net,)
+
+
 NODE_CLASS_MAPPINGS = {
     "ControlNetLoader": ControlNetLoader,
     "DiffControlNetLoader": DiffControlNetLoader,
     "ControlNetApply": ControlNetApply,
     "ControlNetApplyAdvanced": ControlNetApplyAdvanced,
+    "SetUnionControlNetType": SetUnionControlNetType,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {

@@ -38,7 +38,8 @@ def single_thread():
 
 
 def size_width(cfg: UNetConfig) -> int:
-    return (cfg.adm_in_channels - TINY_SDXL_POOLED_DIM) // 6
+    pooled = 1280 if cfg.adm_in_channels == 2816 else TINY_SDXL_POOLED_DIM
+    return (cfg.adm_in_channels - pooled) // 6
 
 
 def diffusers_controlnet_config(config: ControlNetConfig) -> dict:
@@ -197,3 +198,93 @@ def test_t2i_adapter_outputs_land_on_the_unet_blocks():
     assert [i for i, f in enumerate(order) if f is not None] == [3, 5, 8] and len(order) == 10
     assert [order[i].shape[1:] for i in (3, 5, 8)] == [(16, 8, 8), (32, 8, 8), (64, 4, 4)]
     assert out["middle"][0].shape[1:] == (64, 4, 4)
+
+
+# ---- union ControlNets (ControlNet++) -----------------------------------------------------------------
+
+def union_pair(types: int = 8):
+    config = tiny_controlnet_config("sdxl", union_types=types)
+    weights = random_controlnet_weights(config, seed=6)
+    union = build_from_state_dict(lambda: ControlNetModel(config), weights)
+    return config, weights, union
+
+
+def folded_plain(config, weights, emb_offset, hint_offset):
+    """A plain ControlNet with the union parts' contributions folded into two biases: the type embedding into
+    the time MLP's output bias, the per-channel hint offset into the hint encoder's last bias."""
+    plain_config = dataclasses.replace(config, union_types=0)
+    last = f"input_hint_block.{4 * len(config.hint_block_channels) - 2}.bias"
+    plain = {k: v.clone() for k, v in weights.items() if k in build_on_meta(
+        lambda: ControlNetModel(plain_config)).state_dict()}
+    plain["time_embed.2.bias"] += emb_offset
+    plain[last] += hint_offset
+    return build_from_state_dict(lambda: ControlNetModel(plain_config), plain)
+
+
+def type_embedding_by_hand(weights, types: int, chosen: list[int]) -> torch.Tensor:
+    one_hot = torch.zeros(types)
+    one_hot[chosen] = 1.0
+    half = 128
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)
+    angles = one_hot[:, None] * freqs[None]
+    sinusoid = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).reshape(-1)
+    hidden = torch.nn.functional.silu(sinusoid @ weights["control_add_embedding.linear_1.weight"].T
+                                      + weights["control_add_embedding.linear_1.bias"])
+    return hidden @ weights["control_add_embedding.linear_2.weight"].T + weights["control_add_embedding.linear_2.bias"]
+
+
+def hint_offset_by_hand(weights, features: torch.Tensor, chosen: int) -> torch.Tensor:
+    F = torch.nn.functional
+    width = features.shape[1]
+    token = features.mean(dim=(2, 3))[0] + weights["task_embedding"][chosen]
+    block = "transformer_layes.0."
+
+    def linear(x, name, rows=slice(None)):
+        return x @ weights[f"{block}{name}.weight"][rows].T + weights[f"{block}{name}.bias"][rows]
+
+    normed = F.layer_norm(token, (width,), weights[block + "ln_1.weight"], weights[block + "ln_1.bias"])
+    value = linear(normed, "attn.in_proj", slice(2 * width, 3 * width))  # one token: attention returns its value
+    token = token + linear(value, "attn.out_proj")
+    normed = F.layer_norm(token, (width,), weights[block + "ln_2.weight"], weights[block + "ln_2.bias"])
+    hidden = linear(normed, "mlp.c_fc")
+    token = token + linear(hidden * torch.sigmoid(1.702 * hidden), "mlp.c_proj")
+    return token @ weights["spatial_ch_projs.weight"].T + weights["spatial_ch_projs.bias"]
+
+
+@pytest.mark.parametrize("chosen", [[3], []])
+def test_union_controlnet_equals_plain_one_with_its_offsets_by_hand(chosen):
+    config, weights, union = union_pair()
+    generator = torch.Generator().manual_seed(8)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    hint = torch.rand(1, 3, 64, 64, generator=generator)
+    context = torch.randn(2, 7, config.unet.context_dim, generator=generator)
+    y = torch.randn(2, config.unet.adm_in_channels, generator=generator)
+    timesteps = torch.tensor([50.0, 700.0])
+    with torch.inference_mode():
+        features = union.input_hint_block(hint)
+        emb_offset = type_embedding_by_hand(weights, 8, chosen)
+        hint_offset = hint_offset_by_hand(weights, features, chosen[0]) if chosen else torch.zeros(features.shape[1])
+        want = folded_plain(config, weights, emb_offset, hint_offset)(latents, hint, timesteps, context, y)
+        got = union(latents, hint, timesteps, context, y, control_type=chosen)
+        plain = union(latents, hint, timesteps, context, y, control_type=[5])
+    for mine, theirs in zip(got["output"] + got["middle"], want["output"] + want["middle"]):
+        assert relative_error(mine, theirs) < FP32_RELATIVE_TOLERANCE
+    assert relative_error(got["middle"][0], plain["middle"][0]) > 1e-3  # the type matters
+
+
+def test_union_controlnet_rejects_unknown_types_and_maps_to_diffusers_names():
+    config, weights, union = union_pair(types=6)
+    with pytest.raises(ValueError, match="control type 7 is out of range"):
+        union(torch.zeros(1, 4, 8, 8), torch.zeros(1, 3, 64, 64), 1.0, torch.zeros(1, 7, 64),
+              torch.zeros(1, config.unet.adm_in_channels), control_type=[7])
+    back = diffusers_to_original(original_to_diffusers(weights, config))
+    assert back.keys() == weights.keys() and controlnet_config(back) == (config, "sdxl")
+    # Full size: every key and shape of diffusers' ControlNetUnionModel (its type embedding is 256 wide only when
+    # its size embedding is, as in SDXL).
+    full = ControlNetConfig(UNetConfig.sdxl(), union_types=6)
+    converted = original_to_diffusers(build_on_meta(lambda: ControlNetModel(full)).state_dict(), full)
+    args = diffusers_controlnet_config(full)
+    args.update(num_control_type=6, conditioning_embedding_out_channels=full.hint_block_channels)
+    with torch.device("meta"):
+        reference = diffusers.ControlNetUnionModel(**args).state_dict()
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in reference.items()}

@@ -27,6 +27,7 @@ from comfy_serverless.nodes.controlnet_nodes import (
     ControlNetApplyAdvanced,
     ControlNetLoader,
     DiffControlNetLoader,
+    SetUnionControlNetType,
 )
 from conftest import Server, server_context
 
@@ -51,6 +52,8 @@ def base(tmp_path_factory):
     for name, layout in LAYOUT_FILES.items():
         weights[name] = make_test_controlnet("sd15", controlnets / name, layout, seed=7)
     weights["cn-sdxl.safetensors"] = make_test_controlnet("sdxl", controlnets / "cn-sdxl.safetensors", "diffusers")
+    weights["cn-union.safetensors"] = make_test_controlnet("sdxl", controlnets / "cn-union.safetensors", "diffusers",
+                                                           union_types=8)
     weights["cn-diff.safetensors"] = make_test_diff_controlnet(checkpoints / "tiny-sd15.safetensors",
                                                                controlnets / "cn-diff.safetensors", seed=8)
     for family in ("sd15", "sdxl"):
@@ -123,11 +126,10 @@ def test_files_that_are_not_controlnets_fail_clearly(ctx, base, tmp_path):
 
     with pytest.raises(CheckpointError, match="not a ControlNet or T2I-Adapter"):
         load_controlnet(str(base[0] / "models" / "checkpoints" / "tiny-sd15.safetensors"))
-    union = tmp_path / "union.safetensors"
-    save_file({"control_add_embedding.linear_1.weight": torch.zeros(2, 2),
-               "controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3)}, str(union))
-    with pytest.raises(CheckpointError, match="union ControlNet"):
-        load_controlnet(str(union))
+    partial = tmp_path / "partial.safetensors"
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3)}, str(partial))
+    with pytest.raises(CheckpointError, match="without down_blocks"):
+        load_controlnet(str(partial))
     broken = tmp_path / "broken.safetensors"
     save_file({k: v for k, v in base[1]["cn-bare.pth"].items() if k != "middle_block_out.0.bias"}, str(broken))
     with pytest.raises(CheckpointError, match="do not fit"):
@@ -229,6 +231,37 @@ def test_sdxl_controlnet_needs_y_and_fitting_context(ctx):
     assert len(out["output"]) == 6 and out["middle"][0].shape == (2, 64, 2, 2)
 
 
+def test_union_controlnet_gets_its_type_from_the_node(ctx, caplog):
+    from comfy_serverless.sampling.denoising import ModelSampling
+
+    union = load("cn-union.safetensors")
+    assert union.config.union_types == 8
+    sampling = ModelSampling("eps")
+    x, context = latents_and_context(context_dim=64)
+    cond = {"c_crossattn": context, "y": torch.randn(2, 256, generator=torch.Generator().manual_seed(2))}
+    sigma = torch.tensor([2.0, 2.0])
+    image = hint_image()
+    results = {}
+    for kind in ("auto", "depth", "canny/lineart/anime_lineart/mlsd"):
+        (typed,) = SetUnionControlNetType().set_controlnet_type(union, kind)
+        assert typed is not union and typed.extra_args["control_type"] == ([] if kind == "auto" else
+                                                                           [1 if kind == "depth" else 3])
+        control = typed.copy().set_cond_hint(image.movedim(-1, 1))
+        control.pre_run(type("Model", (), {"model_sampling": sampling})(), sampling.percent_to_sigma)
+        results[kind] = control.get_control(x, sigma, cond, 1, {})["middle"][0]
+        with torch.no_grad():
+            want = control.handle.get()(sampling.calculate_input(sigma, x), resize_hint(image.movedim(-1, 1), 64, 64),
+                                        sampling.timestep(sigma), context, cond["y"],
+                                        control_type=control.extra_args["control_type"])
+        torch.testing.assert_close(results[kind], want["middle"][0])
+    assert not torch.allclose(results["depth"], results["canny/lineart/anime_lineart/mlsd"])
+    assert not torch.allclose(results["depth"], results["auto"])
+    assert "control_type" not in union.extra_args  # the node copies
+    with caplog.at_level("WARNING"):
+        SetUnionControlNetType().set_controlnet_type(load("cn-original.safetensors"), "depth")
+    assert "not a union ControlNet" in caplog.text
+
+
 # -- control-LoRAs ------------------------------------------------------------------------------------------
 
 def test_control_lora_is_made_from_the_sampled_unet(ctx, base, sd15):
@@ -319,13 +352,15 @@ def test_node_definitions():
     assert ControlNetApplyAdvanced.RETURN_NAMES == ("positive", "negative")
     assert list(DiffControlNetLoader.INPUT_TYPES()["required"]) == ["model", "control_net_name"]
     assert controlnet_nodes.NODE_DISPLAY_NAME_MAPPINGS["ControlNetApply"] == "Apply ControlNet (OLD)"
+    assert SetUnionControlNetType.INPUT_TYPES()["required"]["type"][0][:2] == ["auto", "openpose"]
 
 
 # -- through the server ------------------------------------------------------------------------------------
 
-def controlnet_workflow(strength: float | None, controlnet: str = "cn-original.safetensors") -> dict:
+def controlnet_workflow(strength: float | None, controlnet: str = "cn-original.safetensors", family: str = "sd15",
+                        union_type: str | None = None) -> dict:
     prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"tiny-{family}.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
@@ -340,6 +375,9 @@ def controlnet_workflow(strength: float | None, controlnet: str = "cn-original.s
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"cn-{strength}"}},
     }
+    if union_type is not None:
+        prompt["11"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["5", 0], "type": union_type}}
+        prompt["6"]["inputs"]["control_net"] = ["11", 0]
     if strength is None:  # no ControlNet at all
         for node in ("4", "5", "6"):
             del prompt[node]
@@ -363,6 +401,11 @@ def test_controlnet_through_the_server(base):
         assert np.array_equal(pixels(controlnet_workflow(1.0, "cn-diffusers.safetensors")), controlled)
         with_lora = pixels(controlnet_workflow(1.0, "cn-lora-sd15.safetensors"))
         assert np.abs(with_lora - plain).max() > 2 and not np.array_equal(with_lora, controlled)
+        # SDXL (the ControlNet gets the conditioning vector y) with a union ControlNet told its hint type.
+        sdxl_plain = pixels(controlnet_workflow(None, family="sdxl"))
+        depth = pixels(controlnet_workflow(1.0, "cn-union.safetensors", "sdxl", "depth"))
+        canny = pixels(controlnet_workflow(1.0, "cn-union.safetensors", "sdxl", "canny/lineart/anime_lineart/mlsd"))
+        assert np.abs(depth - sdxl_plain).max() > 2 and not np.array_equal(depth, canny)
 
         bad = controlnet_workflow(1.0, "t2i-light.pth")
         bad["5"]["inputs"]["control_net_name"] = "nope.safetensors"
