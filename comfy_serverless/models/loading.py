@@ -231,6 +231,11 @@ def _converted(path: str, weights: dict, dtype) -> dict:
     kept as it is (memory-mapped: no copy). For safetensors files (whose tensors never overlap) the source's
     pages are dropped from our resident memory after each conversion, so the file's pages and the converted
     copies are never all resident together: the peak stays near the model's size instead of file + model."""
+    from .prepared import prepared_weights  # `comfy-serverless prepare`'s copy in `dtype`: mapped, not converted
+
+    prepared = prepared_weights(path, weights, dtype)
+    if prepared is not None:
+        return prepared
     release = path.lower().endswith((".safetensors", ".sft"))
     converted = {}
     for name, tensor in weights.items():

@@ -1,0 +1,126 @@
+"""`comfy-serverless prepare`: write every checkpoint and VAE once in the dtype this CPU class computes in.
+
+Run it at image build time, after the models are in place and with the same flags the server will get
+(--force-fp32 and friends change the dtype). A cold start then memory-maps the prepared file instead of
+converting (models/prepared.py). Files already prepared and unchanged are skipped; `--check` only reports.
+Also runnable as `python -m comfy_serverless.prepare_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("comfy_serverless")
+
+
+def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="comfy-serverless prepare", add_help=False,
+        description="Write each checkpoint (models/checkpoints) and VAE (models/vae) in the dtype and layout the "
+                    "server computes in on this CPU class, so cold starts memory-map it instead of converting. "
+                    "Takes the server's flags (--base-directory, --extra-model-paths-config, --force-fp32...).")
+    parser.add_argument("--prepared-dir", help=f"where to write (default: ${'{'}COMFY_PREPARED_DIR{'}'} or "
+                                               "<base>/.comfy-serverless/prepared)")
+    parser.add_argument("--check", action="store_true", help="only say which files are prepared and current")
+    parser.add_argument("--help", "-h", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    if known.help:
+        parser.print_help()
+        raise SystemExit(0)
+    return known, rest
+
+
+def cpu_class() -> str:
+    """What the prepared dtypes were chosen for, recorded in the file for the logs."""
+    from .models.precision import cpu_facts, default_decision
+
+    facts = cpu_facts()
+    decision = default_decision()
+    return f"{facts.model}; {'bf16' if decision.bf16 else 'fp32'}: {decision.reason}; torch {facts.torch_version}"
+
+
+def networks_of(path: str, folder_kind: str) -> dict[str, tuple[dict, object]]:
+    """{label: (weights exactly as the loader hands them to its networks, compute dtype)} for one file."""
+    from .models.checkpoint_files import detect_architecture, open_state_dict, open_vae, read_metadata, split_checkpoint
+    from .models.loading import TEXT_ENCODERS
+    from .models.precision import text_encoder_dtype, unet_dtype, vae_dtype
+
+    if folder_kind == "vae":
+        return {"vae": (open_vae(path)[0], vae_dtype())}
+    state_dict = open_state_dict(path)
+    arch = detect_architecture(state_dict, read_metadata(path))
+    unet, text_encoders, vae = split_checkpoint(state_dict, arch)
+    networks = {"unet": (unet, unet_dtype())}
+    if set(text_encoders) == TEXT_ENCODERS[arch.family]:
+        networks.update({name: (weights, text_encoder_dtype()) for name, weights in text_encoders.items()})
+    if vae:
+        networks["vae"] = (vae, vae_dtype())
+    return networks
+
+
+def _wanted_dtypes_present(metadata: dict, networks: dict) -> bool:
+    import json
+
+    from .models.prepared import dtype_tag, group_id
+
+    groups = json.loads(metadata.get("groups", "{}"))
+    return all(groups.get(group_id(weights), {}).get("dtype") == dtype_tag(dtype)
+               for weights, dtype in networks.values())
+
+
+def prepare(settings, folder: str, only_check: bool = False) -> int:
+    """Prepares every checkpoint and VAE; returns 1 when a file failed (or, with --check, is not current)."""
+    from . import paths
+    from .models.checkpoint_files import CheckpointError
+    from .models.prepared import check, write_prepared
+
+    folders = paths.configure(settings)
+    status, described = 0, cpu_class()
+    log.info("prepare: CPU class %s -> %s", described, folder)
+    for kind in ("checkpoints", "vae"):
+        for relative in folders.list_models(kind):
+            path = folders.model_path(kind, relative)
+            if path is None or not path.lower().endswith((".safetensors", ".sft", ".ckpt", ".pt", ".pth")):
+                continue
+            try:
+                networks = networks_of(path, kind)
+                metadata, why = check(path, folder)
+                if metadata is not None and _wanted_dtypes_present(metadata, networks):
+                    log.info("prepare: %s/%s is current", kind, relative)
+                    continue
+                why = why or "prepared in other dtypes"
+                if only_check:
+                    log.warning("prepare: %s/%s is not prepared: %s", kind, relative, why)
+                    status = 1
+                    continue
+                start = time.perf_counter()
+                target = write_prepared(path, folder, networks, described)
+                log.info("prepare: %s/%s (%s) -> %s in %.1f s (%s)", kind, relative, why, target,
+                         time.perf_counter() - start,
+                         ", ".join(f"{label} {str(dtype).replace('torch.', '')}"
+                                   for label, (_, dtype) in networks.items()))
+            except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
+                log.error("prepare: %s/%s failed: %s", kind, relative, exc)
+                status = 1
+    return status
+
+
+def prepare_command(argv: list[str]) -> int:
+    from . import logs
+    from .cli import parse
+    from .models.prepared import DIR_ENV, prepared_dir
+
+    known, rest = _arguments(argv)
+    settings = parse("prepare", rest)
+    logs.configure(settings)
+    if known.prepared_dir:
+        os.environ[DIR_ENV] = os.path.abspath(known.prepared_dir)  # read by prepared_dir() in this process
+    return prepare(settings, prepared_dir(settings), known.check)
+
+
+if __name__ == "__main__":
+    sys.exit(prepare_command(sys.argv[1:]))
