@@ -1,0 +1,15 @@
+"""ComfyUI's `comfy_extras.nodes_model_advanced`: ModelSamplingDiscrete and RescaleCFG
+(comfy_serverless/nodes/model_patches.py).
+Other names are placeholders."""
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.model_patches import ModelSamplingDiscrete, RescaleCFG
+
+NODE_CLASS_MAPPINGS = {
+    "ModelSamplingDiscrete": ModelSamplingDiscrete,
+    "RescaleCFG": RescaleCFG,
+}
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)
