@@ -52,6 +52,8 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.model_patches",
     "comfy_serverless.nodes.model_merging",
     "comfy_serverless.nodes.sdxl_nodes",
+    "comfy_serverless.nodes.gligen_nodes",
+    "comfy_serverless.nodes.model_sampling_extra",
 )
 
 

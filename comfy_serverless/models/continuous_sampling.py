@@ -1,0 +1,129 @@
+"""Continuous-time model sampling (ModelSamplingContinuousEDM / ModelSamplingContinuousV), as ComfyUI defines it.
+
+Models trained on continuous noise levels have no beta table: their sigmas run log-uniformly over
+[sigma_min, sigma_max] (a 1000-entry table only for the schedulers), and the UNet is fed a function of sigma
+instead of a table index:
+
+* EDM (Karras et al. 2022): c_noise = log(sigma) / 4;
+* continuous V (SD 2.x "v" models fine-tuned on continuous time): t = atan(sigma) * 2 / pi.
+
+The output parameterisations (sigma_data s_d, c_in = 1 / sqrt(sigma² + s_d²)):
+
+* eps: x_0 = x - sigma * out;
+* v_prediction: x_0 = x * s_d² / (sigma² + s_d²) - out * sigma * s_d / sqrt(sigma² + s_d²);
+* edm: the same with + (EDM's F_theta), s_d = 0.5;
+* cosmos_rflow: rectified flow in the VE scale: t = sigma / (sigma + 1), input x * (1 - t), x_0 = input - t * out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sampling.denoising import ModelSampling, per_item_view
+from ..sampling.schedules import SIGMA_BEFORE_START
+
+EDM_TYPES = ("v_prediction", "edm", "edm_playground_v2.5", "eps", "cosmos_rflow")
+TABLE_SIZE = 1000
+
+
+class ContinuousSampling(ModelSampling):
+    """EDM-style continuous sampling: log-uniform sigma table, c_noise = log(sigma) / 4."""
+
+    def __init__(self, prediction: str, sigma_min: float, sigma_max: float, sigma_data: float = 1.0):
+        if prediction not in ("eps", "v_prediction", "edm", "cosmos_rflow"):
+            raise ValueError(f"unknown continuous prediction {prediction!r}")
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        # No beta table: the base class's constructor is not used, only its interface.
+        self.prediction_type = prediction
+        self.sigma_data = float(sigma_data)
+        self.num_timesteps = TABLE_SIZE
+        self.set_sigmas(torch.linspace(math.log(sigma_min), math.log(sigma_max), TABLE_SIZE,
+                                       dtype=torch.float64).exp())
+
+    def set_sigmas(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas.float()
+        self.log_sigmas = self.sigmas.log()
+
+    def timestep(self, sigma):
+        return 0.25 * torch.as_tensor(sigma).log()
+
+    def sigma(self, timestep):
+        return (torch.as_tensor(timestep) / 0.25).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return SIGMA_BEFORE_START
+        if percent >= 1.0:
+            return 0.0
+        low, high = math.log(float(self.sigma_min)), math.log(float(self.sigma_max))
+        return math.exp((high - low) * (1.0 - percent) + low)
+
+    def calculate_input(self, sigma, x):
+        if self.prediction_type == "cosmos_rflow":
+            t = per_item_view(sigma / (sigma + 1), x)
+            return x * (1.0 - t)
+        return super().calculate_input(sigma, x)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        if self.prediction_type == "edm":
+            sigma = per_item_view(sigma, model_output)
+            total = sigma ** 2 + self.sigma_data ** 2
+            return model_input * self.sigma_data ** 2 / total + model_output * sigma * self.sigma_data / total ** 0.5
+        if self.prediction_type == "cosmos_rflow":
+            t = per_item_view(sigma / (sigma + 1), model_output)
+            return model_input * (1.0 - t) - model_output * t
+        return super().calculate_denoised(sigma, model_output, model_input)
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise: bool = False):
+        if self.prediction_type == "cosmos_rflow":
+            sigma = torch.as_tensor(sigma, dtype=noise.dtype, device=noise.device)
+            sigma = sigma.reshape(sigma.shape[:1] + (1,) * (noise.ndim - 1)) if sigma.ndim else sigma
+            return noise * sigma + latent_image
+        return super().noise_scaling(sigma, noise, latent_image, max_denoise)
+
+
+class CosmosRFlowSampling(ContinuousSampling):
+    """Rectified-flow time t = sigma / (sigma + 1) fed to the model; sigma(t) capped at sigma_max."""
+
+    def __init__(self, sigma_min: float, sigma_max: float, sigma_data: float = 1.0):
+        super().__init__("cosmos_rflow", sigma_min, sigma_max, sigma_data)
+
+    def timestep(self, sigma):
+        sigma = torch.as_tensor(sigma)
+        return sigma / (sigma + 1)
+
+    def sigma(self, timestep):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32)
+        top = float(self.sigma_max)
+        return torch.where(timestep >= top / (top + 1), torch.full_like(timestep, top),
+                           timestep / (1 - timestep).clamp_min(1e-12))
+
+
+class ContinuousVSampling(ContinuousSampling):
+    """Continuous-time v-prediction: t = atan(sigma) * 2 / pi."""
+
+    def __init__(self, sigma_min: float, sigma_max: float, sigma_data: float = 1.0):
+        super().__init__("v_prediction", sigma_min, sigma_max, sigma_data)
+
+    def timestep(self, sigma):
+        return torch.as_tensor(sigma).atan() / math.pi * 2
+
+    def sigma(self, timestep):
+        return (torch.as_tensor(timestep) * math.pi / 2).tan()
+
+
+def continuous_edm_sampling(sampling: str, sigma_min: float, sigma_max: float) -> ContinuousSampling:
+    """The model sampling ModelSamplingContinuousEDM attaches for one of EDM_TYPES."""
+    if sampling == "edm_playground_v2.5":
+        raise NotImplementedError("edm_playground_v2.5 also replaces the model's latent format (Playground's "
+                                  "per-channel latent mean and std), which this server's MODEL cannot patch yet")
+    if sampling == "cosmos_rflow":
+        return CosmosRFlowSampling(sigma_min, sigma_max)
+    if sampling == "edm":
+        return ContinuousSampling("edm", sigma_min, sigma_max, sigma_data=0.5)
+    if sampling in ("eps", "v_prediction"):
+        return ContinuousSampling(sampling, sigma_min, sigma_max)
+    raise ValueError(f"unknown sampling {sampling!r}; expected one of {list(EDM_TYPES)}")
