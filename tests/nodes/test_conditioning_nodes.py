@@ -1,6 +1,7 @@
 """Area conditioning nodes, InstructPixToPixConditioning and LatentApplyOperationCFG: what the nodes write, and
 what the sampler's denoiser (sampling/denoising.py) does with it, seen through a fake UNet that records its
-inputs; then an instruct-pix2pix workflow through the real server with a tiny random 8-channel checkpoint."""
+inputs; then an instruct-pix2pix workflow (with a CFG latent operation) through the real server with a tiny
+random 8-channel checkpoint."""
 
 from __future__ import annotations
 
@@ -198,10 +199,23 @@ def _saved_pixels(srv, entry: dict) -> np.ndarray:
     return np.asarray(Image.open(srv.base / "output" / info["subfolder"] / info["filename"]), dtype=np.float32)
 
 
-def _saved_latent(srv, entry: dict) -> torch.Tensor:
+def _with_guidance_removed(prompt: dict) -> dict:
+    """Adds: the model patched to tonemap the guidance with white point 0 (so the guidance vanishes) sampling
+    into node 16, and plain sampling at cfg 1 from the negative alone into node 18: the two must agree."""
+    sampler = prompt["9"]["inputs"]
+    prompt["13"] = {"class_type": "LatentOperationTonemapReinhard", "inputs": {"multiplier": 0.0}}
+    prompt["14"] = {"class_type": "LatentApplyOperationCFG", "inputs": {"model": ["1", 0], "operation": ["13", 0]}}
+    prompt["15"] = {"class_type": "KSampler", "inputs": {**sampler, "model": ["14", 0]}}
+    prompt["16"] = {"class_type": "SaveLatent", "inputs": {"samples": ["15", 0], "filename_prefix": "patched"}}
+    prompt["17"] = {"class_type": "KSampler", "inputs": {**sampler, "cfg": 1.0, "positive": ["8", 1]}}
+    prompt["18"] = {"class_type": "SaveLatent", "inputs": {"samples": ["17", 0], "filename_prefix": "negative"}}
+    return prompt
+
+
+def _saved_latent(srv, entry: dict, node: str = "12") -> torch.Tensor:
     from safetensors.torch import load_file
 
-    [info] = entry["outputs"]["12"]["latents"]
+    [info] = entry["outputs"][node]["latents"]
     return load_file(srv.base / "output" / info["subfolder"] / info["filename"])["latent_tensor"]
 
 
@@ -213,7 +227,7 @@ def test_ip2p_workflow_over_http(start_server, tmp_path):
     folder.mkdir(parents=True)
     make_test_checkpoint("sd15", "tiny", folder / IP2P_CKPT, seed=1, in_channels=8)
     srv = start_server(packs=(), base=base)
-    black = srv.run(_ip2p_prompt(0x000000, "black"))
+    black = srv.run(_with_guidance_removed(_ip2p_prompt(0x000000, "black")))
     assert black["status"]["status_str"] == "success", black["status"]["messages"][-1]
     white = srv.run(_ip2p_prompt(0xFFFFFF, "white"))
     first, second = _saved_pixels(srv, black), _saved_pixels(srv, white)
@@ -224,3 +238,7 @@ def test_ip2p_workflow_over_http(start_server, tmp_path):
     sampled_black, sampled_white = _saved_latent(srv, black), _saved_latent(srv, white)
     assert sampled_black.shape == (1, 4, 32, 32)  # the tiny VAE halves: 64 px -> 32 cells
     assert float((sampled_black - sampled_white).abs().mean()) > 1e-3
+    # LatentApplyOperationCFG: the patched model sampled differently, exactly as the negative prompt alone.
+    patched, negative_only = _saved_latent(srv, black, "16"), _saved_latent(srv, black, "18")
+    assert float((patched - sampled_black).abs().mean()) > 1e-3
+    assert torch.allclose(patched, negative_only, atol=1e-4)
