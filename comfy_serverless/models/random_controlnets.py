@@ -115,10 +115,11 @@ def make_test_control_lora(checkpoint_path: str | os.PathLike, out_path: str | o
 
 
 def tiny_adapter_config(kind: str = "full", xl: bool = False, in_channels: int = 3) -> AdapterConfig:
-    """Small widths; the level structure (four levels, as the SD UNets expect) is the real one."""
+    """Small widths (multiples of 32, so a UNet of these widths has its GroupNorms); the level structure (four
+    levels, as the SD UNets expect) is the real one."""
     if kind == "light":
-        return AdapterConfig("light", in_channels=in_channels, channels=(16, 32, 32, 32), res_blocks=2)
-    return AdapterConfig("full", in_channels=in_channels, channels=(16, 32, 64, 64), res_blocks=2, xl=xl,
+        return AdapterConfig("light", in_channels=in_channels, channels=(32, 64, 64, 64), res_blocks=2)
+    return AdapterConfig("full", in_channels=in_channels, channels=(32, 64, 64, 64), res_blocks=2, xl=xl,
                          kernel_size=1)
 
 

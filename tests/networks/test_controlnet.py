@@ -189,14 +189,14 @@ def test_t2i_adapter_outputs_land_on_the_unet_blocks():
     # SD1.x: 12 input blocks; features after blocks 2, 5, 8, 11 (popped from the end).
     order = out["input"][::-1]
     assert [i for i, f in enumerate(order) if f is not None] == [2, 5, 8, 11] and "middle" not in out
-    assert [order[i].shape[1:] for i in (2, 5, 8, 11)] == [(16, 8, 8), (32, 4, 4), (64, 2, 2), (64, 1, 1)]
+    assert [order[i].shape[1:] for i in (2, 5, 8, 11)] == [(32, 8, 8), (64, 4, 4), (64, 2, 2), (64, 1, 1)]
     xl = tiny_adapter_config("full", xl=True)
     model = build_from_state_dict(lambda: T2IAdapter(xl), random_state_dict(lambda: T2IAdapter(xl)))
     out = model(torch.rand(1, 3, 128, 128))
     order = out["input"][::-1]
     # SDXL: 9 input blocks; after 3 (first downsample), 5, 8; the deepest level in the middle.
     assert [i for i, f in enumerate(order) if f is not None] == [3, 5, 8] and len(order) == 10
-    assert [order[i].shape[1:] for i in (3, 5, 8)] == [(16, 8, 8), (32, 8, 8), (64, 4, 4)]
+    assert [order[i].shape[1:] for i in (3, 5, 8)] == [(32, 8, 8), (64, 8, 8), (64, 4, 4)]
     assert out["middle"][0].shape[1:] == (64, 4, 4)
 
 

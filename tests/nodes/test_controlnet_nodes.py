@@ -433,7 +433,77 @@ def test_comfy_controlnet_module_for_packs(base):
         assert copy.strength == 0.5 and copy.timestep_percent_range == (0.1, 0.9) and cn.strength == 1.0
         t2i = comfy.controlnet.load_controlnet(folder + "/t2i-light.pth")
         assert isinstance(t2i, comfy.controlnet.T2IAdapter) and not isinstance(t2i, comfy.controlnet.ControlNet)
+        lora = comfy.controlnet.load_controlnet(folder + "/cn-lora-sd15.safetensors")
+        assert isinstance(lora, comfy.controlnet.ControlLora) and isinstance(lora, comfy.controlnet.ControlNet)
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# -- residuals fit the UNet ---------------------------------------------------------------------------------
+
+def unet_and_inputs(config, seed=0, size=(13, 11)):
+    from comfy_serverless.networks.build import build_from_state_dict, random_state_dict
+    from comfy_serverless.networks.unet import UNetModel
+
+    unet = build_from_state_dict(lambda: UNetModel(config), random_state_dict(lambda: UNetModel(config), std=0.1))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, *size, generator=generator)
+    context = torch.randn(2, 7, config.context_dim, generator=generator)
+    y = None if config.adm_in_channels is None else torch.randn(2, config.adm_in_channels, generator=generator)
+    return unet, x, context, y
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnet_residuals_fit_a_full_structure_unet(family):
+    """Real block structure (four / three levels, two res blocks) at an odd latent size: every residual lands on
+    a block of its shape, and scaled by 0 the UNet's output is unchanged."""
+    import dataclasses
+
+    from comfy_serverless.models.random_controlnets import random_controlnet_weights
+    from comfy_serverless.networks.build import build_from_state_dict
+    from comfy_serverless.networks.controlnet import ControlNetModel
+    from comfy_serverless.networks.unet import UNetConfig
+
+    if family == "sd15":
+        config = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), transformer_depth=(1, 1, 1, 0),
+                            context_dim=32)
+    else:
+        config = UNetConfig(model_channels=32, channel_mult=(1, 2, 4), transformer_depth=(0, 1, 1),
+                            context_dim=64, num_heads=None, num_head_channels=32, use_linear_in_transformer=True,
+                            adm_in_channels=96)
+    cn_config = dataclasses.replace(tiny_controlnet_config(family), unet=config)
+    controlnet = build_from_state_dict(lambda: ControlNetModel(cn_config), random_controlnet_weights(cn_config))
+    unet, x, context, y = unet_and_inputs(config)
+    hint = torch.rand(1, 3, x.shape[2] * 8, x.shape[3] * 8)
+    with torch.inference_mode():
+        residuals = controlnet(x, hint, torch.tensor([10.0, 500.0]), context, y)
+        zero = {key: [r * 0 for r in items] for key, items in residuals.items()}
+        plain = unet(x, torch.tensor([10.0, 500.0]), context, y)
+        unchanged = unet(x, torch.tensor([10.0, 500.0]), context, y, control=zero)
+        changed = unet(x, torch.tensor([10.0, 500.0]), context, y, control=residuals)
+    assert torch.equal(plain, unchanged) and not torch.allclose(plain, changed)
+    assert residuals["output"] == [] and residuals["middle"] == []  # all consumed by the UNet
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_t2i_features_fit_the_unet_blocks(ctx, base, xl):
+    from comfy_serverless.networks.unet import UNetConfig
+
+    if xl:
+        config = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), context_dim=32,
+                            num_heads=None, num_head_channels=32, use_linear_in_transformer=True)
+        name, size = "t2i-xl-gray.safetensors", (16, 12)
+    else:
+        config = UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=(1, 1, 1, 0),
+                            context_dim=32)
+        name, size = "t2i-full.safetensors", (16, 8)
+    unet, x, context, _ = unet_and_inputs(config, size=size)
+    control = load(name).copy().set_cond_hint(hint_image().movedim(-1, 1), 1.0)
+    residuals = control.get_control(x, torch.tensor([1.0, 1.0]), {"c_crossattn": context}, 1, {})
+    with torch.inference_mode():
+        plain = unet(x, torch.tensor([10.0, 500.0]), context)
+        changed = unet(x, torch.tensor([10.0, 500.0]), context, control=residuals)
+    assert not torch.allclose(plain, changed)
+    assert [r for r in residuals["input"] if r is not None] == [] and residuals.get("middle", []) == []

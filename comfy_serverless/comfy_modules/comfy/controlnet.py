@@ -1,10 +1,10 @@
 """ComfyUI's `comfy.controlnet` for custom node packs: the CONTROL_NET classes and load_controlnet.
 
-`ControlNet` and `T2IAdapter` are this server's control objects (models/control_objects.py,
-models/t2i_adapters.py) with ComfyUI's methods: copy, set_cond_hint, set_previous_controlnet, pre_run,
-get_control, control_merge, cleanup, get_models, set_extra_arg. Building one from a raw network the ComfyUI way is
-not provided; load files with `load_controlnet`. Control-LoRA files are not supported (`ControlLora` is a
-placeholder); union ControlNets (ControlNet++) neither.
+`ControlNet`, `ControlLora` and `T2IAdapter` are this server's control objects (models/control_objects.py,
+models/control_lora.py, models/t2i_adapters.py) with ComfyUI's methods: copy, set_cond_hint,
+set_previous_controlnet, pre_run, get_control, control_merge, cleanup, get_models, set_extra_arg. Building one from
+a raw network the ComfyUI way is not provided; load files with `load_controlnet` (ControlNets of SD1.x/SD2.x/SDXL
+incl. diff and union ones, control-LoRAs, T2I-Adapters).
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ ControlNet = stand_in_type("comfy.controlnet.ControlNet", _OurControlNet)
 _lazy_types: dict = {}
 
 
-def _t2i_type():
-    """The T2IAdapter stand-in, made on first use (its module imports torch)."""
-    if "T2IAdapter" not in _lazy_types:
-        from comfy_serverless.models.t2i_adapters import T2IAdapterControl
-
-        _lazy_types["T2IAdapter"] = stand_in_type("comfy.controlnet.T2IAdapter", T2IAdapterControl)
-    return _lazy_types["T2IAdapter"]
+def _lazy_type(name: str):
+    """The T2IAdapter / ControlLora stand-ins, made on first use (their modules import torch)."""
+    if name not in _lazy_types:
+        if name == "T2IAdapter":
+            from comfy_serverless.models.t2i_adapters import T2IAdapterControl as ours
+        else:
+            from comfy_serverless.models.control_lora import ControlLora as ours
+        _lazy_types[name] = stand_in_type(f"comfy.controlnet.{name}", ours)
+    return _lazy_types[name]
 
 
 def load_controlnet(ckpt_path, model=None, model_options=None):
@@ -36,6 +38,6 @@ def load_controlnet(ckpt_path, model=None, model_options=None):
 
 
 def __getattr__(name: str):
-    if name == "T2IAdapter":
-        return _t2i_type()
+    if name in ("T2IAdapter", "ControlLora"):
+        return _lazy_type(name)
     return missing_attribute(__name__, name)
