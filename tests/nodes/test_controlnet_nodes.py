@@ -203,6 +203,23 @@ def test_chained_controls_sum_and_respect_their_range(ctx, sd15):
             torch.testing.assert_close(total, a + b)
 
 
+def test_shuffle_controlnets_average_their_residuals_over_the_image(ctx, base, sd15):
+    import shutil
+
+    folder = base[0] / "models" / "controlnet"
+    shutil.copy(folder / "cn-original.safetensors", folder / "control_v11e_sd15_shuffle.safetensors")
+    shuffle, plain = load("control_v11e_sd15_shuffle.safetensors"), load("cn-original.safetensors")
+    assert shuffle.global_average_pooling and not plain.global_average_pooling  # ComfyUI tells by the file name
+    x, context = latents_and_context()
+    outputs = []
+    for control in (shuffle, plain):
+        control = control.copy().set_cond_hint(hint_image().movedim(-1, 1))
+        control.pre_run(sd15[0], sd15[0].model_sampling.percent_to_sigma)
+        outputs.append(control.get_control(x, torch.tensor([1.0, 1.0]), {"c_crossattn": context}, 1, {}))
+    for pooled, full in zip(outputs[0]["output"], outputs[1]["output"]):
+        torch.testing.assert_close(pooled, full.mean(dim=(2, 3), keepdim=True).expand_as(full))
+
+
 def test_hint_batches_follow_comfyui():
     hints = torch.arange(3.0).reshape(3, 1, 1, 1)
     # Two conditioning chunks of two items: each chunk gets the first two hints.
