@@ -54,6 +54,7 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.sdxl_nodes",
     "comfy_serverless.nodes.gligen_nodes",
     "comfy_serverless.nodes.model_sampling_extra",
+    "comfy_serverless.nodes.loaders_extra",
 )
 
 
