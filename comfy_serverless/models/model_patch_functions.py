@@ -82,6 +82,22 @@ def cfg_norm_function(strength: float):
     return cfg_norm
 
 
+def perp_neg_cfg_function(empty_conditioning, neg_scale: float):
+    """Perp-Neg (Armandpour et al. 2023): guidance from the empty prompt's prediction, with only the part of the
+    negative direction perpendicular to the positive one subtracted (scaled by neg_scale)."""
+    from ..sampling.denoising import calc_cond_batch
+
+    def perp_neg(args):
+        x = args["input"]
+        (empty,) = calc_cond_batch(args["model"], [empty_conditioning], x, args["sigma"], args["model_options"])
+        positive = args["cond_denoised"] - empty
+        negative = args["uncond_denoised"] - empty
+        perpendicular = negative - (negative * positive).sum() / torch.linalg.vector_norm(positive) ** 2 * positive
+        return x - (empty + args["cond_scale"] * (positive - perpendicular * neg_scale))
+
+    return perp_neg
+
+
 # ---- FreeU --------------------------------------------------------------------------------------------
 
 def fourier_filter(x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:

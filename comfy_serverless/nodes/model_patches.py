@@ -237,6 +237,26 @@ class CFGNorm:
         return (patched,)
 
 
+class PerpNeg:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "empty_conditioning": ("CONDITIONING",),
+                             "neg_scale": _float(1.0, 0.0, 100.0, 0.01)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "_for_testing"
+    DEPRECATED = True
+    EXPERIMENTAL = True
+
+    def patch(self, model, empty_conditioning, neg_scale):
+        from ..models.model_patch_functions import perp_neg_cfg_function
+
+        patched = model.clone()
+        patched.set_model_sampler_cfg_function(perp_neg_cfg_function(empty_conditioning, neg_scale))
+        return (patched,)
+
+
 def _multipliers():
     return {name: _float(1.0, 0.0, 10.0, 0.01) for name in ("q", "k", "v", "out")}
 
@@ -322,6 +342,7 @@ NODE_CLASS_MAPPINGS = {
     "Epsilon Scaling": EpsilonScaling,
     "CFGZeroStar": CFGZeroStar,
     "CFGNorm": CFGNorm,
+    "PerpNeg": PerpNeg,
     "UNetSelfAttentionMultiply": UNetSelfAttentionMultiply,
     "UNetCrossAttentionMultiply": UNetCrossAttentionMultiply,
     "CLIPAttentionMultiply": CLIPAttentionMultiply,
@@ -334,6 +355,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "Epsilon Scaling": None,
     "CFGZeroStar": None,
     "CFGNorm": None,
+    "PerpNeg": "Perp-Neg (DEPRECATED by PerpNegGuider)",
     "UNetSelfAttentionMultiply": None,
     "UNetCrossAttentionMultiply": None,
     "CLIPAttentionMultiply": None,

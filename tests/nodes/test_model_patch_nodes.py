@@ -335,3 +335,15 @@ def test_patch_nodes_through_the_server(start_server, tmp_path, checkpoint):
                                   ("RescaleCFG", {"multiplier": 0.7}),
                                   ("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": True})])
     assert (patched - plain).abs().float().mean() > 2
+
+
+def test_perp_neg_by_hand(model, noisy):
+    x, sigma = noisy
+    positive = CFGDenoiser(ScaleUnet(), cond(0.5), [], 1.0)(x, sigma)
+    negative = CFGDenoiser(ScaleUnet(), cond(-0.25), [], 1.0)(x, sigma)
+    empty = CFGDenoiser(ScaleUnet(), cond(0.1), [], 1.0)(x, sigma)
+    pos, neg = positive - empty, negative - empty
+    perpendicular = neg - (neg * pos).sum() / (pos * pos).sum() * pos
+    patched = nodes.PerpNeg().patch(model, cond(0.1), 0.5)[0]
+    expected = empty + 7.0 * (pos - 0.5 * perpendicular)
+    torch.testing.assert_close(fake_denoiser(patched.model_options)(x, sigma), expected, rtol=1e-4, atol=1e-5)

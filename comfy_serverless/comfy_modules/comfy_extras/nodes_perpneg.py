@@ -1,0 +1,13 @@
+"""ComfyUI's `comfy_extras.nodes_perpneg`: PerpNeg (comfy_serverless/nodes/model_patches.py).
+Other names (PerpNegGuider) are placeholders."""
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.model_patches import PerpNeg
+
+NODE_CLASS_MAPPINGS = {
+    "PerpNeg": PerpNeg,
+}
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)
