@@ -1,5 +1,6 @@
 """GLIGEN nodes: GLIGENLoader (models/gligen) and GLIGENTextBoxApply (a text placed in a box, as grounding for
-the conditioning's entries). Standard library only at module level."""
+the conditioning's entries); and CLIPTextEncodeControlnet (a separate text for ControlNets). Standard library only
+at module level."""
 
 from __future__ import annotations
 
@@ -59,4 +60,29 @@ class GLIGENTextBoxApply:
         return (out,)
 
 
-NODE_CLASS_MAPPINGS = {"GLIGENLoader": GLIGENLoader, "GLIGENTextBoxApply": GLIGENTextBoxApply}
+class CLIPTextEncodeControlnet:
+    """Sets "cross_attn_controlnet" / "pooled_output_controlnet" on every entry: ComfyUI's ControlNets read these
+    instead of the prompt's own conditioning."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "conditioning": ("CONDITIONING",),
+                             "text": ("STRING", {"multiline": True, "dynamicPrompts": True})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "_for_testing/conditioning"
+    EXPERIMENTAL = True
+
+    def encode(self, clip, conditioning, text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return ([[context, {**options, "cross_attn_controlnet": cond, "pooled_output_controlnet": pooled}]
+                 for context, options in conditioning],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "GLIGENLoader": GLIGENLoader,
+    "GLIGENTextBoxApply": GLIGENTextBoxApply,
+    "CLIPTextEncodeControlnet": CLIPTextEncodeControlnet,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {"CLIPTextEncodeControlnet": None}

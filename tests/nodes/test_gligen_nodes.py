@@ -144,3 +144,29 @@ def test_gligen_boxes_steer_the_sampler(server):
     left = _pixels(server, server.run(_workflow(True, x=0)))
     right = _pixels(server, server.run(_workflow(True, x=32)))
     assert np.abs(left - plain).max() > 0 and np.abs(left - right).max() > 0
+
+
+def test_clip_text_encode_controlnet_sets_the_controlnet_text(loaded):
+    from comfy_serverless.nodes.gligen_nodes import CLIPTextEncodeControlnet
+
+    _, clip, _, _ = loaded
+    cond, pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
+    conditioning = [[cond, {"pooled_output": pooled}], [cond, {"strength": 0.5}]]
+    (out,) = CLIPTextEncodeControlnet().encode(clip, conditioning, "edges of a house")
+    expected_cond, expected_pooled = clip.encode_from_tokens(clip.tokenize("edges of a house"), return_pooled=True)
+    assert len(out) == 2 and out[1][1]["strength"] == 0.5 and out[0][0] is cond
+    for _, options in out:
+        torch.testing.assert_close(options["cross_attn_controlnet"], expected_cond)
+        torch.testing.assert_close(options["pooled_output_controlnet"], expected_pooled)
+    assert "cross_attn_controlnet" not in conditioning[0][1]
+    assert not torch.equal(out[0][1]["cross_attn_controlnet"], cond)
+
+
+def test_clip_text_encode_controlnet_through_the_server(server):
+    """Without a ControlNet the extra text is carried but changes nothing."""
+    plain = _workflow(False)
+    with_text = _workflow(False)
+    with_text["10"] = {"class_type": "CLIPTextEncodeControlnet", "inputs": {
+        "clip": ["1", 1], "conditioning": ["2", 0], "text": "edges"}}
+    with_text["5"]["inputs"]["positive"] = ["10", 0]
+    assert np.array_equal(_pixels(server, server.run(with_text)), _pixels(server, server.run(plain)))
