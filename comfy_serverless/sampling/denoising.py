@@ -205,8 +205,8 @@ class CFGDenoiser:
         context = entry.context
         if context is not None:
             context = repeat_to_batch(context.to(x.device), x.shape[0])
-        model_kwargs = {k: repeat_to_batch(v.to(x.device), x.shape[0]) if torch.is_tensor(v) else v
-                        for k, v in entry.model_kwargs.items()}
+        model_kwargs = {k: repeat_to_batch(_crop_latent_shaped(v, region, height, width).to(x.device), x.shape[0])
+                        if torch.is_tensor(v) else v for k, v in entry.model_kwargs.items()}
         return Chunk(kind, region, x_part, weights, context, model_kwargs, entry.options.get("control"))
 
     # ---- the model ------------------------------------------------------------------------------------
@@ -343,6 +343,14 @@ def _share_controls_with_uncond(positive: list[ConditioningEntry], negative: lis
         if entry.options.get("control") is None:
             negative[index] = ConditioningEntry(entry.context, {**entry.options, "control": shared[0]},
                                                 entry.model_kwargs)
+
+
+def _crop_latent_shaped(value: torch.Tensor, region: tuple, height: int, width: int) -> torch.Tensor:
+    """Inputs shaped like the latent (c_concat) follow an area entry to its region, as ComfyUI crops them."""
+    if value.ndim == 4 and tuple(value.shape[-2:]) == (height, width):
+        y0, y1, x0, x1 = region
+        return value[:, :, y0:y1, x0:x1]
+    return value
 
 
 def _accepts_keyword(function, name: str) -> bool:

@@ -1,10 +1,11 @@
 """A pack that patches guidance the way RescaleCFG-style packs do: clone the MODEL, set a cfg function."""
 
 
-class ScaledGuidance:
-    """Classifier-free guidance written as a cfg function, at `factor` times the sampler's scale.
+class ScaledNoisePrediction:
+    """Guidance by the positive prompt alone, its noise prediction scaled by `factor`.
 
-    ComfyUI's cfg function args hold x - prediction ("cond", "uncond") and the function returns x - result.
+    ComfyUI's cfg function args hold x - prediction ("cond", "uncond") and the function returns x - result, so
+    factor 1 is exactly the positive prediction (plain sampling at cfg 1) and factor 0.5 keeps half the noise.
     """
 
     @classmethod
@@ -16,12 +17,9 @@ class ScaledGuidance:
     CATEGORY = "comfy_style"
 
     def patch(self, model, factor):
-        def guidance(args):
-            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"] * factor
-
         patched = model.clone()
-        patched.set_model_sampler_cfg_function(guidance)
+        patched.set_model_sampler_cfg_function(lambda args: args["cond"] * factor)
         return (patched,)
 
 
-NODE_CLASS_MAPPINGS = {"ScaledGuidance": ScaledGuidance}
+NODE_CLASS_MAPPINGS = {"ScaledNoisePrediction": ScaledNoisePrediction}
