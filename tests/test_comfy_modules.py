@@ -182,7 +182,7 @@ def test_sampling_through_nodes_common_ksampler_and_comfy_sample(surface_server)
     assert entry["outputs"]["3"]["facts"] == [{"same": True, "sigmas": 3, "x0": [1, 4, 8, 8], "previewer": True}]
     assert (srv.base / "output" / "sampled_00001_.png").is_file()
     # A combo built from KSampler.SAMPLERS is checked against the samplers that exist.
-    prompt["3"]["inputs"]["sampler_name"] = "euler_cfg_pp"
+    prompt["3"]["inputs"]["sampler_name"] = "no_such_sampler"
     refused = srv.post("/prompt", {"prompt": prompt})
     assert refused.status_code == 400 and refused.json()["node_errors"]["3"]["errors"][0]["type"] == "value_not_in_list"
 

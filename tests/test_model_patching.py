@@ -270,14 +270,15 @@ def test_the_denoiser_asks_each_control_once_per_batch(model):
             return None
 
     control = Control()
-    positive = [[torch.zeros(1, 77, 32), {"control": control}]]
-    negative = [[torch.zeros(1, 77, 32), {"control": control}]]
+    own_text = torch.ones(1, 77, 32)  # CLIPTextEncodeControlnet's text for the ControlNet only
+    positive = [[torch.zeros(1, 77, 32), {"control": control, "cross_attn_controlnet": own_text}]]
+    negative = [[torch.zeros(1, 77, 32), {"control": control, "cross_attn_controlnet": own_text}]]
     guided = CFGDenoiser(model.unet_apply, positive, negative, 5.0, model_sampling=model.model_sampling)
     x = torch.randn(1, 4, 8, 8)
     guided(x, torch.full((1,), 3.0))
     guided(x, torch.full((1,), 2.0))
     assert control.pre_runs == 1
-    assert control.calls == [(2, 2, ["c_crossattn"])] * 2
+    assert control.calls == [(2, 2, ["c_crossattn", "crossattn_controlnet"])] * 2
 
 
 # -- weights and objects ------------------------------------------------------------------------------------------
@@ -302,6 +303,9 @@ def test_add_patches_merges_two_models_and_undoes(model, checkpoint, tmp_path):
     replaced = model.clone()
     replaced.add_patches({key: ("set", (second,))})
     torch.testing.assert_close(replaced.model_state_dict()[key], second)
+    scaled = model.clone()
+    scaled.add_patches({key: (None,)}, 0.0, 0.5)  # ComfyUI's attention-multiply form: scale only
+    torch.testing.assert_close(scaled.model_state_dict()[key], (first.float() * 0.5).to(first.dtype))
     with pytest.raises(NotImplementedError, match="loha"):
         model.clone().add_patches({key: ("loha", (second, second))})
 

@@ -163,4 +163,10 @@ def interrupt_processing(value: bool = True) -> None:
 
 
 def __getattr__(name: str):
+    """Every built-in node class under its node name (`from nodes import ControlNetApplyAdvanced`), as ComfyUI's
+    nodes.py names its classes; anything else is a placeholder that names what is missing."""
+    NODE_CLASS_MAPPINGS._merged()  # imports the built-in packs once
+    for pack in packs._imported.values():
+        if pack is not None and pack.is_builtin and name in pack.classes:
+            return pack.classes[name]
     return missing_attribute(__name__, name)

@@ -72,7 +72,7 @@ def add_patches(clip, patches: dict, strength_patch: float = 1.0, strength_model
             continue
         encoder, name = found
         kind, tensor = _patch_value(key, value)
-        if name == "text_projection" and tensor.ndim == 2:
+        if name == "text_projection" and tensor is not None and tensor.ndim == 2:
             tensor = tensor.t()
         targets.setdefault(encoder, {})[name] = (kind, tensor, strength_patch, strength_model)
         added.append(key)

@@ -77,7 +77,7 @@ class DiffusionModel(ModelPatcherMethods):
         return patched_module(self.handle, self.patches)
 
     def unet_apply(self, x, timesteps, context=None, y=None, c_concat=None, control=None, transformer_options=None,
-                   **_):
+                   **_):  # other inputs (crossattn_controlnet, ...) are for the ControlNet, not the UNet
         """The sampler's UNet call: inputs cast to the compute dtype, output float32. ``c_concat`` (inpainting
         and instruct-pix2pix models) is appended to the input channels."""
         import torch

@@ -140,6 +140,8 @@ def _patch_value(key: str, value) -> tuple:
 
     if isinstance(value, list):
         value = value[0]
+    if isinstance(value, tuple) and len(value) == 1 and value[0] is None:
+        return "scale", None  # ComfyUI's (None,): no tensor, the weight is only scaled by strength_model
     if torch.is_tensor(value):
         return "diff", value
     if isinstance(value, tuple) and len(value) == 1 and torch.is_tensor(value[0]):

@@ -31,7 +31,8 @@ class KeyPatch:
     """ComfyUI's ModelPatcher.add_patches: per parameter, weight = weight * strength_model + strength_patch * value.
 
     `targets` maps a submodule ("" = the network) to {parameter name: (kind, tensor, strength_patch, strength_model)}
-    where kind is "diff" (added) or "set" (replaces the weight; strengths ignored).
+    where kind is "diff" (added), "set" (replaces the weight; strengths ignored) or "scale" (tensor None: only
+    times strength_model).
     """
 
     targets: dict
@@ -93,6 +94,9 @@ def _apply_mixed(module, stack: list):
                         weight += patch.strength * lora.lora_delta(entry, weight.shape).to(weight.device)
                     continue
                 kind, value, strength_patch, strength_model = entries[name]
+                if kind == "scale":
+                    weight *= strength_model
+                    continue
                 value = value.to(device=weight.device, dtype=torch.float32)
                 if kind == "set":
                     weight = value.reshape(weight.shape).clone()

@@ -45,6 +45,23 @@ class TextEncoder:
     def with_patch(self, patch: LoraPatch) -> TextEncoder:
         return replace(self, patches=self.patches + (patch,))
 
+    # ComfyUI's CLIP weight API (CLIPMerge*, packs), in clip_patcher_api.py.
+
+    def model_state_dict(self, filter_prefix=None) -> dict:
+        from .clip_patcher_api import model_state_dict
+
+        return model_state_dict(self, filter_prefix)
+
+    def get_key_patches(self, filter_prefix=None) -> dict:
+        from .clip_patcher_api import get_key_patches
+
+        return get_key_patches(self, filter_prefix)
+
+    def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
+        from .clip_patcher_api import add_patches
+
+        return add_patches(self, patches, strength_patch, strength_model)
+
     def tokenize(self, text: str, return_word_ids: bool = False, **_) -> dict:
         """ComfyUI's CLIP.tokenize: weighted 77-token windows per encoder, {"l": windows} for SD1, {"h": ...}
         for SD2, {"g": ..., "l": ...} for SDXL, {"g": ...} for the SDXL refiner; a window is a list of (token,

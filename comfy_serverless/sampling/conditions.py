@@ -166,6 +166,7 @@ class Chunk:
     context: Optional[torch.Tensor]
     model_kwargs: dict
     control: Any = None  # the entry's ControlNet-style object; chunks batch together only with the same one
+    gligen: Any = None  # the entry's GLIGEN boxes ("gligen" option); likewise
 
 
 def _contexts_concatenable(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -179,7 +180,7 @@ def _contexts_concatenable(a: Optional[torch.Tensor], b: Optional[torch.Tensor])
 
 
 def chunks_concatenable(a: Chunk, b: Chunk) -> bool:
-    if a.control is not b.control:
+    if a.control is not b.control or a.gligen is not b.gligen:
         return False
     if a.x.shape != b.x.shape or a.model_kwargs.keys() != b.model_kwargs.keys():
         return False

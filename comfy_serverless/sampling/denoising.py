@@ -207,7 +207,11 @@ class CFGDenoiser:
             context = repeat_to_batch(context.to(x.device), x.shape[0])
         model_kwargs = {k: repeat_to_batch(_crop_latent_shaped(v, region, height, width).to(x.device), x.shape[0])
                         if torch.is_tensor(v) else v for k, v in entry.model_kwargs.items()}
-        return Chunk(kind, region, x_part, weights, context, model_kwargs, entry.options.get("control"))
+        for option, name in (("cross_attn_controlnet", "crossattn_controlnet"),):  # a ControlNet's own text
+            if torch.is_tensor(entry.options.get(option)):
+                model_kwargs[name] = repeat_to_batch(entry.options[option].to(x.device), x.shape[0])
+        return Chunk(kind, region, x_part, weights, context, model_kwargs, entry.options.get("control"),
+                     entry.options.get("gligen"))
 
     # ---- the model ------------------------------------------------------------------------------------
 
@@ -233,6 +237,8 @@ class CFGDenoiser:
         for key, value in chunks[0].model_kwargs.items():
             c[key] = torch.cat([chunk.model_kwargs[key] for chunk in chunks]) if torch.is_tensor(value) else value
         transformer_options = dict(options.get("transformer_options", {}))
+        if chunks[0].gligen is not None:
+            transformer_options = _with_gligen(transformer_options, chunks[0].gligen, x)
         transformer_options["cond_or_uncond"] = cond_or_uncond
         transformer_options["sigmas"] = sigmas
         if chunks[0].control is not None:
@@ -343,6 +349,16 @@ def _share_controls_with_uncond(positive: list[ConditioningEntry], negative: lis
         if entry.options.get("control") is None:
             negative[index] = ConditioningEntry(entry.context, {**entry.options, "control": shared[0]},
                                                 entry.model_kwargs)
+
+
+def _with_gligen(transformer_options: dict, gligen, x: torch.Tensor) -> dict:
+    """GLIGEN's boxes run as a "middle_patch" (between self- and cross-attention) for this batch only."""
+    from ..models.gligen import gligen_patches
+
+    extra = gligen_patches({"gligen": gligen}, x.shape, x.device) or {}
+    patches = dict(transformer_options.get("patches") or {})
+    patches["middle_patch"] = list(patches.get("middle_patch", ())) + extra.get("middle_patch", [])
+    return {**transformer_options, "patches": patches}
 
 
 def _crop_latent_shaped(value: torch.Tensor, region: tuple, height: int, width: int) -> torch.Tensor:

@@ -137,8 +137,6 @@ def test_gligen_workflow_runs_through_the_server(server):
     assert "tiny-gligen.safetensors" in listed
 
 
-@pytest.mark.xfail(strict=True, reason="the sampler does not yet add an entry's 'gligen' middle patch "
-                                       "(change to sampling/denoising.py requested in the issue-11 report)")
 def test_gligen_boxes_steer_the_sampler(server):
     plain = _pixels(server, server.run(_workflow(False)))
     left = _pixels(server, server.run(_workflow(True, x=0)))
