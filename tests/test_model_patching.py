@@ -320,6 +320,24 @@ def test_object_patch_replaces_model_sampling_for_that_clone_only(model):
         patched.add_object_patch("diffusion_model", object())
 
 
+def test_object_patch_replaces_the_latent_format(model):
+    class Shifted:
+        def process_in(self, latent):
+            return latent * 0.5 + 1.0
+
+        def process_out(self, latent):
+            return (latent - 1.0) / 0.5
+
+    latent = torch.randn(1, 4, 8, 8)
+    default = model.get_model_object("latent_format")
+    torch.testing.assert_close(default.process_in(latent), model.process_latent_in(latent))
+    patched = model.clone()
+    patched.add_object_patch("latent_format", Shifted())
+    torch.testing.assert_close(patched.process_latent_in(latent), latent * 0.5 + 1.0)
+    torch.testing.assert_close(patched.process_latent_out(patched.process_latent_in(latent)), latent)
+    torch.testing.assert_close(model.process_latent_in(latent), latent * model.latent_scale)
+
+
 def test_clones_keep_their_own_patch_lists(model):
     first = model.clone()
     first.set_model_attn1_patch(lambda n, c, v, e: (n, c, v))

@@ -91,9 +91,13 @@ class DiffusionModel(ModelPatcherMethods):
         return out.float()
 
     def process_latent_in(self, latent):
+        if "latent_format" in self.object_patches:
+            return self.object_patches["latent_format"].process_in(latent)
         return latent * self.latent_scale
 
     def process_latent_out(self, latent):
+        if "latent_format" in self.object_patches:
+            return self.object_patches["latent_format"].process_out(latent)
         return latent / self.latent_scale
 
     def encode_extra(self, options: dict, latent_shape) -> dict:

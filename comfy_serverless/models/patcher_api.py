@@ -8,6 +8,22 @@ and networks/attention_patches.py the block and attention patches; weight patche
 from __future__ import annotations
 
 UNET_PREFIX = "diffusion_model."
+PATCHABLE_OBJECTS = ("model_sampling", "latent_format")
+
+
+class LatentFormat:
+    """ComfyUI's latent format of the SD families: a single scale factor between the VAE's latent and the model's."""
+
+    latent_channels = 4
+
+    def __init__(self, scale_factor: float):
+        self.scale_factor = scale_factor
+
+    def process_in(self, latent):
+        return latent * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor
 
 
 def copy_model_options(options: dict) -> dict:
@@ -85,9 +101,10 @@ class ModelPatcherMethods:
     # ---- objects --------------------------------------------------------------------------------------------
 
     def add_object_patch(self, name: str, obj):
-        """Replace a part of the model for this clone; here "model_sampling" (the noise schedule)."""
-        if name != "model_sampling":
-            raise NotImplementedError(f"this server's MODEL can only replace 'model_sampling', not {name!r}")
+        """Replace a part of the model for this clone: "model_sampling" (the noise schedule) or "latent_format"
+        (an object with process_in / process_out between the VAE's latent and the model's)."""
+        if name not in PATCHABLE_OBJECTS:
+            raise NotImplementedError(f"this server's MODEL can only replace {PATCHABLE_OBJECTS}, not {name!r}")
         self.object_patches[name] = obj
 
     def get_model_object(self, name: str):
@@ -96,9 +113,12 @@ class ModelPatcherMethods:
             return self.object_patches[name]
         if name == "model_sampling":
             return self.model_sampling
+        if name == "latent_format":
+            return LatentFormat(self.latent_scale)
         if name == "diffusion_model":
             return self.network()
-        raise AttributeError(f"this server's MODEL has no object {name!r} ('model_sampling', 'diffusion_model')")
+        raise AttributeError(f"this server's MODEL has no object {name!r} ('model_sampling', 'latent_format', "
+                             "'diffusion_model')")
 
     # ---- weights ---------------------------------------------------------------------------------------
 
