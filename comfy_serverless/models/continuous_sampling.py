@@ -13,6 +13,9 @@ The output parameterisations (sigma_data s_d, c_in = 1 / sqrt(sigma² + s_d²)):
 * v_prediction: x_0 = x * s_d² / (sigma² + s_d²) - out * sigma * s_d / sqrt(sigma² + s_d²);
 * edm: the same with + (EDM's F_theta), s_d = 0.5;
 * cosmos_rflow: rectified flow in the VE scale: t = sigma / (sigma + 1), input x * (1 - t), x_0 = input - t * out.
+
+edm_playground_v2.5 is "edm" (s_d = 0.5) plus Playground v2.5's latent format: the SDXL VAE's latent is
+normalised per channel, (latent - mean) * 0.5 / std, with the mean/std of Playground's VAE config.
 """
 
 from __future__ import annotations
@@ -115,14 +118,40 @@ class ContinuousVSampling(ContinuousSampling):
         return (torch.as_tensor(timestep) * math.pi / 2).tan()
 
 
+PLAYGROUND_LATENT_MEAN = (-1.6574, 1.886, -1.383, 2.5155)
+PLAYGROUND_LATENT_STD = (8.4927, 5.9022, 6.5498, 5.2299)
+PLAYGROUND_SCALE = 0.5
+
+
+class PlaygroundLatentFormat:
+    """Playground v2.5's latent format: per-channel mean/std normalisation between the VAE's and the model's
+    latent (the MODEL's "latent_format" object patch)."""
+
+    latent_channels = 4
+    scale_factor = PLAYGROUND_SCALE
+
+    def _stats(self, latent):
+        shape = (1, len(PLAYGROUND_LATENT_MEAN)) + (1,) * (latent.ndim - 2)
+        mean = torch.tensor(PLAYGROUND_LATENT_MEAN, dtype=latent.dtype, device=latent.device).reshape(shape)
+        std = torch.tensor(PLAYGROUND_LATENT_STD, dtype=latent.dtype, device=latent.device).reshape(shape)
+        if latent.ndim < 2 or latent.shape[1] != len(PLAYGROUND_LATENT_MEAN):
+            raise ValueError(f"Playground v2.5 latents have 4 channels, got shape {tuple(latent.shape)}")
+        return mean, std
+
+    def process_in(self, latent):
+        mean, std = self._stats(latent)
+        return (latent - mean) * self.scale_factor / std
+
+    def process_out(self, latent):
+        mean, std = self._stats(latent)
+        return latent * std / self.scale_factor + mean
+
+
 def continuous_edm_sampling(sampling: str, sigma_min: float, sigma_max: float) -> ContinuousSampling:
     """The model sampling ModelSamplingContinuousEDM attaches for one of EDM_TYPES."""
-    if sampling == "edm_playground_v2.5":
-        raise NotImplementedError("edm_playground_v2.5 also replaces the model's latent format (Playground's "
-                                  "per-channel latent mean and std), which this server's MODEL cannot patch yet")
     if sampling == "cosmos_rflow":
         return CosmosRFlowSampling(sigma_min, sigma_max)
-    if sampling == "edm":
+    if sampling in ("edm", "edm_playground_v2.5"):  # Playground also needs PlaygroundLatentFormat (the node adds it)
         return ContinuousSampling("edm", sigma_min, sigma_max, sigma_data=0.5)
     if sampling in ("eps", "v_prediction"):
         return ContinuousSampling(sampling, sigma_min, sigma_max)

@@ -1,6 +1,6 @@
 """Continuous-time model sampling nodes: ModelSamplingContinuousEDM and ModelSamplingContinuousV (the noise
 schedule and output parameterisation of EDM-trained and continuous-v models, attached as the MODEL's
-"model_sampling" object patch). Standard library only at module level."""
+"model_sampling" object patch; Playground v2.5 also gets its latent format). Standard library only at module level."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ class ModelSamplingContinuousEDM:
     CATEGORY = "advanced/model"
 
     def patch(self, model, sampling, sigma_max, sigma_min):
-        from ..models.continuous_sampling import continuous_edm_sampling
+        from ..models.continuous_sampling import PlaygroundLatentFormat, continuous_edm_sampling
 
         patched = model.clone()
         patched.add_object_patch("model_sampling", continuous_edm_sampling(sampling, sigma_min, sigma_max))
+        if sampling == "edm_playground_v2.5":
+            patched.add_object_patch("latent_format", PlaygroundLatentFormat())
         return (patched,)
 
 

@@ -16,6 +16,7 @@ from comfy_serverless.models.continuous_sampling import (
     ContinuousSampling,
     ContinuousVSampling,
     CosmosRFlowSampling,
+    PlaygroundLatentFormat,
     continuous_edm_sampling,
 )
 from comfy_serverless.models.random_checkpoints import make_test_checkpoint
@@ -116,10 +117,61 @@ def test_bad_parameters_give_clear_errors():
         continuous_edm_sampling("edm", 10.0, 1.0)
     with pytest.raises(ValueError, match="unknown sampling"):
         continuous_edm_sampling("x0", 0.002, 1.0)
-    with pytest.raises(NotImplementedError, match="latent format"):
-        continuous_edm_sampling("edm_playground_v2.5", 0.002, 1.0)
+    with pytest.raises(ValueError, match="4 channels"):
+        PlaygroundLatentFormat().process_in(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="v_prediction"):
         ModelSamplingContinuousV().patch(None, "eps", 1.0, 0.1)
+
+
+# Playground v2.5's published configs: the VAE's latents_mean / latents_std / scaling_factor and the EDM scheduler.
+PLAYGROUND_VAE = {"latents_mean": [-1.6574, 1.886, -1.383, 2.5155], "latents_std": [8.4927, 5.9022, 6.5498, 5.2299],
+                  "scaling_factor": 0.5}
+
+
+def test_playground_latent_format_matches_the_diffusers_pipeline_formulas():
+    latent = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mean = torch.tensor(PLAYGROUND_VAE["latents_mean"], dtype=torch.float64).reshape(1, 4, 1, 1)
+    std = torch.tensor(PLAYGROUND_VAE["latents_std"], dtype=torch.float64).reshape(1, 4, 1, 1)
+    scale = PLAYGROUND_VAE["scaling_factor"]
+    fmt = PlaygroundLatentFormat()
+    # diffusers' SDXL pipeline: encode (x - mean) * scale / std, decode x * std / scale + mean
+    torch.testing.assert_close(fmt.process_in(latent), (latent - mean) * scale / std)
+    torch.testing.assert_close(fmt.process_out(latent), latent * std / scale + mean)
+    torch.testing.assert_close(fmt.process_out(fmt.process_in(latent)), latent)
+    assert fmt.process_in(mean.expand(1, 4, 2, 2)).abs().max() < 1e-12  # the mean latent maps to zero
+
+
+def test_playground_sampling_is_edm_with_the_diffusers_scheduler_preconditioning():
+    from diffusers import EDMEulerScheduler
+
+    scheduler = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon")
+    sampling = continuous_edm_sampling("edm_playground_v2.5", 0.002, 80.0)
+    assert sampling.prediction_type == "edm" and sampling.sigma_data == 0.5
+    x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    out = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(6))
+    for sigma in SIGMAS:
+        torch.testing.assert_close(sampling.calculate_input(sigma[None], x), scheduler.precondition_inputs(x, sigma))
+        torch.testing.assert_close(sampling.calculate_denoised(sigma[None], out, x),
+                                   scheduler.precondition_outputs(x, out, sigma))
+    scheduler.set_timesteps(10)
+    torch.testing.assert_close(karras_sigmas(10, float(sampling.sigma_min), float(sampling.sigma_max)),
+                               scheduler.sigmas.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_playground_node_sets_the_latent_format_on_the_clone_only(tmp_path):
+    from comfy_serverless.models.loading import load_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    make_test_checkpoint("sd15", "tiny", path, seed=2)
+    model = load_checkpoint(str(path), want_clip=False, want_vae=False)[0]
+    (patched,) = ModelSamplingContinuousEDM().patch(model, "edm_playground_v2.5", 80.0, 0.002)
+    latent = torch.randn(1, 4, 2, 2)
+    expected = PlaygroundLatentFormat().process_in(latent)
+    torch.testing.assert_close(patched.process_latent_in(latent), expected)
+    torch.testing.assert_close(patched.process_latent_out(expected), latent)
+    torch.testing.assert_close(model.process_latent_in(latent), latent * model.latent_scale)
+    assert patched.model_sampling.prediction_type == "edm"
+    assert patched.get_model_object("latent_format").scale_factor == 0.5
 
 
 def test_nodes_patch_a_clone_and_the_sampler_feeds_the_continuous_time(tmp_path):
@@ -186,11 +238,8 @@ def test_continuous_sampling_through_the_server(tmp_path):
         assert np.abs(first - plain).max() > 0
         v = dict(class_type="ModelSamplingContinuousV", sampling="v_prediction", sigma_max=500.0, sigma_min=0.03)
         assert np.abs(_pixels(srv, srv.run(_workflow(v))) - first).max() > 0
-        playground = dict(edm, sampling="edm_playground_v2.5")
-        entry = srv.run(_workflow(playground))
-        assert entry["status"]["status_str"] == "error"
-        error = next(data for name, data in entry["status"]["messages"] if name == "execution_error")
-        assert error["node_id"] == "8" and "latent format" in error["exception_message"]
+        playground = _pixels(srv, srv.run(_workflow(dict(edm, sampling="edm_playground_v2.5"))))
+        assert np.abs(playground - first).max() > 0  # same schedule, other latent scaling
     finally:
         srv.stop()
         shutil.rmtree(tmp_path / "output", ignore_errors=True)
