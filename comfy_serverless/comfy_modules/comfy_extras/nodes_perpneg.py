@@ -1,11 +1,13 @@
-"""ComfyUI's `comfy_extras.nodes_perpneg`: PerpNeg (comfy_serverless/nodes/model_patches.py).
-Other names (PerpNegGuider) are placeholders."""
+"""ComfyUI's `comfy_extras.nodes_perpneg`: PerpNeg (comfy_serverless/nodes/model_patches.py) and PerpNegGuider
+(comfy_serverless/nodes/guidance_extra.py). Other names are placeholders."""
 
 from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.guidance_extra import PerpNegGuider
 from comfy_serverless.nodes.model_patches import PerpNeg
 
 NODE_CLASS_MAPPINGS = {
     "PerpNeg": PerpNeg,
+    "PerpNegGuider": PerpNegGuider,
 }
 
 

@@ -1,0 +1,13 @@
+"""ComfyUI's `comfy_extras.nodes_tcfg`: TCFG (comfy_serverless/nodes/guidance_extra.py).
+Other names are placeholders."""
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.guidance_extra import TCFG
+
+NODE_CLASS_MAPPINGS = {
+    "TCFG": TCFG,
+}
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)

@@ -1,0 +1,13 @@
+"""ComfyUI's `comfy_extras.nodes_tomesd`: TomePatchModel (comfy_serverless/nodes/guidance_extra.py).
+Other names are placeholders."""
+
+from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.nodes.guidance_extra import TomePatchModel
+
+NODE_CLASS_MAPPINGS = {
+    "TomePatchModel": TomePatchModel,
+}
+
+
+def __getattr__(name: str):
+    return missing_attribute(__name__, name)
