@@ -269,6 +269,9 @@ def test_the_denoiser_asks_each_control_once_per_batch(model):
             self.calls.append((x.shape[0], batched_number, sorted(cond)))
             return None
 
+        def cleanup(self):
+            self.cleanups = getattr(self, "cleanups", 0) + 1
+
     control = Control()
     own_text = torch.ones(1, 77, 32)  # CLIPTextEncodeControlnet's text for the ControlNet only
     positive = [[torch.zeros(1, 77, 32), {"control": control, "cross_attn_controlnet": own_text}]]
@@ -279,6 +282,47 @@ def test_the_denoiser_asks_each_control_once_per_batch(model):
     guided(x, torch.full((1,), 2.0))
     assert control.pre_runs == 1
     assert control.calls == [(2, 2, ["c_crossattn", "crossattn_controlnet"])] * 2
+    guided.end_sampling()
+    assert control.cleanups == 1
+    guided(x, torch.full((1,), 1.0))  # a new sampling run prepares the controls again
+    assert control.pre_runs == 2
+
+
+def test_sampling_context_reaches_the_extra_inputs_and_negative_is_marked(noisy):
+    x, sigma = noisy
+    seen = []
+
+    def encode_extra(options, latent_shape, latent_image=None, seed=None):
+        seen.append((options.get("prompt_type"), latent_image, seed))
+        return {}
+
+    guided = CFGDenoiser(ScaleUnet(), cond(0.5), cond(-0.25), 7.0, model_sampling=ModelSampling(),
+                         encode_extra=encode_extra)
+    latent = torch.ones(1, 4, 8, 8)
+    guided.begin_sampling(latent, torch.ones(1, 4, 8, 8), 42)
+    guided(x, sigma)
+    assert [(kind, image is latent, seed) for kind, image, seed in seen] == [(None, True, 42), ("negative", True, 42)]
+
+
+def test_a_denoise_mask_function_changes_the_mask_per_step(model, checkpoint):
+    """DifferentialDiffusion's hook: model_options["denoise_mask_function"](sigma, mask, extra_options)."""
+    from comfy_serverless.sampling.ksampler import ksampler
+
+    calls = []
+
+    def keep_everything(sigma, mask, extra_options):
+        calls.append((float(sigma.reshape(-1)[0]), len(extra_options["sigmas"])))
+        return torch.zeros_like(mask)  # regenerate nothing: the latent must come back unchanged
+
+    patched = model.clone()
+    patched.model_options["denoise_mask_function"] = keep_everything
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    positive = [[torch.zeros(1, 77, 32), {}]]
+    out = ksampler(patched.unet_apply, patched.model_sampling, latent, seed=1, steps=3, cfg=5.0,
+                   sampler_name="euler", scheduler="normal", positive=positive, negative=positive,
+                   noise_mask=torch.ones(1, 8, 8), model_options=patched.model_options)
+    torch.testing.assert_close(out, latent)
+    assert len(calls) == 3 and calls[0][1] == 4 and calls[0][0] > calls[-1][0]
 
 
 # -- weights and objects ------------------------------------------------------------------------------------------

@@ -100,8 +100,9 @@ class DiffusionModel(ModelPatcherMethods):
             return self.object_patches["latent_format"].process_out(latent)
         return latent / self.latent_scale
 
-    def encode_extra(self, options: dict, latent_shape) -> dict:
-        """Per-conditioning UNet inputs besides the text context (SDXL's y, ...): see models/extra_inputs.py."""
+    def encode_extra(self, options: dict, latent_shape, latent_image=None, denoise_mask=None, seed=None) -> dict:
+        """Per-conditioning UNet inputs besides the text context (SDXL's y, an inpainting model's channels, ...):
+        see models/extra_inputs.py. The sampler passes its latent (model space), denoise mask and seed."""
         from .extra_inputs import extra_unet_inputs
 
-        return extra_unet_inputs(self, options, latent_shape)
+        return extra_unet_inputs(self, options, latent_shape, latent_image=latent_image, denoise_mask=denoise_mask)

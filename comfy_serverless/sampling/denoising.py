@@ -134,6 +134,7 @@ class CFGDenoiser:
         self.model_options = model_options or {}
         self.positive = normalise_conditioning(positive)
         self.negative = normalise_conditioning(negative)
+        self._negative_given = negative
         _share_controls_with_uncond(self.positive, self.negative)
         self.cfg = float(cfg)
         self.model_sampling = model_sampling if model_sampling is not None else ModelSampling()
@@ -143,7 +144,25 @@ class CFGDenoiser:
         self._resolved: dict[tuple, list[list[ResolvedEntry]]] = {}
         self._controls_ready = False
         self._passes_options = _accepts_keyword(unet_apply, "transformer_options")
+        self._sampling_context: dict = {}
         self.unet_calls = 0
+
+    def begin_sampling(self, latent_image: Optional[torch.Tensor] = None, denoise_mask: Optional[torch.Tensor] = None,
+                       seed: Optional[int] = None) -> None:
+        """What the conditioning's extra inputs may depend on (ComfyUI's encode_model_conds): the sampled latent
+        in model space, the denoise mask and the seed; call before the first step."""
+        context = {"latent_image": latent_image, "denoise_mask": denoise_mask, "seed": seed}
+        accepted = [name for name in context if self.encode_extra is not None
+                    and _accepts_keyword(self.encode_extra, name)]
+        self._sampling_context = {name: context[name] for name in accepted}
+        self._resolved.clear()
+
+    def end_sampling(self) -> None:
+        """Let each ControlNet-style object drop what it prepared (ComfyUI's cleanup after sampling)."""
+        for control in self._controls():
+            if hasattr(control, "cleanup"):
+                control.cleanup()
+        self._controls_ready = False
 
     @property
     def skips_negative(self) -> bool:
@@ -165,14 +184,14 @@ class CFGDenoiser:
                 if entries is None:
                     sides.append(None)
                     continue
-                # As in ComfyUI, the last of several lists is the negative prompt (SDXL refiner's aesthetic score).
-                negative = len(conds) > 1 and index == len(conds) - 1
+                # The negative prompt (the SDXL refiner's aesthetic score depends on it), known by identity.
+                negative = entries is self.negative or entries is self._negative_given
                 entries = normalise_conditioning(entries)
                 resolved = []
                 for entry in entries:
                     if self.encode_extra is not None:
                         options = {**entry.options, "prompt_type": "negative"} if negative else entry.options
-                        extra = self.encode_extra(options, x.shape) or {}
+                        extra = self.encode_extra(options, x.shape, **self._sampling_context) or {}
                         entry = ConditioningEntry(entry.context, entry.options, {**entry.model_kwargs, **extra})
                     resolved.append(resolve_entry(entry, height, width, x.device, self.model_sampling))
                 sides.append(resolved)
@@ -282,11 +301,14 @@ class CFGDenoiser:
 
     # ---- guidance ---------------------------------------------------------------------------------------
 
-    def _pre_run_controls(self) -> None:
-        self._controls_ready = True
+    def _controls(self) -> list:
         controls = {id(e.options["control"]): e.options["control"] for e in self.positive + self.negative
                     if e.options.get("control") is not None}
-        for control in controls.values():
+        return list(controls.values())
+
+    def _pre_run_controls(self) -> None:
+        self._controls_ready = True
+        for control in self._controls():
             if hasattr(control, "pre_run"):
                 control.pre_run(self, self.model_sampling.percent_to_sigma)
 

@@ -124,6 +124,8 @@ class Guider:
 
         noise = noise.to(latent.device, torch.float32)
         self._active = self.make_denoiser()
+        for denoiser in _cfg_denoisers(self._active):
+            denoiser.begin_sampling(model_latent, mask, seed)
         try:
             if isinstance(sampler, KSamplerObject):
                 samples = sampler.run(self._active, model.model_sampling, noise, model_latent, sigmas, seed=seed,
@@ -135,6 +137,8 @@ class Guider:
             else:
                 raise TypeError(f"not a SAMPLER: {type(sampler).__name__}")
         finally:
+            for denoiser in _cfg_denoisers(self._active):
+                denoiser.end_sampling()
             self._active = None
         return model.process_latent_out(samples.to(torch.float32))
 
@@ -153,6 +157,8 @@ class _DualDenoiser:
 
     def __init__(self, base: CFGDenoiser, middle: list, cfg1: float, cfg2: float, nested: bool):
         self.base, self.middle, self.cfg1, self.cfg2, self.nested = base, middle, cfg1, cfg2, nested
+        self.parts = (base,)
+        self.model_options = base.model_options
 
     def __call__(self, x, sigma, model_options=None):
         base = self.base
@@ -194,3 +200,10 @@ class DualCFGGuider(Guider):
         base = self._base_denoiser(conds.get("positive"), conds.get("negative"),
                                    self.cfg1 if self.nested else self.cfg2)
         return _DualDenoiser(base, normalise_conditioning(conds.get("middle")), self.cfg1, self.cfg2, self.nested)
+
+
+def _cfg_denoisers(denoiser) -> list:
+    """The CFGDenoisers behind a guider's denoiser (itself, or those a composite guider keeps in `parts`)."""
+    if isinstance(denoiser, CFGDenoiser):
+        return [denoiser]
+    return [part for part in getattr(denoiser, "parts", ()) if isinstance(part, CFGDenoiser)]

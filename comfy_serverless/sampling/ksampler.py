@@ -161,8 +161,12 @@ def ksampler(unet_apply: UnetApply, model_sampling: ModelSampling, latent_image:
 
     denoiser = CFGDenoiser(unet_apply, positive, negative, cfg, model_sampling=model_sampling,
                            encode_extra=encode_extra, model_dtype=model_dtype, model_options=model_options)
-    samples = run_sampler(denoiser, model_sampling, sampler_name, noise, model_latent, sigmas, seed=seed,
-                          denoise_mask=denoise_mask, callback=callback, sampler_options=sampler_options)
+    denoiser.begin_sampling(model_latent, denoise_mask, seed)
+    try:
+        samples = run_sampler(denoiser, model_sampling, sampler_name, noise, model_latent, sigmas, seed=seed,
+                              denoise_mask=denoise_mask, callback=callback, sampler_options=sampler_options)
+    finally:
+        denoiser.end_sampling()
     samples = samples.to(torch.float32)
     if process_latent_out is not None:
         samples = process_latent_out(samples)

@@ -24,16 +24,23 @@ def per_item_view(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def inpainting_denoiser(denoise_fn: DenoiseFn, model_sampling, latent_image: torch.Tensor, noise: torch.Tensor,
-                        denoise_mask: torch.Tensor) -> DenoiseFn:
+                        denoise_mask: torch.Tensor, sigmas: Optional[torch.Tensor] = None) -> DenoiseFn:
     """Keep the unmasked region on the original latent's trajectory: before each model call it is replaced
     by the latent noised with the fixed ``noise`` to the current sigma, and the x_0 estimate there is the
-    latent itself (mask 1 = regenerate, 0 = keep)."""
-    keep = 1.0 - denoise_mask
+    latent itself (mask 1 = regenerate, 0 = keep).
+
+    A "denoise_mask_function" in the denoiser's model options (DifferentialDiffusion) changes the mask per
+    step: fn(sigma, mask, extra_options={"model": denoiser, "sigmas": sigmas}) -> mask, as in ComfyUI."""
+    mask_function = (getattr(denoise_fn, "model_options", None) or {}).get("denoise_mask_function")
 
     def denoise(x, sigma, **kwargs):
+        mask = denoise_mask
+        if mask_function is not None:
+            mask = mask_function(sigma, denoise_mask, extra_options={"model": denoise_fn, "sigmas": sigmas})
+        keep = 1.0 - mask
         noised_latent = model_sampling.noise_scaling(per_item_view(sigma, noise), noise, latent_image)
-        x = x * denoise_mask + noised_latent * keep
-        return denoise_fn(x, sigma, **kwargs) * denoise_mask + latent_image * keep
+        x = x * mask + noised_latent * keep
+        return denoise_fn(x, sigma, **kwargs) * mask + latent_image * keep
 
     return denoise
 
@@ -96,7 +103,8 @@ class KSamplerObject:
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed((41 if seed is None else seed) + 1)
                 inpaint_noise = torch.randn(noise.shape, generator=generator, device="cpu").to(noise)
-            denoise_fn = inpainting_denoiser(denoise_fn, model_sampling, latent_image, inpaint_noise, denoise_mask)
+            denoise_fn = inpainting_denoiser(denoise_fn, model_sampling, latent_image, inpaint_noise, denoise_mask,
+                                             sigmas)
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_sampling, sigmas))
         if len(sigmas) > 1:
             if self.entry is not None:

@@ -146,7 +146,9 @@ def test_input_types_do_not_import_torch(tmp_path):
 
 # -- sampling ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler, scheduler", [(name, "normal") for name in samplers.SAMPLER_NAMES]
+# dpm_adaptive picks its own step count (hundreds of UNet calls on a random model); tests/sampling checks it.
+@pytest.mark.parametrize("sampler, scheduler", [(name, "normal") for name in samplers.SAMPLER_NAMES
+                                                if name != "dpm_adaptive"]
                          + [("euler", name) for name in schedules.SCHEDULER_NAMES if name != "normal"]
                          + [("dpmpp_2m", "karras"), ("uni_pc", "sgm_uniform")])
 def test_every_sampler_and_scheduler_runs_two_steps(sd15, prompts, sampler, scheduler):
