@@ -31,7 +31,7 @@ class FileList(list):
 
     def __init__(self, items, source: str):
         super().__init__(items)
-        self.source = source  # "models:<folder>" or "input:images"
+        self.source = source  # "models:<folder>", "input:images", "input:folders" or "diffusers:pipelines"
 
 
 class Folders:
@@ -96,6 +96,24 @@ class Folders:
                 return candidate
         return None
 
+    def diffusers_pipelines(self) -> FileList:
+        """Folders under models/diffusers holding a model_index.json (a diffusers pipeline), relative, sorted."""
+        found: set[str] = set()
+        for root in self.model_dirs("diffusers"):
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                if "model_index.json" in filenames:
+                    found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+        return FileList(sorted(found), "diffusers:pipelines")
+
+    def diffusers_pipeline_path(self, relative: str) -> str | None:
+        """Absolute path of a listed diffusers pipeline folder, or None; never leaves models/diffusers."""
+        for root in self.model_dirs("diffusers"):
+            candidate = safe_join(root, relative)
+            if candidate and os.path.isfile(os.path.join(candidate, "model_index.json")):
+                return candidate
+        return None
+
     def load_extra_model_paths(self, yaml_path: str) -> None:
         """Reads ComfyUI's extra_model_paths.yaml format (a `custom_nodes` key adds node pack folders)."""
         import yaml  # only when a config is given: keeps PyYAML off the cold-start path
@@ -133,6 +151,17 @@ class Folders:
         images = (n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
         return FileList(sorted(images), "input:images")
 
+    def input_folders(self) -> FileList:
+        """Every subfolder of the input directory, nested ones too ('/' separated, sorted): the training-data
+        loaders' combo."""
+        found = []
+        for dirpath, dirnames, _ in os.walk(self.input, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = os.path.relpath(dirpath, self.input)
+            if rel != ".":
+                found.append(rel.replace(os.sep, "/"))
+        return FileList(sorted(found), "input:folders")
+
     def resolve_annotated(self, name: str, default_kind: str = "input") -> str:
         """'sub/x.png [output]' -> absolute path under the output directory (not checked for existence)."""
         match = _ANNOTATION.match(name)
@@ -157,6 +186,10 @@ class Folders:
             return self.list_models(what)
         if source == "input:images":
             return self.input_images()
+        if source == "input:folders":
+            return self.input_folders()
+        if source == "diffusers:pipelines":
+            return self.diffusers_pipelines()
         return []
 
 

@@ -55,6 +55,8 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.gligen_nodes",
     "comfy_serverless.nodes.model_sampling_extra",
     "comfy_serverless.nodes.loaders_extra",
+    "comfy_serverless.nodes.training_data",
+    "comfy_serverless.nodes.websocket_save",
     "comfy_serverless.nodes.guidance_extra",
 )
 

@@ -9,15 +9,17 @@ log = logging.getLogger(__name__)
 
 
 def encode_preview(preview, max_size: int):
-    """(format, PIL image, max size) -> (mime type, bytes), scaled to fit; None when it cannot be encoded."""
+    """(format, PIL image, max size) -> (mime type, bytes), scaled to fit; None when it cannot be encoded.
+
+    A max size of None keeps the image's own size (ComfyUI's SaveImageWebsocket and ignore_size_limit)."""
     try:
         fmt, image, size = preview
         import io
 
         from PIL import Image
 
-        limit = min(size or max_size, max_size)
-        if max(image.size) > limit:
+        limit = None if size is None else min(size or max_size, max_size)
+        if limit is not None and max(image.size) > limit:
             image = image.copy()
             image.thumbnail((limit, limit), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
