@@ -56,6 +56,22 @@ def extra_model_paths_yaml(folders) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forwarded_flags(settings, own_args: list[str]) -> list[str]:
+    """This server's flags that shape what clients receive (previews, saved files' metadata), passed to ComfyUI
+    so a prompt's results look the same on either engine; --comfyui-args naming the flag wins."""
+    def given(flag: str) -> bool:
+        return any(arg == flag or arg.startswith(flag + "=") for arg in own_args)
+
+    flags: list[str] = []
+    if settings.preview_method != "none" and not given("--preview-method"):
+        flags += ["--preview-method", settings.preview_method]
+    if settings.preview_size != 512 and not given("--preview-size"):
+        flags += ["--preview-size", str(settings.preview_size)]
+    if settings.disable_metadata and not given("--disable-metadata"):
+        flags.append("--disable-metadata")
+    return flags
+
+
 class ComfyUIProcess:
     """One run of the child; `on_exit(returncode)` is called from a watcher thread when it ends."""
 
@@ -71,13 +87,18 @@ class ComfyUIProcess:
 
     def command(self, config_path: str) -> list[str]:
         s = self.settings
+        own_args = shlex.split(s.comfyui_args or "")
         return [comfyui_python(s), os.path.join(os.path.abspath(s.comfyui), "main.py"),
                 "--listen", "127.0.0.1", "--port", str(self.port),
                 "--input-directory", self.folders.input, "--output-directory", self.folders.output,
                 "--temp-directory", os.path.dirname(self.folders.temp),  # ComfyUI appends "temp", as we do
-                "--extra-model-paths-config", config_path, *shlex.split(s.comfyui_args or "")]
+                "--extra-model-paths-config", config_path, *forwarded_flags(s, own_args), *own_args]
 
     def start(self) -> None:
+        # ComfyUI lists the input folder while loading nodes: missing, it drops LoadImage's file list and
+        # whole modules (nodes_video) from its catalogue
+        for directory in (self.folders.input, self.folders.output, self.folders.temp):
+            os.makedirs(directory, exist_ok=True)
         self._config_dir = tempfile.mkdtemp(prefix="comfy-serverless-backend-")
         config_path = os.path.join(self._config_dir, "extra_model_paths.yaml")
         with open(config_path, "w", encoding="utf-8") as fh:

@@ -1,0 +1,73 @@
+"""The ComfyUI child's command line and folders, found wrong by the hand check against a real ComfyUI 0.3.64:
+
+- ComfyUI lists the input folder while it loads its nodes; started before that folder existed (a fresh base
+  directory, e.g. `comfy-serverless snapshot` at image build time) it dropped nodes_video's four nodes and
+  LoadImage from its /object_info (474 nodes instead of 478).
+- ComfyUI's default --preview-method is none, so a front started with --preview-method latent2rgb relayed no
+  previews from backend prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+from comfy_serverless.backend.process import ComfyUIProcess, forwarded_flags
+from comfy_serverless.paths import Folders
+from comfy_serverless.settings import default_settings
+
+from .conftest import broken_comfyui
+
+RECORDER = """
+    import json, os, sys
+    args = sys.argv[1:]
+    def after(flag):
+        return args[args.index(flag) + 1]
+    folders = {"input": after("--input-directory"), "output": after("--output-directory"),
+               "temp": os.path.join(after("--temp-directory"), "temp")}
+    report = {"argv": args, "exists": {k: os.path.isdir(v) for k, v in folders.items()}}
+    with open(os.environ["RECORD_TO"], "w") as fh:
+        json.dump(report, fh)
+"""
+
+
+def run_child(tmp_path: Path, monkeypatch, **settings_overrides) -> dict:
+    comfyui = broken_comfyui(tmp_path / "RecordingComfyUI", RECORDER)
+    record = tmp_path / "record.json"
+    monkeypatch.setenv("RECORD_TO", str(record))
+    base = tmp_path / "fresh-base"  # nothing in it yet: no input/, output/ or temp/
+    settings = default_settings(base_directory=str(base), comfyui=str(comfyui), comfyui_python=sys.executable,
+                                **settings_overrides)
+    exited = threading.Event()
+    codes: list[int] = []
+    process = ComfyUIProcess(settings, Folders.from_settings(settings), lambda _p, code: (codes.append(code),
+                                                                                        exited.set()))
+    process.start()
+    assert exited.wait(60), "the recording ComfyUI did not exit"
+    assert codes == [0], list(process.log_tail)
+    return json.loads(record.read_text())
+
+
+def test_the_shared_folders_exist_before_comfyui_starts(tmp_path, monkeypatch):
+    report = run_child(tmp_path, monkeypatch)
+    assert report["exists"] == {"input": True, "output": True, "temp": True}
+
+
+def test_preview_and_metadata_flags_reach_comfyui(tmp_path, monkeypatch):
+    plain = run_child(tmp_path / "plain", monkeypatch)["argv"]
+    assert "--preview-method" not in plain and "--disable-metadata" not in plain  # ComfyUI's defaults apply
+
+    argv = run_child(tmp_path / "previews", monkeypatch, preview_method="latent2rgb", preview_size=256,
+                     disable_metadata=True, comfyui_args="--cpu")["argv"]
+    assert argv[argv.index("--preview-method") + 1] == "latent2rgb"
+    assert argv[argv.index("--preview-size") + 1] == "256"
+    assert "--disable-metadata" in argv and argv[-1] == "--cpu"
+
+
+def test_comfyui_args_win_over_forwarded_flags():
+    settings = default_settings(preview_method="auto", preview_size=300)
+    assert forwarded_flags(settings, ["--preview-method", "taesd"]) == ["--preview-size", "300"]
+    assert forwarded_flags(settings, ["--preview-method=none", "--preview-size=128"]) == []
+    assert forwarded_flags(default_settings(), []) == []
