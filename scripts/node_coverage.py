@@ -37,6 +37,12 @@ REASONS = [
     (r"audio|Audio|AceStep", "audio models are not supported here"),
     (r"^training/|TrainLora|LossGraph|SaveLoRANode|LoraModelLoader", "LoRA training is not offered"),
     (r"/WebcamCapture$|/Load3D|/Preview3D|SaveSVGNode", "needs ComfyUI's browser frontend or its SVG type"),
+    (r"UNetTemporalAttentionMultiply", "video model families are not supported here"),
+    (r"OptimalStepsScheduler", "its tables exist only for FLUX, Wan and Chroma, which are not supported here"),
+    (r"GITSScheduler", "needs GITS's per-step-count tables, which are not reproduced here"),
+    (r"LotusConditioning", "Lotus depth/normal models are not supported here"),
+    (r"PhotoMaker", "PhotoMaker's ID encoder is not implemented"),
+    (r"TorchCompileModel", "torch.compile needs a C++ compiler at run time, which a serverless image lacks"),
 ]
 
 
