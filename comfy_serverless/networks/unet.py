@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .attention import Downsample, GroupNorm32, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+from .fast_paths import conv_input, plain_layout_block_patches
 
 
 @dataclass(frozen=True)
@@ -225,12 +226,12 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
 
         options = None if transformer_options is None else dict(transformer_options)
-        patches = (options or {}).get("patches") or {}
+        patches = plain_layout_block_patches((options or {}).get("patches") or {})
         if options is not None:
             options["original_shape"] = list(x.shape)
             options["transformer_index"] = 0
         skips = []
-        h = x
+        h = conv_input(x)  # channels_last activations (fast_paths.py)
         for index, block in enumerate(self.input_blocks):
             if options is not None:
                 options["block"] = ("input", index)
@@ -253,7 +254,7 @@ class UNetModel(nn.Module):
             # An upsample must land exactly on the next skip's size (odd latent sizes).
             next_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, output_size=next_size, transformer_options=options)
-        return self.out(h)
+        return self.out(h).contiguous()  # back to NCHW for callers that .view() (fast_paths.py)
 
 
 def _add_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
