@@ -105,4 +105,5 @@ class DiffusionModel(ModelPatcherMethods):
         see models/extra_inputs.py. The sampler passes its latent (model space), denoise mask and seed."""
         from .extra_inputs import extra_unet_inputs
 
-        return extra_unet_inputs(self, options, latent_shape, latent_image=latent_image, denoise_mask=denoise_mask)
+        return extra_unet_inputs(self, options, latent_shape, latent_image=latent_image, denoise_mask=denoise_mask,
+                                 seed=seed)
