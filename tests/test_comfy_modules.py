@@ -190,7 +190,7 @@ def test_sampling_through_nodes_common_ksampler_and_comfy_sample(surface_server)
 def test_model_folders_registered_by_a_pack_are_served(surface_server):
     srv = surface_server
     models = srv.base / "models"
-    # The pack's combo was filled when the catalogue was built; the lists its code reads are read now.
+    # The pack's combo and the lists its code reads are both read from disk now.
     (models / "comfy_style_assigned" / "d.gguf").write_bytes(b"x")
     entry = srv.run({"1": {"class_type": "ListRegisteredModels", "inputs": {"model_name": "b.bin"}}})
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -198,6 +198,8 @@ def test_model_folders_registered_by_a_pack_are_served(surface_server):
     assert lists["assigned"] == ["b.bin", "d.gguf"]  # c.txt: not one of the extensions the pack gave
     assert lists["added"] == ["a.pt"]
     assert lists["checkpoints"] == ["tiny-sd15.safetensors"]
+    combo = srv.get("/object_info/ListRegisteredModels").json()["ListRegisteredModels"]["input"]["required"]
+    assert combo["model_name"][0] == ["b.bin", "d.gguf"]  # a file added after the catalogue was built
     assert lists["full_path"] == str(models / "comfy_style_assigned" / "b.bin")
     # The registrations are the server's own entries: /models and /models/<folder> list them.
     assert {"comfy_style_added", "comfy_style_assigned", "checkpoints"} <= set(srv.get("/models").json())
@@ -378,9 +380,9 @@ def test_folder_paths_registry_is_the_servers_model_registry(tmp_path):
         assert "/extra/loras" in folder_paths.folder_names_and_paths["loras"][0]
         assert "text_encoders" in folder_paths.folder_names_and_paths and "clip" in folder_paths.folder_names_and_paths
         assert folder_paths.get_full_path("no_such_folder", "x") is None
-        # an unchanged built-in folder keeps the server's disk-backed list (live combos), a pack's does not
+        # every folder's list is disk-backed (live combos): a pack's folders reach the front through the snapshot
         assert type(folder_paths.get_filename_list("checkpoints")) is paths.FileList
-        assert type(folder_paths.get_filename_list("ipadapter")) is list
+        assert folder_paths.get_filename_list("ipadapter").source == "models:ipadapter"
         saved = folder_paths.get_save_image_path("x/%width%_%height%", folders.output, 3, 4)
         assert saved == (folders.output + "/x", "3_4", 1, "x", "x/3_4")
         print("ok")

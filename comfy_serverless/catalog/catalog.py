@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .. import paths
 from . import packs
 from .describe import FILES_MARKER
 
@@ -67,11 +68,28 @@ def backend_entry(info) -> dict | None:
     return {"info": info, "exec": {}, "pack": BACKEND_PACK}
 
 
+def apply_model_folders(folders, recorded: dict) -> None:
+    """Puts the model folders packs registered (as the snapshot recorded them) into a server's registry, so
+    /models, /models/<folder> and the packs' combos know them before (or without) importing the packs. An
+    entry is replaced whole: the recorded one is what the registry became after the import did its edits."""
+    for name, entry in recorded.items():
+        if entry is None:
+            folders.models.pop(name, None)
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            dirs, exts = entry
+            folders.models[name] = ([str(d) for d in dirs], tuple(str(e) for e in exts))
+
+
 class Catalog:
-    def __init__(self, snapshot: dict, backend_info: dict | None = None, prefer_backend: bool = False):
+    def __init__(self, snapshot: dict, backend_info: dict | None = None, prefer_backend: bool = False,
+                 folders=None):
         """backend_info: the ComfyUI backend's /object_info, merged in; a name both have stays native unless
-        prefer_backend."""
+        prefer_backend. folders: the registry the packs' model folders go into (the current server's by
+        default: a server makes its catalogues in its own threads)."""
         self.fingerprint = snapshot.get("fingerprint")
+        self.model_folders: dict = snapshot.get("model_folders") or {}
+        if self.model_folders:
+            apply_model_folders(folders if folders is not None else paths.current(), self.model_folders)
         self.specs = {name: NodeSpec(name, entry) for name, entry in snapshot["nodes"].items()}
         self.backend_nodes = 0
         self.backend_names = frozenset(backend_info or ())  # every node the backend has, native twins included

@@ -17,7 +17,11 @@ from . import describe, packs
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: "routes", the HTTP routes each pack registers (server/pack_routes.py serves them lazily)
+# 2: "routes", the HTTP routes each pack registers (server/pack_routes.py serves them lazily)
+# 3: "model_folders", the model folders packs register (catalog.Catalog applies them to the front's registry)
+FORMAT = 3
+# The server-context slot where folder_paths notes each model folder a pack set or changed (a set of names).
+PACK_FOLDERS_SLOT = "pack_model_folders"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NODES_DIR = os.path.join(_PACKAGE_DIR, "nodes")
 # ComfyUI's module names that custom packs import: what they answer (file lists, type names) can change a
@@ -74,14 +78,33 @@ def describe_classes(classes: dict) -> tuple[dict, list]:
     return nodes, failed
 
 
+def pack_model_folders(server_context=None) -> dict:
+    """{folder: [directories, extensions]} of every model folder the packs imported by this server (the current
+    one by default) set or changed through folder_paths; None for a folder a pack deleted."""
+    from .. import context
+
+    server_context = server_context or context.current()
+    registry = server_context.folders.models
+    recorded = {}
+    for name in sorted(server_context.slot(PACK_FOLDERS_SLOT, set)):
+        entry = registry.get(name)
+        recorded[name] = None if entry is None else [list(entry[0]), list(entry[1])]
+    return recorded
+
+
 def build(refs: list[str]) -> dict:
     started = time.monotonic()
     nodes, failed = describe_classes(packs.import_all(refs))
     return {"format": FORMAT, "fingerprint": fingerprint(refs), "built_in_s": round(time.monotonic() - started, 3),
-            "nodes": nodes, "failed": failed, "routes": packs.route_table(refs)}
+            "nodes": nodes, "failed": failed, "routes": packs.route_table(refs),
+            "model_folders": pack_model_folders()}
 
 
 def save(snapshot: dict, path: str) -> None:
+    """Writes a snapshot atomically. A node catalogue saved without "model_folders" (the warm-up builds its
+    dict itself, right after importing the packs in this process) gets this server's pack folders."""
+    if "nodes" in snapshot and "model_folders" not in snapshot:
+        snapshot = {**snapshot, "model_folders": pack_model_folders()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

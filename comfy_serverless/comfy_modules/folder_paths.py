@@ -2,8 +2,10 @@
 
 Directories are the current server's (`paths.current()`), so the module-level values ComfyUI exposes as plain
 attributes (`models_dir`, `output_directory`, ...) are computed on access (PEP 562). `folder_names_and_paths` is a
-live view of the server's model registry: a folder a pack registers here (by assignment or with
-`add_model_folder_path`) is the same entry `/models`, `/models/<folder>` and the loader combos read.
+live view of the server's model registry: a folder a pack registers here (by assignment, with
+`add_model_folder_path`, or by editing an entry's directory list or extensions) is the same entry `/models`,
+`/models/<folder>` and the loader combos read. The folders a pack set or changed are recorded per server; the
+catalogue snapshot keeps them (catalog/snapshot.py), so a front that has not imported the pack knows them too.
 
 File lists are not cached (ComfyUI keeps a cache checked against directory times; listing is cheap here), so
 `cache_helper` and `filename_list_cache` exist only for packs that touch them.
@@ -18,6 +20,7 @@ from collections.abc import Collection, Iterable, MutableMapping
 
 from comfy_serverless import context, paths
 from comfy_serverless.catalog.comfy_modules import missing_attribute
+from comfy_serverless.catalog.snapshot import PACK_FOLDERS_SLOT
 from comfy_serverless.nodes.image_files import _substitute, save_image_path
 
 supported_pt_extensions: set[str] = set(paths.MODEL_EXTENSIONS)
@@ -31,8 +34,8 @@ def _folders() -> paths.Folders:
 
 
 def _touched() -> set:
-    """Model folders whose entry a pack set or extended through this module (per server)."""
-    return context.current().slot("comfy_folder_paths_touched", set)
+    """Model folders whose entry a pack set or changed through this module (per server)."""
+    return context.current().slot(PACK_FOLDERS_SLOT, set)
 
 
 def _directory_values() -> dict:
@@ -96,18 +99,50 @@ for _name in ("add", "discard", "remove", "pop", "clear", "update", "difference_
     setattr(_Extensions, _name, _writing(_name))
 
 
+class _Directories(list):
+    """A folder's directories as ComfyUI hands them out (a list); changing it changes the server's entry."""
+
+    def __init__(self, folders: paths.Folders, folder: str, values):
+        super().__init__(values)
+        self._folders = folders
+        self._folder = folder
+
+    def _store(self) -> None:
+        entry = self._folders.models.get(self._folder)
+        if entry is not None:
+            self._folders.models[self._folder] = (list(self), entry[1])
+            _touched().add(self._folder)
+
+
+def _list_writing(method_name: str):
+    method = getattr(list, method_name)
+
+    def write_through(self, *args):
+        result = method(self, *args)
+        self._store()
+        return self if method_name.startswith("__i") else result
+
+    write_through.__name__ = method_name
+    return write_through
+
+
+for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__setitem__",
+              "__delitem__", "__iadd__", "__imul__"):
+    setattr(_Directories, _name, _list_writing(_name))
+
+
 class _FolderRegistry(MutableMapping):
     """`folder_names_and_paths`: {folder: ([directories], {extensions})} over the current server's registry.
 
-    The directory list handed out is the server's own list (appending to it adds a directory); assigning an
-    entry replaces the server's entry. Legacy names (`clip`, `unet`) reach their current folders.
+    Changing the directory list or the extension set handed out changes the server's entry (appending adds a
+    directory); assigning an entry replaces it. Legacy names (`clip`, `unet`) reach their current folders.
     """
 
     def __getitem__(self, folder: str):
         folders = _folders()
         name = folders.canonical(folder)
         dirs, exts = folders.models[name]
-        return dirs, _Extensions(folders, name, exts)
+        return _Directories(folders, name, dirs), _Extensions(folders, name, exts)
 
     def __setitem__(self, folder: str, entry) -> None:
         dirs, exts = entry
@@ -118,7 +153,9 @@ class _FolderRegistry(MutableMapping):
 
     def __delitem__(self, folder: str) -> None:
         folders = _folders()
-        del folders.models[folders.canonical(folder)]
+        name = folders.canonical(folder)
+        del folders.models[name]
+        _touched().add(name)
 
     def __contains__(self, folder) -> bool:
         folders = _folders()
@@ -160,15 +197,10 @@ def get_folder_paths(folder_name: str) -> list[str]:
 
 
 def get_filename_list(folder_name: str) -> list[str]:
-    """Relative paths of a model folder's files. Unchanged built-in folders come back as the server's own
-    disk-backed list, so a combo built from it stays live in the catalogue snapshot (like the built-in loaders'
-    combos); folders a pack registered or changed come back as a plain list."""
-    folders = _folders()
-    name = folders.canonical(folder_name)
-    found = folders.list_models(name)  # KeyError for an unknown folder, as in ComfyUI
-    if name in _touched() or name not in paths.MODEL_FOLDERS:
-        return list(found)
-    return found
+    """Relative paths of a model folder's files, as the server's disk-backed list: a combo built from it is
+    stored in the catalogue snapshot as its folder, not its files, and read again at every request (folders a
+    pack registered included: the snapshot records them). KeyError for an unknown folder, as in ComfyUI."""
+    return _folders().list_models(folder_name)
 
 
 def get_filename_list_(folder_name: str) -> tuple[list[str], dict[str, float], float]:

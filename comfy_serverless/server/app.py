@@ -69,7 +69,7 @@ class App:
         os.makedirs(self.folders.temp, exist_ok=True)
 
     def load_catalog_snapshot(self) -> None:
-        self.catalogs.load_snapshot()
+        self.context.run(self.catalogs.load_snapshot)  # the catalogue puts packs' model folders into ours
 
     def warm_up_now(self) -> None:
         """Eager warm-up, before listening."""
