@@ -3,7 +3,9 @@
     open_state_dict(path)          .safetensors/.sft memory-mapped (no copy, nothing read until used);
                                    .ckpt/.pt/.pth/.bin with torch.load(weights_only=True, mmap=True)
     detect_architecture(sd, meta)  SD1.x / SD2.x (eps or v) / SDXL base / SDXL refiner, and their inpainting
-                                   (9-channel) and InstructPix2Pix (8-channel) UNets, every config read from the shapes
+                                   (9-channel) and InstructPix2Pix (8-channel) UNets, SD 2.1 unCLIP (an SD2 UNet
+                                   with a y input for image embeddings), every config read from the shapes
+    noise_augmentor_state(sd)      an unCLIP file's noise_augmentor.* buffers, prefix stripped
     split_checkpoint(sd, arch)     UNet, text encoder and VAE weights with their prefixes stripped (same tensors)
     split_vae(sd)                  a VAELoader file (or the VAE inside a checkpoint) and its config
     open_checkpoint(path)          all of the above in one call
@@ -42,11 +44,17 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SUPPORTED = "supported: SD1.x, SD2.x, SDXL base and refiner (also their inpainting and instruct-pix2pix UNets)"
+SUPPORTED = ("supported: SD1.x, SD2.x, SDXL base and refiner (also their inpainting and instruct-pix2pix UNets), "
+             "SD 2.1 unCLIP")
 FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 # UNet inputs besides the 4 latent channels: ComfyUI's concat keys, by total input channels.
 CONCAT_KINDS = {9: "inpaint", 8: "ip2p"}
 CONCAT_NAMES = {"inpaint": "inpainting", "ip2p": "instruct-pix2pix"}
+# unCLIP files: y is [noise-augmented image embedding, noise level embedding]; the augmentation schedule's buffers
+# and the image encoder (OpenCLIP layout) live under these prefixes. Real files: y 1536 (unclip-l), 2048 (-h).
+NOISE_AUGMENTOR_PREFIX = "noise_augmentor."
+UNCLIP_VISION_PREFIX = "embedder.model.visual."
+UNCLIP_ADM_CHANNELS = (1536, 2048)
 # Embedded numbers after the pooled text in y: SDXL base (sizes, crop, target size), refiner (sizes, crop, score).
 ADM_NUMBERS = {"sdxl": 6, "sdxl_refiner": 5}
 # Keys that mark a v-prediction model, and metadata written by trainers (modelspec) and make-test-checkpoint.
@@ -226,16 +234,17 @@ class Architecture:
     size: str
     # Extra UNet input channels concatenated to the latent: "inpaint" (mask + masked image), "ip2p" (image).
     concat_kind: str | None = None
+    # SD 2.1 unCLIP: an SD2 UNet whose y is a noise-augmented CLIP image embedding (models/unclip.py).
+    unclip: bool = False
 
     @property
     def description(self) -> str:
         prediction = "v-prediction" if self.prediction == "v_prediction" else "eps"
         kind = f" {CONCAT_NAMES[self.concat_kind]}" if self.concat_kind else ""
+        kind += " unCLIP" if self.unclip else ""
         return f"{FAMILY_NAMES[self.family]}{kind} ({prediction}, {self.size} size)"
 
 
-# Known UNets that are not the families above, told apart by (label_emb present, context dim).
-_OTHER_UNETS = {(True, 1024): "an SD2.x unCLIP model"}
 _IN_CHANNELS = {5: "a depth-conditioned model", 7: "an upscaler model"}
 
 
@@ -263,25 +272,43 @@ def detect_unet(unet: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
     if any(".time_stack." in key or ".time_mixer." in key for key in unet):
         raise CheckpointError(_not_supported(state_dict, "a video model (Stable Video Diffusion?)"))
     shape_config = _unet_shape_config(unet)
-    in_channels, context_dim = shape_config["in_channels"], shape_config["context_dim"]
+    in_channels = shape_config["in_channels"]
     has_label_emb = shape_config["adm_in_channels"] is not None
-    if (has_label_emb, context_dim) in _OTHER_UNETS:
-        raise CheckpointError(_not_supported(state_dict, _OTHER_UNETS[has_label_emb, context_dim]))
+    unclip = has_label_emb and _is_unclip(shape_config, state_dict)
     if (in_channels != 4 and in_channels not in CONCAT_KINDS) or shape_config["out_channels"] != 4:
         found = _IN_CHANNELS.get(in_channels, "a modified UNet")
         raise CheckpointError(_not_supported(
             state_dict, f"{found} ({in_channels} UNet input, {shape_config['out_channels']} output channels)"))
     if has_label_emb and ("edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict):
         raise CheckpointError(_not_supported(state_dict, "an SDXL model with EDM sampling (Playground v2.5, CosXL)"))
-    family = _family(shape_config)
+    family = "sd2" if unclip else _family(shape_config)
 
     full = dataclasses.replace(_FULL_UNET[family](), in_channels=in_channels)
+    if unclip:  # the released unCLIP UNets are SD2's plus label_emb
+        full = dataclasses.replace(full, adm_in_channels=shape_config["adm_in_channels"])
     unet_config, size = _with_family_heads(shape_config, full)
     prediction, reason = _prediction(family, state_dict, metadata, unet)
     return Architecture(
         family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
-        vae_config=None, text_encoders={}, size=size, concat_kind=CONCAT_KINDS.get(in_channels),
+        vae_config=None, text_encoders={}, size=size, concat_kind=CONCAT_KINDS.get(in_channels), unclip=unclip,
     )
+
+
+def _is_unclip(shape_config: dict, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """A y input with SD2's text width (1024) as ComfyUI tells unCLIP from SDXL (2048) and the refiner (1280);
+    other sizes (test files) by the unCLIP parts the file carries next to its UNet."""
+    if not shape_config["use_linear_in_transformer"]:
+        return False
+    if shape_config["context_dim"] == 1024 and shape_config["adm_in_channels"] in UNCLIP_ADM_CHANNELS:
+        return True
+    return any(key.startswith((NOISE_AUGMENTOR_PREFIX, UNCLIP_VISION_PREFIX)) for key in state_dict)
+
+
+def noise_augmentor_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An unCLIP file's noise augmentation buffers (alphas_cumprod, data_mean, ...) without their prefix; {} when
+    the file has none (the schedule is then computed: models/unclip.py)."""
+    return {key[len(NOISE_AUGMENTOR_PREFIX):]: value for key, value in state_dict.items()
+            if key.startswith(NOISE_AUGMENTOR_PREFIX)}
 
 
 def _family(shape_config: dict) -> str:

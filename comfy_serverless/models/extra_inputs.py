@@ -3,19 +3,22 @@
 
     y         SDXL base: pooled text + embedded (height, width, crop_h, crop_w, target_height, target_width)
               SDXL refiner: pooled text + embedded (height, width, crop_h, crop_w, aesthetic_score)
+              (either: with unCLIPConditioning, "revision", the pooled text is replaced by the image embedding)
+              SD 2.1 unCLIP: noise-augmented CLIP image embeddings (models/unclip.py), zeros without any
     c_concat  inpainting UNets: [mask, masked image latent] (5 channels); instruct-pix2pix: [image latent] (4)
 
-extra_unet_inputs(model, options, latent_shape, latent_image=None, denoise_mask=None) is called once per
+extra_unet_inputs(model, options, latent_shape, latent_image=None, denoise_mask=None, seed=None) is called once per
 conditioning entry and latent shape, with the entry's options; it returns UNet keyword inputs (y batched per entry,
 repeated to the batch by the sampler; c_concat already the latent's batch size). latent_image is the sampler's
 input latent in the model's space and denoise_mask the latent's noise mask: an inpainting model whose
 conditioning carries no "concat_latent_image" (VAEEncodeForInpaint's latent) takes its channels from them.
+seed is the sampler's noise seed, which seeds unCLIP's noise augmentation (0 when unknown, as ComfyUI).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .diffusion_model import DiffusionModel
 
@@ -36,15 +39,23 @@ BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
 class SDModel(DiffusionModel):
     """A MODEL that knows which extra inputs its UNet takes (the loaders make these)."""
 
-    adm_kind: str | None = None  # "sdxl" or "sdxl_refiner": how y is built; None: no y
+    adm_kind: str | None = None  # "sdxl", "sdxl_refiner" or "unclip": how y is built; None: no y
     concat_kind: str | None = None  # "inpaint" or "ip2p": what c_concat holds; None: no c_concat
+    # unCLIP: the checkpoint's noise_augmentor.* buffers (prefix stripped; {} computes the schedule).
+    noise_augmentor_state: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-def extra_unet_inputs(model, options: dict, latent_shape, latent_image=None, denoise_mask=None) -> dict:
+def extra_unet_inputs(model, options: dict, latent_shape, latent_image=None, denoise_mask=None, seed=None) -> dict:
     """{"y": ..., "c_concat": ...} as far as the model takes them."""
     inputs = {}
     if model.adm_channels is not None:
-        inputs["y"] = _adm(model, options, latent_shape)
+        if getattr(model, "adm_kind", None) == "unclip":
+            from .unclip import unclip_y_for_options
+
+            inputs["y"] = unclip_y_for_options(options, getattr(model, "noise_augmentor_state", {}),
+                                               model.adm_channels, 0 if seed is None else seed)
+        else:
+            inputs["y"] = _adm(model, options, latent_shape, seed)
     concat_kind = getattr(model, "concat_kind", None)
     if concat_kind == "ip2p":
         inputs["c_concat"] = _ip2p_concat(options, latent_shape)
@@ -56,9 +67,10 @@ def extra_unet_inputs(model, options: dict, latent_shape, latent_image=None, den
 # ---- y ---------------------------------------------------------------------------------------------
 
 
-def _adm(model, options: dict, latent_shape):
+def _adm(model, options: dict, latent_shape, seed=None):
     """Sizes come from the conditioning options (CLIPTextEncodeSDXL's / ...Refiner's keys) or default to the latent
-    size in pixels, crop 0; the refiner's aesthetic score defaults by the entry's prompt_type."""
+    size in pixels, crop 0; the refiner's aesthetic score defaults by the entry's prompt_type. The pooled part
+    is the text's, or with unclip_conditioning the image embedding's (_revision_pooled)."""
     import torch
 
     from ..networks.unet import sdxl_adm_vector
@@ -75,6 +87,8 @@ def _adm(model, options: dict, latent_shape):
         numbers += [options.get("target_height", height), options.get("target_width", width)]
     pooled = options.get("pooled_output")
     pooled_width = pooled.shape[-1] if pooled is not None else SDXL_POOLED_WIDTH.get(adm_channels, 0)
+    if options.get("unclip_conditioning"):
+        pooled = _revision_pooled(options, pooled_width, seed)
     pooled = torch.zeros(1, pooled_width) if pooled is None else pooled.float().reshape(-1, pooled_width)
     number_width = (adm_channels - pooled_width) // len(numbers)
     if number_width <= 0 or pooled_width + len(numbers) * number_width != adm_channels:
@@ -82,6 +96,20 @@ def _adm(model, options: dict, latent_shape):
                          f"vector ({adm_channels}); was the text encoded with this model's CLIP?")
     embedded = torch.tensor([[float(number) for number in numbers]], dtype=torch.float32)
     return sdxl_adm_vector(pooled, embedded.expand(pooled.shape[0], -1), number_width)
+
+
+def _revision_pooled(options: dict, pooled_width: int, seed=None):
+    """SDXL "revision": ComfyUI's SDXL models replace the pooled text by the noise-augmented image embeddings of
+    unCLIPConditioning (an augmentor with 1280-wide level embeddings, merge level 0, the sampler's seed); only
+    the embedding half of [embedding, level embedding] is used."""
+    from .unclip import unclip_y
+
+    if not pooled_width:
+        raise ValueError("this SDXL model's pooled width is unknown: encode a prompt with its CLIP together with "
+                         "unCLIPConditioning")
+    y = unclip_y(options["unclip_conditioning"], {}, 2 * pooled_width, 0 if seed is None else seed,
+                 merge_augmentation=0.0)
+    return y[:, :pooled_width]
 
 
 # ---- c_concat --------------------------------------------------------------------------------------

@@ -77,7 +77,12 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
     unet_handle = cache.handle(
         (stamp, "unet", str(dtype)), f"{name} UNet ({dtype_name(dtype)})",
         lambda: _build_unet(path, arch, dtype), _size_in(unet_weights, dtype), family=(stamp[0], "unet"))
-    model = diffusion_model(unet_handle, arch, dtype)
+    noise_state = None
+    if arch.unclip:
+        from .checkpoint_files import noise_augmentor_state, open_state_dict
+
+        noise_state = noise_augmentor_state(open_state_dict(path))  # a few small memory-mapped buffers
+    model = diffusion_model(unet_handle, arch, dtype, noise_state)
 
     clip = None
     if want_clip and set(text_weights) == TEXT_ENCODERS[arch.family]:
@@ -110,16 +115,32 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
     return model, clip, vae
 
 
-def diffusion_model(handle, arch, dtype) -> DiffusionModel:
+def diffusion_model(handle, arch, dtype, noise_augmentor_state: dict | None = None) -> DiffusionModel:
     """The MODEL of a UNet: the refiner works in SDXL's latent space; extra_inputs.SDModel carries which y and
-    which concatenated channels the UNet takes."""
+    which concatenated channels the UNet takes (unCLIP: and the file's noise augmentation buffers)."""
     from .extra_inputs import SDModel
 
+    adm_kind = None
+    if arch.unet_config.adm_in_channels is not None:
+        adm_kind = "unclip" if getattr(arch, "unclip", False) else arch.family
     return SDModel(handle, LATENT_FAMILY.get(arch.family, arch.family),
                    "v" if arch.prediction == "v_prediction" else "eps", dtype,
-                   adm_channels=arch.unet_config.adm_in_channels,
-                   adm_kind=arch.family if arch.unet_config.adm_in_channels is not None else None,
-                   concat_kind=arch.concat_kind)
+                   adm_channels=arch.unet_config.adm_in_channels, adm_kind=adm_kind,
+                   concat_kind=arch.concat_kind, noise_augmentor_state=noise_augmentor_state or {})
+
+
+def load_checkpoint_clip_vision(path: str):
+    """unCLIPCheckpointLoader's CLIP_VISION: the image encoder inside an unCLIP checkpoint (built on first use),
+    or None for a checkpoint without one (as ComfyUI returns)."""
+    from .checkpoint_files import UNCLIP_VISION_PREFIX, open_state_dict
+    from .clip_vision import load_clip_vision
+
+    probe = UNCLIP_VISION_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"
+    if probe not in open_state_dict(path):  # memory-mapped: only the header is read
+        log.warning("%s has no CLIP vision model (%s*): the CLIP_VISION output is None", os.path.basename(path),
+                    UNCLIP_VISION_PREFIX)
+        return None
+    return load_clip_vision(path, prefix=UNCLIP_VISION_PREFIX)
 
 
 def load_vae(path: str) -> VAEModel:

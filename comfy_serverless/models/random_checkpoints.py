@@ -5,6 +5,9 @@ Tiny checkpoints (a few MB, well under a second) are for tests; full ones have t
 written tensor by tensor, so memory holds one tensor at a time, never the whole checkpoint.
 
     comfy-serverless make-test-checkpoint --arch sd15 --size tiny out.safetensors
+
+make_test_checkpoint("sd2_unclip", "tiny", path) writes a tiny SD 2.1 unCLIP file: the SD2 UNet with a y input for
+image embeddings, a tiny CLIP vision tower under embedder.model.visual. and the noise_augmentor.* buffers.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from .checkpoint_files import PREDICTION_METADATA_KEY, TEST_CHECKPOINT_METADATA_
 from .lora import diffusers_unet_name
 
 ARCHES = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl_refiner")
+# unCLIP (tiny only) is made by make_test_checkpoint too, but is not one of the plain ARCHES tests iterate.
+UNCLIP_ARCH = "sd2_unclip"
 # UNet input channels: 4 (plain), 9 (inpainting: + mask + masked image), 8 (instruct-pix2pix: + image).
 UNET_IN_CHANNELS = (4, 8, 9)
 SIZES = ("tiny", "full")
@@ -151,8 +156,9 @@ class _Spec:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    fill: str  # "normal", "ones", "zeros", "arange" or "logit_scale"
+    fill: str  # "normal", "ones", "zeros", "arange", "logit_scale" or "given"
     std: float = 0.0  # of the values ("normal") or of the noise added to ones / zeros
+    value: torch.Tensor | None = None  # "given": the tensor itself
 
     @property
     def nbytes(self) -> int:
@@ -211,6 +217,8 @@ def _openclip_specs(specs: list[_Spec], prefix: str) -> list[_Spec]:
 
 
 def _fill(spec: _Spec, generator: torch.Generator) -> torch.Tensor:
+    if spec.fill == "given":
+        return spec.value.to(spec.dtype).contiguous()
     if spec.fill == "arange":
         return torch.arange(spec.shape[-1], dtype=spec.dtype).reshape(spec.shape)
     if spec.fill == "logit_scale":
@@ -262,10 +270,53 @@ def make_test_checkpoint(arch: str, size: str, out_path: str | os.PathLike, seed
                          dtype: torch.dtype = torch.float16, in_channels: int = 4) -> None:
     """A checkpoint of ``arch`` (sd15, sd2, sd2-v, sdxl, sdxl_refiner) with random weights in the original
     single-file layout: UNet under model.diffusion_model., VAE under first_stage_model., text encoders under their
-    usual prefixes. ``in_channels`` 9 / 8: an inpainting / instruct-pix2pix UNet."""
+    usual prefixes. ``in_channels`` 9 / 8: an inpainting / instruct-pix2pix UNet. ``arch`` "sd2_unclip" (tiny only):
+    an SD 2.1 unCLIP file (v-prediction, as the released ones)."""
+    if arch == UNCLIP_ARCH:
+        _write_unclip(out_path, size, seed, dtype)
+        return
     metadata = {TEST_CHECKPOINT_METADATA_KEY: arch, "comfy_serverless.size": size,
                 PREDICTION_METADATA_KEY: "v" if arch == "sd2-v" else "epsilon"}
     _write_random(out_path, _checkpoint_specs(arch, size, dtype, in_channels), seed, metadata)
+
+
+def unclip_checkpoint_configs(seed: int = 0):
+    """(UNet config, VAE config, text encoders, CLIP vision config) of the tiny unCLIP file: SD2's tiny UNet with
+    y twice the image embedding width (embedding + noise level embedding)."""
+    from .random_clip_vision import tiny_clip_vision_config
+
+    unet, vae, text = checkpoint_configs("sd2", "tiny")
+    vision = tiny_clip_vision_config("gelu")  # OpenCLIP's activation, which detection assumes for openclip towers
+    return replace(unet, adm_in_channels=2 * vision.projection_dim), vae, text, vision
+
+
+def _write_unclip(out_path, size: str, seed: int, dtype: torch.dtype) -> None:
+    from ..networks.clip_vision import to_openclip_state_dict
+    from .checkpoint_files import NOISE_AUGMENTOR_PREFIX, UNCLIP_VISION_PREFIX
+    from .clip_vision import ACTIVATION_METADATA_KEY, HEADS_METADATA_KEY
+    from .random_clip_vision import random_clip_vision_weights
+    from .unclip import squaredcos_alphas_cumprod
+
+    if size != "tiny":
+        raise ValueError(f"{UNCLIP_ARCH} test checkpoints come in size tiny only, not {size!r}")
+    unet, vae, text, vision = unclip_checkpoint_configs(seed)
+    specs = _module_specs(UNET_PREFIX, lambda: UNetModel(unet), dtype)
+    specs += _module_specs(VAE_PREFIX, lambda: AutoencoderKL(vae), dtype)
+    for prefix, config in text.values():
+        specs += _openclip_specs(_module_specs(prefix, lambda config=config: CLIPTextModel(config), dtype), prefix)
+    tower = to_openclip_state_dict(random_clip_vision_weights(vision, seed + 1), UNCLIP_VISION_PREFIX)
+    specs += [_Spec(name, tuple(tensor.shape), dtype, "given", value=tensor) for name, tensor in tower.items()]
+    acp = squaredcos_alphas_cumprod().float()  # the buffers real files carry (float32)
+    dim = vision.projection_dim
+    buffers = {"alphas_cumprod": acp, "sqrt_alphas_cumprod": acp.sqrt(),
+               "sqrt_one_minus_alphas_cumprod": (1 - acp).sqrt(), "data_mean": torch.zeros(1, dim),
+               "data_std": torch.ones(1, dim)}
+    specs += [_Spec(NOISE_AUGMENTOR_PREFIX + name, tuple(value.shape), torch.float32, "given", value=value)
+              for name, value in buffers.items()]
+    metadata = {TEST_CHECKPOINT_METADATA_KEY: UNCLIP_ARCH, "comfy_serverless.size": size,
+                PREDICTION_METADATA_KEY: "v", ACTIVATION_METADATA_KEY: vision.activation,
+                HEADS_METADATA_KEY: str(vision.heads)}
+    _write_random(out_path, specs, seed, metadata)
 
 
 def make_test_vae(out_path: str | os.PathLike, size: str = "tiny", seed: int = 0,
