@@ -4,7 +4,7 @@ CLIPVisionLoader / CLIPVisionEncode give ComfyUI's CLIP_VISION_OUTPUT (models/cl
 StyleModelApply appends a T2I-Adapter style model's tokens to each conditioning entry's text context;
 unCLIPConditioning adds {clip_vision_output, strength, noise_augmentation} to the entries'
 "unclip_conditioning" list, which an unCLIP model turns into its y input (models/unclip.py).
-unCLIPCheckpointLoader is not offered: unCLIP checkpoints are not loaded by this server yet.
+unCLIPCheckpointLoader is in nodes/unclip_loader.py (it loads checkpoints, not CLIP vision files).
 
 Standard library only at module level (see nodes/__init__.py).
 """

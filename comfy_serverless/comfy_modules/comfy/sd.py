@@ -19,12 +19,13 @@ CLIP = stand_in_type("comfy.sd.CLIP", TextEncoder)
 def load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, output_clipvision=False,
                                  embedding_directory=None, output_model=True, model_options=None,
                                  te_model_options=None):
-    """(MODEL, CLIP, VAE, CLIP_VISION) of a single-file SD1.x/SD2.x/SDXL checkpoint; CLIP vision is always None
-    here, and so is any part not asked for."""
-    from comfy_serverless.models.loading import load_checkpoint
+    """(MODEL, CLIP, VAE, CLIP_VISION) of a single-file SD1.x/SD2.x/SDXL/SD 2.1 unCLIP checkpoint; CLIP_VISION is
+    the image encoder of an unCLIP file when output_clipvision is set, else None; any part not asked for is None."""
+    from comfy_serverless.models.loading import load_checkpoint, load_checkpoint_clip_vision
 
     model, clip, vae = load_checkpoint(str(ckpt_path), want_clip=output_clip, want_vae=output_vae)
-    return (model if output_model else None), clip, vae, None
+    clip_vision = load_checkpoint_clip_vision(str(ckpt_path)) if output_clipvision else None
+    return (model if output_model else None), clip, vae, clip_vision
 
 
 def load_checkpoint(config_path=None, ckpt_path=None, output_vae=True, output_clip=True, embedding_directory=None,
