@@ -107,6 +107,12 @@ def _revision_pooled(options: dict, pooled_width: int, seed=None):
     if not pooled_width:
         raise ValueError("this SDXL model's pooled width is unknown: encode a prompt with its CLIP together with "
                          "unCLIPConditioning")
+    for entry in options["unclip_conditioning"]:
+        width = entry["clip_vision_output"].image_embeds.shape[-1]
+        if width != pooled_width:
+            raise ValueError(f"CLIP vision embeddings {width} wide do not fit this SDXL model's pooled output "
+                             f"({pooled_width}): revision needs the CLIP vision model of its text encoder "
+                             f"(ViT-bigG for SDXL)")
     y = unclip_y(options["unclip_conditioning"], {}, 2 * pooled_width, 0 if seed is None else seed,
                  merge_augmentation=0.0)
     return y[:, :pooled_width]
