@@ -17,9 +17,10 @@ import signal
 from .. import context
 from ..engine.queue import PromptQueue
 from . import pack_routes
-from .http import HTTPServer, Limits, Router
+from .http import Limits, Router
 from .metrics import Metrics
 from .middleware import build_middleware
+from .pack_connections import PackHTTPServer
 from .shutdown import drain
 from .warmup import CatalogLoader, call_on_loop
 from .websocket import Hub
@@ -52,7 +53,7 @@ class App:
             self.backend = Backend(self.context, self.hub, self.catalogs.set_backend_info)
             self.worker.backend = self.backend
             self.worker.needs_backend = lambda prompt: self.catalog is not None and self.catalog.needs_backend(prompt)
-        self.http: HTTPServer | None = None
+        self.http: PackHTTPServer | None = None
         self.prompt_counter = 0
         self.draining = False  # after SIGTERM: no new prompts, /ready 503
         self.exit_status = 0  # 1 when the shutdown dropped or interrupted prompts
@@ -92,7 +93,7 @@ class App:
 
         register_routes(router, self)
         pack_routes.attach(self, router)  # routes node packs registered, now and later (imports after listening)
-        self.http = HTTPServer(router, Limits.from_settings(self.settings, self.folders.temp),
+        self.http = PackHTTPServer(router, Limits.from_settings(self.settings, self.folders.temp),
                                build_middleware(self.settings, router),
                                self.hub.handle, access_log=not self.settings.dont_print_server)
         await self.http.start(self.settings.listen_addresses, self.settings.port, self._ssl_context())

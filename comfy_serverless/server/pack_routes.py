@@ -18,9 +18,12 @@ and turns what the handler returns into our Response; a handler that raises gets
 shape, never a dropped connection. aiohttp is imported (0.2-0.35 s) only when a pack route is first called,
 in a thread so the event loop keeps answering, unless the pack imported it itself.
 
-Limits: a handler's response is collected whole before it is sent (no endless streams such as server-sent
-events); WebSocket handlers (`web.WebSocketResponse`) are not supported (clients use /ws); aiohttp
-middlewares and on_startup/on_shutdown hooks a pack adds to `app` are accepted but not run.
+A handler that prepares a `web.StreamResponse` and goes on writing (server-sent events, progress streams) is
+answered while it writes, and a WebSocket upgrade to a pack route is served by aiohttp's own WebSocket code on
+the handed-over connection; `web.FileResponse` is sent from disk in pieces (pack_connections.py says how).
+
+Limits: aiohttp middlewares and on_startup/on_shutdown hooks a pack adds to `app` are accepted but not run;
+a WebSocket handler's `request.app` is a small aiohttp Application holding that route, not `PromptServer.app`.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ import os
 import re
 import sys
 import threading
-import zlib
 
 from .. import context, paths
 from ..catalog import packs
+from .pack_connections import HandedOver, StreamedResponse, raw_request, stream_writer_class
 from .responses import FileResponse, Response, error_response, json_response, text_response
 from .routing import path_pattern
 from .warmup import call_on_loop
@@ -52,13 +55,14 @@ _FRAMING = {"content-length", "transfer-encoding", "connection", "server", "date
 class RouteDef:
     """One route a pack registered (the fields of aiohttp's RouteDef)."""
 
-    __slots__ = ("method", "path", "handler", "kwargs")
+    __slots__ = ("method", "path", "handler", "kwargs", "websocket_server")
 
     def __init__(self, method: str, path: str, handler, kwargs: dict):
         self.method = method
         self.path = path
         self.handler = handler
         self.kwargs = kwargs
+        self.websocket_server = None  # aiohttp's server for WebSocket upgrades to this route, made on first use
 
     def __repr__(self) -> str:
         return f"<RouteDef {self.method} {self.path} -> {getattr(self.handler, '__qualname__', self.handler)!r}>"
@@ -293,27 +297,36 @@ def _server_error(route: RouteDef) -> Response:
 
 
 def _bridge(route: RouteDef, app):
-    handler = route.handler
-
     async def serve(request) -> Response:
         try:
             await _import_aiohttp()
             from aiohttp import web
 
+            if _is_websocket_upgrade(request):
+                return HandedOver(await _websocket_server(route, app), raw_request(request))
             aio_request = await _aiohttp_request(request, app)
         except Exception:
             log.exception("cannot prepare the request for node pack route %s %s", route.method, route.path)
             return _server_error(route)
+        writer = aio_request.writer
+        task = asyncio.ensure_future(_run_handler(route, aio_request))
         try:
-            result = handler(aio_request)
-            if inspect.isawaitable(result):
-                result = await result
+            await asyncio.wait({task, writer.head}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not task.done():  # the handler prepared its response and is still writing: stream it
+            status, headers = writer.head.result()
+            return StreamedResponse(status, headers.get("Content-Type"), _plain_headers(headers), writer, task,
+                                    f"{route.method} {route.path}")
+        try:
+            result = task.result()
         except web.HTTPException as exc:  # raising HTTPNotFound & co. is how aiohttp handlers answer errors
             result = exc
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("node pack route %s %s raised", route.method, route.path)
+            log.error("node pack route %s %s raised", route.method, route.path, exc_info=task.exception())
             return _server_error(route)
         try:
             return await _our_response(result, aio_request, request)
@@ -323,6 +336,47 @@ def _bridge(route: RouteDef, app):
 
     serve.__qualname__ = f"pack_route[{route.method} {route.path}]"
     return serve
+
+
+async def _run_handler(route: RouteDef, aio_request):
+    """The handler, then the end of a response it prepared itself (aiohttp's server does the same)."""
+    from aiohttp import web
+
+    try:
+        result = route.handler(aio_request)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, web.StreamResponse) and result.prepared:
+            await result.write_eof()
+        return result
+    except Exception:
+        if aio_request.writer.head.done():  # mid-stream: nobody else will report it
+            log.exception("node pack route %s %s failed while streaming", route.method, route.path)
+        raise
+
+
+def _is_websocket_upgrade(request) -> bool:
+    return (request.method == "GET" and "websocket" in request.headers.get("upgrade", "").lower()
+            and "upgrade" in request.headers.get("connection", "").lower())
+
+
+async def _websocket_server(route: RouteDef, app):
+    """aiohttp's server for one pack route (made once): called, it makes a protocol for one connection."""
+    if route.websocket_server is None:
+        from aiohttp import web
+
+        async def close_after(request, response) -> None:
+            response.force_close()  # the connection came from our server: one request on it, then closed
+
+        aio_app = web.Application(client_max_size=app.settings.max_upload_bytes if app is not None else 1 << 20)
+        aio_app.on_response_prepare.append(close_after)
+        for path in (route.path, "/api" + route.path):  # the front has already decided which paths it serves
+            aio_app.router.add_route(route.method, path, route.handler)
+        runner = web.AppRunner(aio_app, handle_signals=False, access_log=None)
+        await runner.setup()
+        if route.websocket_server is None:
+            route.websocket_server = runner.server
+    return route.websocket_server
 
 
 async def _import_aiohttp() -> None:
@@ -371,76 +425,9 @@ async def _aiohttp_request(request, app):
     payload.feed_eof()
     max_body = app.settings.max_upload_bytes if app is not None else 100 * 1024 * 1024
     return make_mocked_request(request.method, request.raw_target, dict(request.headers),
-                               match_info=dict(request.match_info), writer=_collector_class()(),
+                               match_info=dict(request.match_info), writer=stream_writer_class()(),
                                transport=_Transport(request.peer), payload=payload, client_max_size=max_body,
                                loop=loop)
-
-
-_collector = None
-
-
-def _collector_class():
-    """An aiohttp stream writer that keeps the status line, headers and body instead of sending them (made
-    on first use: its base class comes from aiohttp)."""
-    global _collector
-    if _collector is not None:
-        return _collector
-    from aiohttp.abc import AbstractStreamWriter
-
-    class Collector(AbstractStreamWriter):
-        def __init__(self):
-            self.status_line = None
-            self.headers = None
-            self.chunks: list[bytes] = []
-            self.compressor = None
-            self.eof = False
-            self.buffer_size = 0
-            self.output_size = 0
-            self.length = None
-
-        async def write(self, chunk) -> None:
-            data = bytes(chunk)
-            if self.compressor is not None:
-                data = self.compressor.compress(data)
-            if data:
-                self.chunks.append(data)
-                self.output_size += len(data)
-
-        async def write_eof(self, chunk: bytes = b"") -> None:
-            if self.eof:
-                return
-            if chunk:
-                await self.write(chunk)
-            if self.compressor is not None:
-                tail = self.compressor.flush()
-                self.chunks.append(tail)
-                self.output_size += len(tail)
-            self.eof = True
-
-        async def drain(self) -> None:
-            pass
-
-        def enable_compression(self, encoding: str = "deflate", strategy=None) -> None:
-            bits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-            self.compressor = zlib.compressobj(wbits=bits, strategy=zlib.Z_DEFAULT_STRATEGY
-                                               if strategy is None else strategy)
-
-        def enable_chunking(self) -> None:
-            pass  # we send a Content-Length
-
-        async def write_headers(self, status_line: str, headers) -> None:
-            self.status_line = status_line
-            self.headers = headers
-
-        def send_headers(self) -> None:
-            pass
-
-        @property
-        def body(self) -> bytes:
-            return b"".join(self.chunks)
-
-    _collector = Collector
-    return Collector
 
 
 async def _our_response(result, aio_request, request) -> Response:
@@ -456,14 +443,13 @@ async def _our_response(result, aio_request, request) -> Response:
                             _plain_headers(result.headers))
         raise TypeError(f"the handler returned {type(result).__name__}, not an aiohttp response")
     if isinstance(result, web.WebSocketResponse):
-        raise TypeError("WebSocket handlers are not supported for node pack routes")
+        raise TypeError("a WebSocket handler was called without a WebSocket upgrade request")
     if not result.prepared:
         await result.prepare(aio_request)
     await result.write_eof()
     writer = aio_request.writer
-    headers = writer.headers if writer.headers is not None else result.headers
-    content_type = headers.get("Content-Type")
-    return Response(writer.body, result.status, content_type, _plain_headers(headers))
+    status, headers = writer.head.result() if writer.head.done() else (result.status, result.headers)
+    return Response(writer.collected(), status, headers.get("Content-Type"), _plain_headers(headers))
 
 
 def _plain_headers(headers) -> list:
