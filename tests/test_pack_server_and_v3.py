@@ -107,9 +107,13 @@ def test_send_sync_reaches_the_prompts_client_only(srv):
     assert struct.pack(">II", 3, 1) + b"5" + b"working on hey" in frames  # send_progress_text: a TEXT frame
     assert struct.pack(">I", 9) + json.dumps({"raw": "hey"}).encode() in frames  # bytes go as they are
     png = next(f for f in frames if f[:8] == struct.pack(">II", 1, 2))  # an unencoded preview, as PNG
-    assert Image.open(io.BytesIO(png[8:])).size == (512, 256)  # scaled to --preview-size
-    jpeg = next(f for f in frames if f[:8] == struct.pack(">II", 1, 1))  # no metadata negotiated: event 1
-    assert Image.open(io.BytesIO(jpeg[8:])).size == (64, 32)
+    assert Image.open(io.BytesIO(png[8:])).size == (600, 300)  # max size None: as it is (ComfyUI's send_image)
+    # event 4 as the pack asked, negotiated or not (ComfyUI checks the flag only for its own latent previews)
+    framed = next(f for f in frames if f[:4] == struct.pack(">I", 4))
+    length = struct.unpack(">I", framed[4:8])[0]
+    assert json.loads(framed[8:8 + length]) == {"node_id": "5", "prompt_id": queued["prompt_id"],
+                                               "image_type": "image/jpeg"}
+    assert Image.open(io.BytesIO(framed[8 + length:])).size == (64, 32)
     # the custom message comes while its node runs: after `executing` for it, before `executed`
     kinds = types_of(messages)
     assert kinds.index("executing") < kinds.index("my_pack.event") < kinds.index("executed")
@@ -375,3 +379,40 @@ def test_v3_ui_helpers_write_images_like_save_image(tmp_path):
     assert len(mask["images"]) == 2 and mask["animated"] == [False]
     assert (Path(temp) / mask["images"][0]["filename"]).exists()
     assert io.FolderType("temp") is io.FolderType.temp
+
+
+def test_every_send_variant_frames_messages_as_comfyui_does(start_server):
+    srv = start_server("--warmup", "background", packs=("comfy_style/messenger_variants.py",))
+    wait_until(lambda: srv.get("/system_stats").json()["comfy_serverless"]["warmup"]["state"] == "done",
+               timeout=120, what="warm-up")
+    ws = srv.ws()
+    ws.until(lambda m: m["type"] == "status")
+    queued = srv.queue_prompt({"3": {"class_type": "MessengerVariants", "inputs": {"text": "yo"}}},
+                              client_id=ws.client_id)
+    messages = ws.until_done(queued["prompt_id"])
+    frames = [m for m in messages if isinstance(m, bytes)]
+    png = next(f for f in frames if f[:8] == struct.pack(">II", 1, 2))
+    assert Image.open(io.BytesIO(png[8:])).size == (80, 40)  # fitted to the max size, upwards too (ImageOps.contain)
+    framed = next(f for f in frames if f[:4] == struct.pack(">I", 4))
+    length = struct.unpack(">I", framed[4:8])[0]
+    assert json.loads(framed[8:8 + length]) == {"node_id": "3", "image_type": "image/jpeg"}
+    assert Image.open(io.BytesIO(framed[8 + length:])).size == (40, 20)
+    done = next(m for m in messages if not isinstance(m, bytes) and m["type"] == "messenger.done")
+    assert done["data"] == {"text": "yo", "metadata_after": {"node_id": "3", "image_type": "image/jpeg"}}
+    assert "Binary event types must be integers, got not a number" in srv.log()  # dropped, the node went on
+    assert srv.wait_history(queued["prompt_id"])["outputs"]["3"]["encoded"] == [[0, 0, 0, 7, 97, 98]]
+
+    answer = srv.post("/messenger/send", {"sid": ws.client_id})
+    assert answer.json() == {"refused": "Binary event types must be integers, got text event",
+                             "encoded": "bytearray"}
+    got = ws.until(lambda m: m["type"] == "messenger.last")
+    texts = [m for m in got if not isinstance(m, bytes)]
+    assert texts == [{"type": "messenger.plain", "data": {"n": 1}}, {"type": 7, "data": {"json": "always"}},
+                     {"type": "messenger.raw", "data": {}}, {"type": "messenger.last", "data": {"closed": False}}]
+    binary = [m for m in got if isinstance(m, bytes)]
+    assert binary[0] == struct.pack(">I", 2) + b"raw" and binary[1] == struct.pack(">I", 12) + b"\x00\x01"
+    assert binary[2][:8] == struct.pack(">II", 1, 1) and Image.open(io.BytesIO(binary[2][8:])).size == (10, 20)
+    length = struct.unpack(">I", binary[3][4:8])[0]
+    assert binary[3][:4] == struct.pack(">I", 4)
+    assert json.loads(binary[3][8:8 + length]) == {"k": "v", "image_type": "image/png"}
+    ws.close()

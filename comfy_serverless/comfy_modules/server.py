@@ -12,10 +12,12 @@ A face over comfy_serverless.server.pack_routes and the server's WebSocket hub; 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import struct
+import sys
 
 from comfy_serverless import context
 from comfy_serverless.server import pack_routes
@@ -187,25 +189,29 @@ class PromptServer:
 
     @property
     def sockets(self) -> dict:
-        """Connected WebSocket clients by client id (read-only copy)."""
+        """Connected /ws clients by client id (a copy), each with aiohttp's async send_str / send_bytes /
+        send_json / close."""
         app = self._app
-        return dict(app.hub.clients) if app is not None else {}
+        return {sid: _Socket(client) for sid, client in app.hub.clients.items()} if app is not None else {}
 
     @property
     def client_session(self):
         return None
 
-    # -- messages -------------------------------------------------------------------------------------------------
+    # -- messages (ComfyUI 0.3.64's rules: server.py send / send_json / send_bytes / send_image*) ---------------------
     def send_sync(self, event, data, sid: str | None = None) -> None:
-        """Sends a message from any thread: to client `sid`, or to every client when sid is None. A string event
-        with a JSON-able dict is a `{"type", "data"}` text frame; a BinaryEventTypes number with bytes is a
-        binary frame; UNENCODED_PREVIEW_IMAGE takes (format, PIL image, max size) and
-        PREVIEW_IMAGE_WITH_METADATA ((format, PIL image, max size), metadata)."""
+        """Sends a message from any thread, in order with the server's own: to client `sid`, or to every client
+        when sid is None, as `send` would. Encoded in the calling thread; what cannot be sent is logged and
+        dropped (ComfyUI fails it later, on its event loop), never raised at the caller."""
         app = self._app
         if app is None or app.loop is None:
             log.debug("send_sync(%r) without a running server: dropped", event)
             return
-        message = self._frame(app, event, data)  # encoded in the calling thread, not on the event loop
+        try:
+            message = _frame(app, event, data)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            log.warning("send_sync(%r): %s; dropped", event, exc)
+            return
         if message is not None:
             try:
                 call_on_loop(app.loop, _deliver, app.hub, message, sid)
@@ -213,18 +219,32 @@ class PromptServer:
                 pass
 
     async def send(self, event, data, sid: str | None = None) -> None:
-        app = self._app
-        if app is None:
-            return
-        message = self._frame(app, event, data)
-        if message is not None:
-            _deliver(app.hub, message, sid)
+        """UNENCODED_PREVIEW_IMAGE data is (format, PIL image, max size) and PREVIEW_IMAGE_WITH_METADATA data
+        ((format, PIL image, max size), metadata): both are encoded; bytes go as a binary frame with `event` as
+        its type; anything else as JSON."""
+        await self._send_now(_frame(self._app, event, data), sid)
 
     async def send_json(self, event, data, sid: str | None = None) -> None:
-        await self.send(event, data, sid)
+        """A `{"type": event, "data": data}` text frame, whatever event is."""
+        await self._send_now(("json", (event, data)), sid)
 
     async def send_bytes(self, event, data, sid: str | None = None) -> None:
-        await self.send(event, bytes(data), sid)
+        """A binary frame `[event][data]`; event must be an integer (RuntimeError otherwise, as in ComfyUI)."""
+        await self._send_now(("binary", (_event_number(event), bytes(data))), sid)
+
+    async def send_image(self, image_data, sid: str | None = None) -> None:
+        """(format, PIL image, max size): a PREVIEW_IMAGE frame [1][1 JPEG / 2 PNG][image]."""
+        await self._send_now(_frame(self._app, BinaryEventTypes.UNENCODED_PREVIEW_IMAGE, image_data), sid)
+
+    async def send_image_with_metadata(self, image_data, metadata=None, sid: str | None = None) -> None:
+        """A PREVIEW_IMAGE_WITH_METADATA frame [4][length][JSON metadata with image_type][image]."""
+        await self._send_now(_frame(self._app, BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA, (image_data, metadata)),
+                             sid)
+
+    async def _send_now(self, message, sid) -> None:
+        app = self._app
+        if app is not None and message is not None:
+            _deliver(app.hub, message, sid)
 
     def send_progress_text(self, text, node_id, sid: str | None = None) -> None:
         """Text shown on a node while it runs: a binary TEXT frame [3][length of node id][node id][text]."""
@@ -233,8 +253,8 @@ class PromptServer:
         self.send_sync(BinaryEventTypes.TEXT, struct.pack(">I", len(node)) + node + text, sid)
 
     @staticmethod
-    def encode_bytes(event: int, data: bytes) -> bytes:
-        return struct.pack(">I", int(event)) + bytes(data)
+    def encode_bytes(event: int, data) -> bytearray:
+        return bytearray(struct.pack(">I", _event_number(event))) + bytes(data)
 
     def queue_updated(self) -> None:
         app = self._app
@@ -245,30 +265,6 @@ class PromptServer:
         app = self._app
         return {"exec_info": {"queue_remaining": app.queue.remaining() if app is not None else 0}}
 
-    def _frame(self, app, event, data):
-        """(kind, payload): ("json", (event, data)), ("binary", (event, bytes)) or ("preview", (...))."""
-        if event == BinaryEventTypes.UNENCODED_PREVIEW_IMAGE:
-            encoded = _encode_preview(app, data)
-            if encoded is None:
-                return None
-            image_type, image = encoded
-            kind = 2 if image_type == "image/png" else 1
-            return "binary", (BinaryEventTypes.PREVIEW_IMAGE, struct.pack(">I", kind) + image)
-        if event == BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA:
-            preview, metadata = data
-            encoded = _encode_preview(app, preview)
-            if encoded is None:
-                return None
-            return "preview", (encoded[0], encoded[1], dict(metadata or {}))
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            return "binary", (int(event), bytes(data))
-        try:
-            json.dumps(data)
-        except (TypeError, ValueError) as exc:
-            log.warning("send_sync(%r): the data cannot be sent as JSON (%s); dropped", event, exc)
-            return None
-        return "json", (event, data)
-
     # -- prompt hooks -----------------------------------------------------------------------------------------------
     def add_on_prompt_handler(self, handler) -> None:
         """`handler(json_data) -> json_data` runs on every POST /prompt body before validation."""
@@ -278,20 +274,95 @@ class PromptServer:
         return self._routes.trigger_on_prompt(json_data)
 
 
-def _encode_preview(app, preview):
-    from comfy_serverless.server.previews import encode_preview
+def _event_number(event) -> int:
+    if not isinstance(event, int):
+        raise RuntimeError(f"Binary event types must be integers, got {event}")
+    return event
 
-    return encode_preview(preview, app.settings.preview_size)
+
+def _frame(app, event, data):
+    """What `send` makes of (event, data): ("json", (event, data)) or ("binary", (event number, payload))."""
+    if app is None:
+        return None
+    if event == BinaryEventTypes.UNENCODED_PREVIEW_IMAGE:
+        mime, image = _encode_image(data)
+        return "binary", (BinaryEventTypes.PREVIEW_IMAGE, struct.pack(">I", 2 if mime == "image/png" else 1) + image)
+    if event == BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA:
+        preview, metadata = data
+        mime, image = _encode_image(preview)
+        metadata = {} if metadata is None else metadata
+        metadata["image_type"] = mime  # the caller's dict gets it too, as in ComfyUI
+        text = json.dumps(metadata).encode("utf-8")
+        return "binary", (BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA, struct.pack(">I", len(text)) + text + image)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return "binary", (_event_number(event), bytes(data))
+    json.dumps({"type": event, "data": data})  # TypeError now rather than on the event loop
+    return "json", (event, data)
+
+
+def _encode_image(image_data) -> tuple[str, bytes]:
+    """(format, PIL image, max size) as ComfyUI encodes previews a pack sends: resized to fit max size (larger
+    or smaller, bilinear; None keeps the size), PNG when format is "PNG", else JPEG at quality 95."""
+    from io import BytesIO
+
+    from PIL import Image, ImageOps
+
+    image_type, image, max_size = image_data
+    if max_size is not None:
+        image = ImageOps.contain(image, (max_size, max_size), Image.Resampling.BILINEAR)
+    buffer = BytesIO()
+    if image_type == "PNG":
+        image.save(buffer, format="PNG", compress_level=1)
+        return "image/png", buffer.getvalue()
+    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return "image/jpeg", buffer.getvalue()
 
 
 def _deliver(hub, message, sid) -> None:
     kind, payload = message
     if kind == "json":
         hub.send(payload[0], payload[1], sid)
-    elif kind == "binary":
-        hub.send_binary(payload[0], payload[1], sid)
     else:
-        hub.send_preview(payload[0], payload[1], payload[2], sid)
+        hub.send_binary(payload[0], payload[1], sid)
 
 
-__all__ = ["PromptServer", "BinaryEventTypes"]
+async def send_socket_catch_exception(function, message) -> None:
+    """Awaits `function(message)` (a socket's send method), logging a connection that broke instead of raising."""
+    errors: tuple = (ConnectionError, BrokenPipeError)
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        errors += (aiohttp.ClientError,)
+    try:
+        result = function(message)
+        if inspect.isawaitable(result):
+            await result
+    except errors as err:
+        log.warning("send error: %s", err)
+
+
+class _Socket:
+    """A client of the server's /ws as packs reach it in `PromptServer.instance.sockets` (aiohttp's
+    WebSocketResponse methods they call)."""
+
+    def __init__(self, client):
+        self._client = client
+
+    @property
+    def closed(self) -> bool:
+        return not self._client.open
+
+    async def send_str(self, data: str, compress=None) -> None:
+        self._client.send_text(data)
+
+    async def send_bytes(self, data, compress=None) -> None:
+        self._client.send_bytes(bytes(data))
+
+    async def send_json(self, data, compress=None, *, dumps=json.dumps) -> None:
+        self._client.send_text(dumps(data))
+
+    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool:
+        self._client.close(code, message.decode("utf-8", "replace") if isinstance(message, bytes) else message)
+        return True
+
+
+__all__ = ["PromptServer", "BinaryEventTypes", "send_socket_catch_exception"]
