@@ -14,7 +14,7 @@ from collections.abc import MutableMapping
 from comfy_serverless import progress
 from comfy_serverless.catalog import packs
 from comfy_serverless.catalog.comfy_modules import missing_attribute
-from comfy_serverless.nodes import sampling_nodes
+from comfy_serverless.nodes import image_files, sampling_nodes
 from comfy_serverless.nodes.conditioning import (  # noqa: F401  (ComfyUI's names, for packs)
     CLIPSetLastLayer,
     CLIPTextEncode,
@@ -29,7 +29,7 @@ from comfy_serverless.nodes.conditioning import (  # noqa: F401  (ComfyUI's name
     ConditioningZeroOut,
     InpaintModelConditioning,
 )
-from comfy_serverless.nodes.image_files import LoadImage, LoadImageMask, PreviewImage, SaveImage  # noqa: F401
+from comfy_serverless.nodes.image_files import LoadImage, LoadImageMask  # noqa: F401
 from comfy_serverless.nodes.images import (  # noqa: F401
     EmptyImage,
     ImageBatch,
@@ -70,6 +70,54 @@ from comfy_serverless.nodes.vae_nodes import (  # noqa: F401
 )
 
 MAX_RESOLUTION = 16384
+
+# Class attributes of ComfyUI's core nodes that packs read (`nodes.ImageScale.upscale_methods` in an INPUT_TYPES).
+_IMAGE_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+_LATENT_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+_CROP_METHODS = ["disabled", "center"]
+for _node, _methods in ((ImageScale, _IMAGE_UPSCALE_METHODS), (ImageScaleBy, _IMAGE_UPSCALE_METHODS),
+                        (LatentUpscale, _LATENT_UPSCALE_METHODS), (LatentUpscaleBy, _LATENT_UPSCALE_METHODS)):
+    if not hasattr(_node, "upscale_methods"):
+        _node.upscale_methods = list(_methods)
+for _node in (ImageScale, LatentUpscale):
+    if not hasattr(_node, "crop_methods"):
+        _node.crop_methods = list(_CROP_METHODS)
+
+
+class _SavesWhereTheInstanceSays:
+    """ComfyUI's SaveImage/PreviewImage read `self.type`, `self.output_dir` and `self.compress_level`, which pack
+    subclasses set in their own __init__ (a mask preview saving to temp); the built-in node reads class
+    attributes, so the instance's choices are carried over before saving."""
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        output_dir = getattr(self, "output_dir", None)
+        folder_type = _folder_type_of(output_dir) if output_dir is not None else getattr(self, "type", None)
+        if folder_type is not None:
+            self.FOLDER_TYPE = folder_type
+        if getattr(self, "compress_level", None) is not None:
+            self.COMPRESS_LEVEL = self.compress_level
+        return super().save_images(images, filename_prefix, prompt, extra_pnginfo)
+
+
+def _folder_type_of(directory: str) -> str | None:
+    import os
+
+    from comfy_serverless import paths
+
+    current = paths.current()
+    for kind in ("output", "temp", "input"):
+        if os.path.realpath(current.directory_for(kind)) == os.path.realpath(directory):
+            return kind
+    raise ValueError(f"SaveImage subclass: output_dir {directory!r} is not this server's output, temp or input "
+                     "directory, which are the only folders it saves to")
+
+
+class SaveImage(_SavesWhereTheInstanceSays, image_files.SaveImage):
+    pass
+
+
+class PreviewImage(_SavesWhereTheInstanceSays, image_files.PreviewImage):
+    pass
 
 # Folders of packs' web extensions and of loaded packs, as ComfyUI keeps them; informational here.
 EXTENSION_WEB_DIRS: dict[str, str] = {}

@@ -4,9 +4,12 @@
 TextEncoder): isinstance checks accept ours, and they have ComfyUI's methods packs call (CLIP.tokenize,
 encode_from_tokens, encode_from_tokens_scheduled; VAE.decode, encode, decode_tiled, encode_tiled,
 spacial_compression_*); building one from a state dict the ComfyUI way is not provided.
+`load_lora_for_models` applies a LoRA state dict the way the LoraLoader node applies a file.
 """
 
 from __future__ import annotations
+
+import logging
 
 from comfy_serverless.catalog.comfy_modules import MissingComfyInternal, missing_attribute, stand_in_type
 from comfy_serverless.models.text_encoder import TextEncoder
@@ -34,6 +37,33 @@ def load_checkpoint(config_path=None, ckpt_path=None, output_vae=True, output_cl
     if ckpt_path is None:
         raise MissingComfyInternal("comfy.sd.load_checkpoint from a state dict")
     return load_checkpoint_guess_config(ckpt_path, output_vae, output_clip)[:3]
+
+
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    """(model, clip) clones carrying the LoRA in the state dict `lora` (what comfy.utils.load_torch_file read), as
+    ComfyUI: either may be None (and comes back None); keys that match no weight are logged and skipped."""
+    from comfy_serverless.models.loading import TEXT_ENCODERS
+    from comfy_serverless.models.lora import parse_lora
+    from comfy_serverless.models.patching import LoraPatch
+
+    networks = {}
+    if model is not None:
+        networks["unet"] = model.handle.get()
+    if clip is not None:
+        encoder = clip.handle.get()
+        for name in TEXT_ENCODERS[clip.family]:
+            networks[name] = getattr(encoder, name)
+    parsed = parse_lora(lora, networks)
+    if parsed.unmapped:
+        logging.warning("lora key not loaded: %s (and %d more)", parsed.unmapped[0], len(parsed.unmapped) - 1)
+    new_model = new_clip = None
+    if model is not None:
+        unet = parsed.targets.get("unet")
+        new_model = model.with_patch(LoraPatch("lora", {"": unet}, strength_model)) if unet else model.clone()
+    if clip is not None:
+        targets = {name: parsed.targets[name] for name in networks if name != "unet" and name in parsed.targets}
+        new_clip = clip.with_patch(LoraPatch("lora", targets, strength_clip)) if targets else clip.clone()
+    return new_model, new_clip
 
 
 def __getattr__(name: str):
