@@ -58,6 +58,7 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.training_data",
     "comfy_serverless.nodes.websocket_save",
     "comfy_serverless.nodes.guidance_extra",
+    "comfy_serverless.nodes.hook_nodes",
     "comfy_serverless.nodes.unclip_loader",
     "comfy_serverless.nodes.differential_diffusion",
 )

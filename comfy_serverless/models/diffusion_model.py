@@ -77,12 +77,13 @@ class DiffusionModel(ModelPatcherMethods):
         return patched_module(self.handle, self.patches)
 
     def unet_apply(self, x, timesteps, context=None, y=None, c_concat=None, control=None, transformer_options=None,
-                   **_):  # other inputs (crossattn_controlnet, ...) are for the ControlNet, not the UNet
+                   weight_patches=(), **_):  # other inputs (crossattn_controlnet, ...) are for the ControlNet
         """The sampler's UNet call: inputs cast to the compute dtype, output float32. ``c_concat`` (inpainting
-        and instruct-pix2pix models) is appended to the input channels."""
+        and instruct-pix2pix models) is appended to the input channels. ``weight_patches`` are applied on top of
+        the model's own for this call (hooked conditioning, models/hooks.py)."""
         import torch
 
-        unet = self.network()
+        unet = patched_module(self.handle, self.patches + tuple(weight_patches)) if weight_patches else self.network()
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         with torch.no_grad():

@@ -31,8 +31,9 @@ class KeyPatch:
     """ComfyUI's ModelPatcher.add_patches: per parameter, weight = weight * strength_model + strength_patch * value.
 
     `targets` maps a submodule ("" = the network) to {parameter name: (kind, tensor, strength_patch, strength_model)}
-    where kind is "diff" (added), "set" (replaces the weight; strengths ignored) or "scale" (tensor None: only
-    times strength_model).
+    where kind is "diff" (added), "set" (replaces the weight; strengths ignored), "scale" (tensor None: only
+    times strength_model) or "model_as_lora" (the tensor is another model's weight; its difference from the
+    unpatched weight is added, ComfyUI's model-as-LoRA hooks).
     """
 
     targets: dict
@@ -43,7 +44,8 @@ def _same(applied: tuple, wanted: tuple) -> bool:
 
 
 def patched_module(handle: ModelHandle, patches: tuple[LoraPatch, ...]):
-    """The handle's network with exactly `patches` applied (loading the network if needed)."""
+    """The handle's network with exactly `patches` applied (loading the network if needed). Callers may add
+    per-call patches (hooks) to a clone's own: an unchanged tuple of the same objects costs nothing."""
     module = handle.get()
     if _same(handle.state.get("lora", ()), patches):
         return module
@@ -101,6 +103,8 @@ def _apply_mixed(module, stack: list):
                 if kind == "set":
                     weight = value.reshape(weight.shape).clone()
                     continue
+                if kind == "model_as_lora":
+                    value = value.reshape(weight.shape) - original.detach().to(torch.float32)
                 if strength_model != 1.0:
                     weight *= strength_model
                 if value.shape != weight.shape:

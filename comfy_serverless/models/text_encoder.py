@@ -3,12 +3,17 @@
 `encode(text)` follows ComfyUI's CLIPTextEncode: prompt weights, `embedding:name` textual inversions from
 models/embeddings, 77-token windows concatenated, and the pooled output of the first window. Like
 DiffusionModel, clones share the network and carry their own LoRA patches and last-layer choice.
+
+SetClipHooks (models/hooks.py) gives a clone `hooks`, whose CLIP patches it encodes with too (with
+`schedule_clip`, encode_from_tokens_scheduled encodes once per keyframe range), and `hooks_for_conds`, which the
+conditioning it makes carries.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .embeddings import EmbeddingFinder
 from .model_cache import ModelHandle
@@ -31,6 +36,9 @@ class TextEncoder:
     last_layer: int | None = None  # None: the family's default (SD1 last, SD2/SDXL penultimate)
     patches: tuple[LoraPatch, ...] = ()
     embeddings: EmbeddingFinder | None = None
+    hooks: Any = None  # HOOKS whose CLIP weights apply when encoding (ComfyUI's forced_hooks)
+    hooks_for_conds: Any = None  # HOOKS put on the conditioning this CLIP makes (apply_to_conds)
+    schedule_clip: bool = False
 
     def clone(self) -> TextEncoder:
         return replace(self)
@@ -72,10 +80,13 @@ class TextEncoder:
         return {TOKEN_KEYS[key]: tokenize_weighted(text, tokenizer, self._embedding_lookup(key), return_word_ids)
                 for tokenizer, key in zip(_tokenizers(self.family), EMBEDDING_KEYS[self.family])}
 
-    def encode_tokens(self, tokens):
+    def encode_tokens(self, tokens, hook_multipliers: dict | None = None):
         """(cond [1, 77 * windows, width] float32, pooled [1, width] float32) of `tokenize`'s output (or its
-        windows as a list, one entry per encoder)."""
+        windows as a list, one entry per encoder). Hooks apply at their first keyframe's strength unless
+        `hook_multipliers` ({id(hook.ref): multiplier}) says otherwise."""
         import torch
+
+        from .hooks import clip_patches
 
         if isinstance(tokens, dict):
             missing = [TOKEN_KEYS[key] for key in EMBEDDING_KEYS[self.family] if TOKEN_KEYS[key] not in tokens]
@@ -85,7 +96,7 @@ class TextEncoder:
                                  "(were they made by another CLIP's tokenize?)")
             tokens = [tokens[TOKEN_KEYS[key]] for key in EMBEDDING_KEYS[self.family]]
         tokens = [[[entry[:2] for entry in window] for window in windows] for windows in tokens]
-        encoder = patched_module(self.handle, self.patches)
+        encoder = patched_module(self.handle, self.patches + clip_patches(self.hooks, self, hook_multipliers))
         with torch.no_grad():
             return encoder.encode(*tokens, hidden_layer=self.last_layer)
 
@@ -100,7 +111,7 @@ class TextEncoder:
             raise ValueError("return_pooled='unprojected' is not supported by this server's text encoders")
         cond, pooled = self.encode_tokens(tokens)
         if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
+            return {"cond": cond, "pooled_output": pooled, **self._hooks_dict()}
         return (cond, pooled) if return_pooled else cond
 
     def encode_from_tokens_scheduled(self, tokens, unprojected: bool = False, add_dict: dict | None = None,
@@ -108,8 +119,23 @@ class TextEncoder:
         """CONDITIONING as CLIPTextEncode makes it: [[cond, {"pooled_output": pooled, **add_dict}]]."""
         if unprojected:
             raise ValueError("unprojected pooled outputs are not supported by this server's text encoders")
-        cond, pooled = self.encode_tokens(tokens)
-        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
+        add_dict = add_dict or {}
+        if self.hooks is None or not self.schedule_clip:
+            cond, pooled = self.encode_tokens(tokens)
+            return [[cond, {"pooled_output": pooled, **add_dict, **self._hooks_dict()}]]
+        from .hooks import clip_schedule
+
+        out = []
+        for (start, end), multipliers in clip_schedule(self.hooks):
+            if end < add_dict.get("start_percent", 0.0) or start > add_dict.get("end_percent", 1.0):
+                continue
+            cond, pooled = self.encode_tokens(tokens, multipliers)
+            out.append([cond, {"pooled_output": pooled, "clip_start_percent": start, "clip_end_percent": end,
+                               **add_dict, **self._hooks_dict()}])
+        return out
+
+    def _hooks_dict(self) -> dict:
+        return {"hooks": self.hooks_for_conds} if self.hooks_for_conds is not None else {}
 
     def _embedding_lookup(self, key: str):
         if self.embeddings is None:

@@ -4,7 +4,9 @@ the chunks of a UNet batch they become.
 Options understood: ``strength``, ``start_percent`` / ``end_percent``, ``area`` (latent units ``(h, w, y, x)`` or
 ``("percentage", h, w, y, x)``), ``mask`` with ``mask_strength`` and ``set_area_to_bounds``, ``control`` (a
 ControlNet-style object, see denoising.CFGDenoiser) and ``model_kwargs`` (extra per-entry UNet inputs, e.g. SDXL's
-``y``).
+``y``), ``hooks`` (a HOOKS group of weight patches, models/hooks.py; chunks with other hooks never share a
+UNet call), ``default`` (the entry fills what the other entries leave uncovered, see denoising) and
+``clip_start_percent`` / ``clip_end_percent`` (a scheduled CLIP encoding's range, intersected with the entry's).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..models.hooks import hooks_key
 from .schedules import DiscreteSchedule
 
 # Width, in latent pixels, of the linear fade at the inner edges of an area without a mask.
@@ -93,10 +96,14 @@ def resolve_entry(entry: ConditioningEntry, height: int, width: int, device,
     if area is not None:
         area = tuple(int(v) for v in area)
     sigma_start = sigma_end = None
-    if "start_percent" in options:
-        sigma_start = model_sampling.percent_to_sigma(float(options["start_percent"]))
-    if "end_percent" in options:
-        sigma_end = model_sampling.percent_to_sigma(float(options["end_percent"]))
+    start, end = options.get("start_percent"), options.get("end_percent")
+    if "clip_start_percent" in options:  # encoded for part of the run only: keep to both ranges
+        start = max(float(options["clip_start_percent"]), float(start if start is not None else 0.0))
+        end = min(float(options.get("clip_end_percent", 1.0)), float(end if end is not None else 1.0))
+    if start is not None:
+        sigma_start = model_sampling.percent_to_sigma(float(start))
+    if end is not None:
+        sigma_end = model_sampling.percent_to_sigma(float(end))
     return ResolvedEntry(entry, area, mask, float(options.get("strength", 1.0)), sigma_start, sigma_end)
 
 
@@ -167,6 +174,7 @@ class Chunk:
     model_kwargs: dict
     control: Any = None  # the entry's ControlNet-style object; chunks batch together only with the same one
     gligen: Any = None  # the entry's GLIGEN boxes ("gligen" option); likewise
+    hooks: Any = None  # the entry's HOOKS (weight patches for its UNet call); likewise, by hooks_key
 
 
 def _contexts_concatenable(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
@@ -180,7 +188,7 @@ def _contexts_concatenable(a: Optional[torch.Tensor], b: Optional[torch.Tensor])
 
 
 def chunks_concatenable(a: Chunk, b: Chunk) -> bool:
-    if a.control is not b.control or a.gligen is not b.gligen:
+    if a.control is not b.control or a.gligen is not b.gligen or hooks_key(a.hooks) != hooks_key(b.hooks):
         return False
     if a.x.shape != b.x.shape or a.model_kwargs.keys() != b.model_kwargs.keys():
         return False

@@ -12,6 +12,10 @@ when the UNet takes them (a ControlNet's residuals, the model's attention and bl
 Conditioning: a list of entries in ComfyUI's CONDITIONING form ``[tensor, options]`` (a bare tensor means
 no options); the options are read in conditions.py.  An ``encode_extra(options, latent_shape) -> dict`` hook
 computes per-entry UNet inputs (SDXL's ``y``); negative entries reach it with ``prompt_type`` "negative".
+
+Hooks (models/hooks.py): chunks of entries with "hooks" run apart from others, and ``unet_apply`` gets
+``weight_patches=`` (the hooks' patches at this step's keyframe strengths); it must be a DiffusionModel's
+bound method then.  Entries with "default" fill, per conditioning list, the weight the others leave.
 """
 from __future__ import annotations
 
@@ -145,6 +149,7 @@ class CFGDenoiser:
         self._controls_ready = False
         self._passes_options = _accepts_keyword(unet_apply, "transformer_options")
         self._sampling_context: dict = {}
+        self._keyframes = None  # models.hooks.KeyframeTracker of the current sampling run
         self.unet_calls = 0
 
     def begin_sampling(self, latent_image: Optional[torch.Tensor] = None, denoise_mask: Optional[torch.Tensor] = None,
@@ -156,6 +161,7 @@ class CFGDenoiser:
                     and _accepts_keyword(self.encode_extra, name)]
         self._sampling_context = {name: context[name] for name in accepted}
         self._resolved.clear()
+        self._keyframes = None
 
     def end_sampling(self) -> None:
         """Let each ControlNet-style object drop what it prepared (ComfyUI's cleanup after sampling)."""
@@ -230,7 +236,7 @@ class CFGDenoiser:
             if torch.is_tensor(entry.options.get(option)):
                 model_kwargs[name] = repeat_to_batch(entry.options[option].to(x.device), x.shape[0])
         return Chunk(kind, region, x_part, weights, context, model_kwargs, entry.options.get("control"),
-                     entry.options.get("gligen"))
+                     entry.options.get("gligen"), entry.options.get("hooks") or None)
 
     # ---- the model ------------------------------------------------------------------------------------
 
@@ -263,6 +269,8 @@ class CFGDenoiser:
         if chunks[0].control is not None:
             c["control"] = chunks[0].control.get_control(x, sigmas, c, len(chunks), transformer_options)
         c["transformer_options"] = transformer_options
+        if chunks[0].hooks is not None:
+            c["weight_patches"] = self._hook_patches(chunks[0].hooks, sigma)
         wrapper = options.get("model_function_wrapper")
         if wrapper is not None:
             denoised = wrapper(self.apply_model, {"input": x, "timestep": sigmas, "c": c,
@@ -276,10 +284,13 @@ class CFGDenoiser:
         """ComfyUI's calc_cond_batch: the composed x_0 estimate for each conditioning list (None -> zeros),
         entries of all lists batched into as few UNet calls as possible."""
         options = self.model_options if model_options is None else model_options
-        pending = []
+        pending, defaults = [], []
         for kind, side in enumerate(self._resolve(list(conds), x)):
-            if side is not None:
-                pending += [c for c in (self._chunk(kind, r, x, sigma) for r in side) if c is not None]
+            for resolved in side or ():
+                chunk = self._chunk(kind, resolved, x, sigma)
+                if chunk is not None:
+                    (defaults if resolved.entry.options.get("default") else pending).append(chunk)
+        pending += _default_chunks(defaults, pending, x, len(conds))
         totals = [torch.zeros_like(x) for _ in conds]
         weight_sums = [torch.full_like(x, EMPTY_WEIGHT) for _ in conds]
         while pending:
@@ -292,6 +303,18 @@ class CFGDenoiser:
                 totals[chunk.kind][:, :, y0:y1, x0:x1] += denoised * chunk.weights
                 weight_sums[chunk.kind][:, :, y0:y1, x0:x1] += chunk.weights
         return [total / weight_sum for total, weight_sum in zip(totals, weight_sums)]
+
+    def _hook_patches(self, hooks, sigma: torch.Tensor) -> tuple:
+        """The UNet weight patches of a chunk's hooks at this step (keyframes tracked per sampling run)."""
+        from ..models.hooks import KeyframeTracker, model_patches
+
+        model = getattr(self.unet_apply, "__self__", None)
+        if model is None or not hasattr(model, "handle"):
+            raise TypeError("conditioning with hooks needs a MODEL to sample with (its unet_apply takes the hooks' "
+                            "weight_patches)")
+        if self._keyframes is None:
+            self._keyframes = KeyframeTracker(self.model_sampling.percent_to_sigma)
+        return model_patches(hooks, model, self._keyframes, float(sigma.reshape(-1)[0]))
 
     def predictions(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The composed positive and negative x_0 estimates (negative None when cfg == 1)."""
@@ -371,6 +394,26 @@ def _share_controls_with_uncond(positive: list[ConditioningEntry], negative: lis
         if entry.options.get("control") is None:
             negative[index] = ConditioningEntry(entry.context, {**entry.options, "control": shared[0]},
                                                 entry.model_kwargs)
+
+
+def _default_chunks(defaults: list[Chunk], others: list[Chunk], x: torch.Tensor, kinds: int) -> list[Chunk]:
+    """ComfyUI's default conditioning: per list, weight 1 minus what the other entries cover (not below 0); an
+    entry is dropped where nothing is left."""
+    if not defaults:
+        return []
+    left = [torch.ones_like(x) for _ in range(kinds)]
+    for chunk in others:
+        y0, y1, x0, x1 = chunk.region
+        left[chunk.kind][:, :, y0:y1, x0:x1] -= chunk.weights
+    chunks = []
+    for chunk in defaults:
+        remaining = left[chunk.kind].clamp(min=0)
+        if float(remaining.max()) == 0.0:
+            continue
+        y0, y1, x0, x1 = chunk.region
+        chunk.weights = remaining[:, :, y0:y1, x0:x1]
+        chunks.append(chunk)
+    return chunks
 
 
 def _with_gligen(transformer_options: dict, gligen, x: torch.Tensor) -> dict:
