@@ -6,13 +6,18 @@ batch 1, on a full-size SD1.5-architecture checkpoint with random weights made b
 server is spawned as a user starts it; the cold time runs from the spawn to the PNG file on disk. Then the same
 workflow with a new seed on the running server gives the warm time. Peak RSS is the server's VmHWM.
 
-    .venv/bin/python benchmarks/first_image.py [--runs 3] [--size 256] [--steps 4] [--json out.json]
+    .venv/bin/python benchmarks/first_image.py [--runs 3] [--size 256] [--steps 4] [--prepared yes|no|both]
+        [--json out.json]
+
+--prepared yes (the default) runs `prepare` as a build step (not timed, like `snapshot`; the prepared weights are
+kept under benchmarks/.cache/prepared); both alternates runs with and without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -28,6 +33,7 @@ import websocket  # websocket-client (a test dependency)
 
 from coldstart import free_port  # run as a script: benchmarks/ is on sys.path
 from machine import describe as describe_machine
+from machine import precision_line
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -35,6 +41,8 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 CHECKPOINT = "sd15-random-full.safetensors"
 # The server's log lines that say which dtype each model computes in (models/precision.py, model_cache.py).
 MEASURED = re.compile(r"precision: fp32 ([\d.]+) ms, bf16 ([\d.]+) ms \(ratio ([\d.]+)\)")
+DECIDED = re.compile(r"precision: default compute dtype (\w+) \((.*)\)")
+PREPARED_USED = "using prepared weights"
 LOADED = re.compile(r"loaded \S+ (UNet|text encoder|VAE) \((\w+)\)")
 
 
@@ -73,10 +81,12 @@ def peak_rss_mb(pid: int) -> float:
 def chosen_precision(log: str) -> str:
     """e.g. "UNet bfloat16, text encoder bfloat16, VAE bfloat16 (measured: fp32 9.1 ms, bf16 3.9 ms, ratio 0.43)"."""
     models = ", ".join(f"{what} {dtype}" for what, dtype in dict(LOADED.findall(log)).items()) or "unknown"
-    measured = MEASURED.search(log)
-    how = (f"measured: fp32 {measured[1]} ms, bf16 {measured[2]} ms, ratio {measured[3]}" if measured
-           else "set by flags")
-    return f"{models} ({how})"
+    measured, decided = MEASURED.search(log), DECIDED.search(log)
+    how = decided[2] if decided else "set by flags"
+    if measured:
+        how += f"; measured: fp32 {measured[1]} ms, bf16 {measured[2]} ms, ratio {measured[3]}"
+    weights = "prepared weights" if PREPARED_USED in log else "converted at load"
+    return f"{models} ({how}); {weights}"
 
 
 def http_json(url: str, payload=None):
@@ -154,12 +164,17 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def one_run(checkpoint: Path, size: int, steps: int, seed: int) -> dict:
+def one_run(checkpoint: Path, size: int, steps: int, seed: int, prepared: bool = True) -> dict:
     base = Path(tempfile.mkdtemp(prefix="first-image-"))
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(checkpoint)
-    subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", "--base-directory", str(base),
-                    "--verbose", "WARNING"], check=True, cwd=base)  # as an image build would
+    # COMFY_PREPARED_DIR: the prepared weights outlive the run's base folder (made once per checkpoint and CPU).
+    env = {**os.environ, "COMFY_PREPARED_DIR": str(CACHE / ("prepared" if prepared else "not-prepared"))}
+    quiet = ["--base-directory", str(base), "--verbose", "WARNING"]
+    subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", *quiet], check=True, cwd=base, env=env)
+    if prepared:  # build steps, as an image build would run them
+        subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet], check=True,
+                       cwd=base, env=env)
     port = free_port()
     spawned = time.perf_counter()
     wall_start = time.time()
@@ -167,7 +182,7 @@ def one_run(checkpoint: Path, size: int, steps: int, seed: int) -> dict:
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([str(VENV_BIN / "comfy-serverless"), "serve", "--port", str(port),
                                  "--base-directory", str(base), "--dont-print-server"], cwd=base,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
             try:
@@ -215,18 +230,45 @@ def split(run: dict) -> list[tuple[str, float]]:
     return rows
 
 
+def compare_prepared(checkpoint: Path, args) -> int:
+    """Alternating runs without and with prepared weights: what the build step buys, by stage."""
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for i in range(args.runs):
+        for prepared in (False, True):
+            runs[prepared].append(one_run(checkpoint, args.size, args.steps, seed=1000 + i, prepared=prepared))
+            print(f"run {i + 1} prepared={prepared}: cold {runs[prepared][-1]['cold_image_s']:.2f} s", flush=True)
+    print(f"\n{describe_machine()}\n\n| figure | converted at load | prepared | ratio |\n|---|---|---|---|")
+    rows = [("cold: spawn to image file", lambda r: r["cold_image_s"]),
+            ("cold: prompt sent to done", lambda r: r["cold_done"] - r["ready_s"]),
+            ("warm: POST to done", lambda r: r["warm_image_s"]), ("peak RSS (MB)", lambda r: r["peak_rss_mb"])]
+    for label, value in rows:
+        plain, fast = (statistics.median(value(r) for r in runs[p]) for p in (False, True))
+        print(f"| {label} | {plain:.2f} | {fast:.2f} | {fast / plain:.2f} |")
+    for prepared in (False, True):
+        median_run = sorted(runs[prepared], key=lambda r: r["cold_image_s"])[len(runs[prepared]) // 2]
+        stages = ", ".join(f"{label} {at:.2f}" for label, at in split(median_run))
+        print(f"\ncold split, prepared={prepared}: {stages}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(k): v for k, v in runs.items()}, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prepared", choices=("yes", "no", "both"), default="yes")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(describe_machine(), flush=True)  # the figures below hold for this CPU only
+    print(precision_line(str(VENV_BIN / "python")), flush=True)
     checkpoint = ensure_checkpoint()
+    if args.prepared == "both":
+        return compare_prepared(checkpoint, args)
     runs = []
     for i in range(args.runs):
-        runs.append(one_run(checkpoint, args.size, args.steps, seed=1000 + i))
+        runs.append(one_run(checkpoint, args.size, args.steps, seed=1000 + i, prepared=args.prepared == "yes"))
         print(f"run {i + 1}: cold {runs[-1]['cold_image_s']:.2f} s, warm {runs[-1]['warm_image_s']:.2f} s", flush=True)
 
     def stat(key):

@@ -1,7 +1,8 @@
 """The machine a benchmark ran on, printed before its table: the figures only hold for that CPU.
 
 What matters for this CPU-only server is the instruction set: bf16 is only fast with avx512_bf16 or AMX
-(comfy_serverless/models/precision.py picks the dtype by measurement), and avx2 / avx512f set the fp32 speed.
+(comfy_serverless/models/precision.py decides from these flags, and measures only where they leave it open),
+and avx2 / avx512f set the fp32 speed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def describe(cpuinfo: str = "/proc/cpuinfo") -> str:
     lacks = [name for name in FLAGS_THAT_MATTER if name not in flags]
     return (f"machine: {model}, {os.cpu_count()} CPUs; has {', '.join(has) or 'none of them'}"
             f"{'; lacks ' + ', '.join(lacks) if lacks else ''}")
+
+
+def precision_line(python: str) -> str:
+    """What the server will compute in on this CPU, asked of the project's own code in `python` (a subprocess,
+    so a benchmark does not import torch itself)."""
+    import subprocess
+
+    code = ("from comfy_serverless.models import precision as p; f = p.cpu_facts(); "
+            "d = p.decide_from_capabilities(f); "
+            "print('torch', f.torch_version, '; default compute dtype', "
+            "'measured at the first start, then cached' if d is None else ('bf16' if d.bf16 else 'fp32') "
+            "+ ' (' + d.reason + ')')")
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or f"precision unknown ({done.stderr.strip()[-200:]})"
 
 
 def print_header() -> None:

@@ -1,0 +1,238 @@
+"""Side by side with ComfyUI (issue 12): time to the first image from a cold start, alternating fresh processes.
+
+    .venv/bin/python benchmarks/compare_comfyui.py --comfyui /path/to/ComfyUI --comfyui-python /path/venv/bin/python \
+        [--runs 5] [--size 256] [--steps 4] [--json out.json]
+
+Both servers get the default txt2img workflow (256x256, 4 steps, euler / normal, cfg 7) on the same full-size
+SD1.5-architecture checkpoint with random weights (benchmarks/first_image.py makes it, 2.1 GB fp16). Each run
+spawns a fresh process as a user would: ComfyUI with plain `--cpu` (its best configuration, BENCHMARKS.md),
+comfy-serverless with its defaults, runs alternating A, B, A, B. Build-time steps are done before the clock
+starts and not counted, as an image build would: comfy-serverless `snapshot` and `prepare` (the prepared
+weights, once per checkpoint and CPU class, under benchmarks/.cache/prepared). Figures per run: spawn to the
+first HTTP answer, spawn to the image file (cold), POST to done of that first prompt, POST to done of a second
+prompt with a new seed (warm), peak RSS (VmHWM). The table shows medians and the ratio ours / ComfyUI.
+
+ComfyUI needs torchvision at import time (spandrel, a few model files), and PyPI's torchvision wheel is a CUDA
+build that fails to import beside the CPU torch. For this benchmark only, ComfyUI's process gets a stand-in
+`torchvision` package on PYTHONPATH (written to a temporary folder, see TORCHVISION_STAND_IN): any attribute
+imports, any call raises. Nothing in the SD1.5 txt2img path calls torchvision, so the workflow runs as usual;
+the model files and nodes that would call it are simply never used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from coldstart import free_port  # run as a script: benchmarks/ is on sys.path
+from first_image import CACHE, CHECKPOINT, VENV_BIN, ensure_checkpoint, peak_rss_mb, run_prompt, wait_for_file
+from first_image import workflow as txt2img
+from machine import describe as describe_machine
+from machine import precision_line
+
+PREPARED = CACHE / "prepared"
+
+TORCHVISION_STAND_IN = '''"""Stand-in torchvision (benchmarks/compare_comfyui.py only): imports succeed, use raises."""
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+__version__ = "0.0.0+benchmark-stand-in"
+__path__ = []
+
+
+class _Missing:
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(self._name + "." + attr)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(self._name + ": torchvision is not installed (benchmark stand-in)")
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+def __getattr__(attr):
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return _Missing("torchvision." + attr)
+
+
+class _Module(types.ModuleType):
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(self.__name__ + "." + attr)
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _Module(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+sys.meta_path.insert(0, _Finder())
+'''
+
+FIGURES = (("spawn to first answer", "ready_s", "s"), ("spawn to image file (cold)", "cold_image_s", "s"),
+           ("POST to done, first prompt", "first_prompt_s", "s"), ("POST to done, warm, new seed", "warm_s", "s"),
+           ("peak RSS", "peak_rss_gb", "GB"))
+
+
+def write_stand_in(folder: Path) -> Path:
+    package = folder / "torchvision"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(TORCHVISION_STAND_IN)
+    return folder
+
+
+def base_with_checkpoint(checkpoint: Path, prefix: str) -> Path:
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / CHECKPOINT).symlink_to(checkpoint)
+    return base
+
+
+def ours_build(checkpoint: Path) -> tuple[list[str], dict, Path]:
+    """comfy-serverless's build steps (not timed), then its serve command line."""
+    base = base_with_checkpoint(checkpoint, "compare-ours-")
+    env = {**os.environ, "COMFY_PREPARED_DIR": str(PREPARED)}
+    quiet = ["--base-directory", str(base), "--verbose", "WARNING"]
+    subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", *quiet], check=True, cwd=base, env=env)
+    subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet], check=True,
+                   cwd=base, env=env)
+    return [str(VENV_BIN / "comfy-serverless"), "serve", "--base-directory", str(base), "--dont-print-server",
+            "--port"], env, base
+
+
+def comfyui_build(checkpoint: Path, comfyui: Path, python: str, stand_in: Path) -> tuple[list[str], dict, Path]:
+    base = base_with_checkpoint(checkpoint, "compare-comfyui-")
+    (base / "custom_nodes").mkdir()  # ComfyUI lists it before anything else
+    env = {**os.environ, "PYTHONPATH": str(stand_in), "CUDA_VISIBLE_DEVICES": ""}
+    return [python, str(comfyui / "main.py"), "--listen", "127.0.0.1", "--cpu", "--base-directory", str(base),
+            "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--dont-print-server", "--port"], env, base
+
+
+def one_run(command: list[str], env: dict, base: Path, seed: int, size: int, steps: int) -> dict:
+    port = free_port()
+    log = open(base / "server.log", "wb")
+    spawned = time.perf_counter()
+    wall_start = time.time()
+    proc = subprocess.Popen([*command, str(port)], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}); log: {base / 'server.log'}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=1).read()
+                ready = time.perf_counter() - spawned
+                break
+            except OSError:
+                time.sleep(0.005)
+        cold = run_prompt(port, txt2img(seed, size, steps), spawned)
+        image_at = wait_for_file(base / "output", wall_start, spawned)
+        warm_start = time.perf_counter()
+        warm = run_prompt(port, txt2img(seed + 1, size, steps), spawned)
+        return {"ready_s": ready, "cold_image_s": image_at, "first_prompt_s": cold["done"] - cold["posted"],
+                "warm_s": warm["done"] - (warm_start - spawned), "peak_rss_gb": peak_rss_mb(proc.pid) / 1024}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def import_torch_s(python: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([python, "-c", "import torch"], check=True)
+    return time.perf_counter() - start
+
+
+def torch_facts() -> str:
+    code = ("import torch; print(torch.__version__, torch.backends.cpu.get_cpu_capability(), "
+            "'oneDNN bf16' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no oneDNN bf16')")
+    return subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def chosen_precision(log: str) -> str:
+    for line in log.splitlines():
+        if "precision: default compute dtype" in line:
+            return line.split("precision: ", 1)[1]
+    return "set by flags"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", required=True, type=Path, help="a ComfyUI checkout (0.3.64)")
+    parser.add_argument("--comfyui-python", required=True, help="the Python of ComfyUI's own environment")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    print(describe_machine(), flush=True)
+    print(f"torch: {torch_facts()}; {precision_line(str(VENV_BIN / 'python'))}", flush=True)
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    checkpoint = ensure_checkpoint()
+    stand_in = write_stand_in(Path(tempfile.mkdtemp(prefix="torchvision-stand-in-")))
+    results: dict[str, list[dict]] = {"comfyui": [], "ours": []}
+    precision = "?"
+    for index in range(args.runs):
+        for name in ("comfyui", "ours"):
+            if name == "ours":
+                command, env, base = ours_build(checkpoint)
+            else:
+                command, env, base = comfyui_build(checkpoint, args.comfyui, args.comfyui_python, stand_in)
+            try:
+                run = one_run(command, env, base, 1000 + index, args.size, args.steps)
+                if name == "ours":
+                    precision = chosen_precision((base / "server.log").read_text(errors="replace"))
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+            results[name].append(run)
+            print(f"run {index + 1} {name}: " + ", ".join(f"{key} {value:.2f}" for key, value in run.items()),
+                  flush=True)
+    torch_import = {"comfyui": import_torch_s(args.comfyui_python), "ours": import_torch_s(str(VENV_BIN / "python"))}
+    print(f"\n{describe_machine()}; load average after: {os.getloadavg()}")
+    print(f"comfy-serverless precision: {precision}")
+    print(f"default txt2img {args.size}x{args.size}, {args.steps} steps, euler, cfg 7, full-size SD1.5 random "
+          f"weights; medians of {args.runs} alternating fresh-process runs\n")
+    print("| figure | ComfyUI 0.3.64 `--cpu` | comfy-serverless | ratio |\n|---|---|---|---|")
+    print(f"| `python -c \"import torch\"` (once) | {torch_import['comfyui']:.2f} s | {torch_import['ours']:.2f} s | "
+          f"{torch_import['ours'] / torch_import['comfyui']:.2f} |")
+    for label, key, unit in FIGURES:
+        theirs = statistics.median(r[key] for r in results["comfyui"])
+        ours = statistics.median(r[key] for r in results["ours"])
+        print(f"| {label} | {theirs:.2f} {unit} | {ours:.2f} {unit} | {ours / theirs:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": describe_machine(), "precision": precision,
+                                               "results": results, "torch_import_s": torch_import}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
