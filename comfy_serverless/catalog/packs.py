@@ -57,6 +57,7 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.loaders_extra",
     "comfy_serverless.nodes.training_data",
     "comfy_serverless.nodes.websocket_save",
+    "comfy_serverless.nodes.lora_extract_nodes",
     "comfy_serverless.nodes.guidance_extra",
     "comfy_serverless.nodes.hook_nodes",
     "comfy_serverless.nodes.unclip_loader",
