@@ -31,7 +31,7 @@ class FileList(list):
 
     def __init__(self, items, source: str):
         super().__init__(items)
-        self.source = source  # "models:<folder>", "input:images", "input:folders" or "diffusers:pipelines"
+        self.source = source  # "models:<folder>", "input:images" or "input:folders"
 
 
 class Folders:
@@ -93,24 +93,6 @@ class Folders:
         for root in self.model_dirs(folder):
             candidate = safe_join(root, relative)
             if candidate and os.path.isfile(candidate):
-                return candidate
-        return None
-
-    def diffusers_pipelines(self) -> FileList:
-        """Folders under models/diffusers holding a model_index.json (a diffusers pipeline), relative, sorted."""
-        found: set[str] = set()
-        for root in self.model_dirs("diffusers"):
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                if "model_index.json" in filenames:
-                    found.add(os.path.relpath(dirpath, root).replace(os.sep, "/"))
-        return FileList(sorted(found), "diffusers:pipelines")
-
-    def diffusers_pipeline_path(self, relative: str) -> str | None:
-        """Absolute path of a listed diffusers pipeline folder, or None; never leaves models/diffusers."""
-        for root in self.model_dirs("diffusers"):
-            candidate = safe_join(root, relative)
-            if candidate and os.path.isfile(os.path.join(candidate, "model_index.json")):
                 return candidate
         return None
 
@@ -188,8 +170,6 @@ class Folders:
             return self.input_images()
         if source == "input:folders":
             return self.input_folders()
-        if source == "diffusers:pipelines":
-            return self.diffusers_pipelines()
         return []
 
 
