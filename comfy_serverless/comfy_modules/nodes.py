@@ -119,6 +119,9 @@ class SaveImage(_SavesWhereTheInstanceSays, image_files.SaveImage):
 class PreviewImage(_SavesWhereTheInstanceSays, image_files.PreviewImage):
     pass
 
+
+_ADAPTED_BUILTINS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage}
+
 # Folders of packs' web extensions and of loaded packs, as ComfyUI keeps them; informational here.
 EXTENSION_WEB_DIRS: dict[str, str] = {}
 LOADED_MODULE_DIRS: dict[str, str] = {}
@@ -153,6 +156,9 @@ class _Registry(MutableMapping):
             for name, value in getattr(pack, self._field).items():
                 if pack.is_builtin or name not in reserved:
                     merged[name] = value
+        for name, adapter in _ADAPTED_BUILTINS.items():  # `NODE_CLASS_MAPPINGS["SaveImage"] is nodes.SaveImage`
+            if merged.get(name) is adapter.__mro__[2]:
+                merged[name] = adapter
         merged.update(self._written)
         self._cache = (stamp, merged)
         return merged
