@@ -21,7 +21,7 @@ class LoraSave:
                 "model_diff": ("MODEL", {"tooltip": "The ModelSubtract output to be converted to a lora."}),
                 "text_encoder_diff": ("CLIP", {"tooltip": "The CLIPSubtract output to be converted to a lora."}),
             },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+            "hidden": {"prompt": ("PROMPT",), "extra_pnginfo": ("EXTRA_PNGINFO",)},  # V3 style, as the reference
         }
 
     RETURN_TYPES = ()
