@@ -9,7 +9,7 @@ class CaseConverterReplica(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CaseConverter",
+            node_id="V3CaseConverter",
             display_name="Case Converter",
             category="utils/string",
             inputs=[io.String.Input("string", multiline=True),
@@ -75,7 +75,7 @@ class CFGNormReplica(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CFGNorm",
+            node_id="V3CFGNorm",
             category="advanced/guidance",
             inputs=[io.Model.Input("model"), io.Float.Input("strength", default=1.0, min=0.0, max=100.0, step=0.01)],
             outputs=[io.Model.Output(display_name="patched_model")],
@@ -119,11 +119,11 @@ class OldStyleJoin:
 
 
 NODE_CLASS_MAPPINGS = {
-    "CaseConverter": CaseConverterReplica,
+    "V3CaseConverter": CaseConverterReplica,
     "SaveVideo": SaveVideoReplica,
     "ByteDanceImageEditNode": ImageEditReplica,
-    "CFGNorm": CFGNormReplica,
+    "V3CFGNorm": CFGNormReplica,
     "LoadVideo": LoadVideoReplica,
     "OldStyleJoin": OldStyleJoin,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {"CaseConverter": "ignored for V3 nodes", "OldStyleJoin": "Old Style Join"}
+NODE_DISPLAY_NAME_MAPPINGS = {"V3CaseConverter": "ignored for V3 nodes", "OldStyleJoin": "Old Style Join"}
