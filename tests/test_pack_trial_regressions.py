@@ -135,3 +135,14 @@ def test_flexible_optional_inputs_reach_the_node(trial_server):
         "lora_2": {"on": False, "lora": "b.safetensors", "strength": 0.5}}}})
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["1"]["text"] == ["lora_1:a.safetensors,lora_2:b.safetensors"]
+
+
+def test_align_your_steps_from_comfy_extras(trial_server):
+    from comfy_serverless.sampling.sigma_schedules import align_your_steps_sigmas
+
+    entry = trial_server.run({"1": {"class_type": "TrialAlignYourSteps", "inputs": {"steps": 7}}})
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    sigmas = entry["outputs"]["1"]["sigmas"]
+    assert sigmas == [round(float(value), 3) for value in align_your_steps_sigmas("SD1", 7, 1.0)]
+    assert len(sigmas) == 8 and sigmas[0] == 14.615 and sigmas[-1] == 0.0  # AYS's SD1 start, then the final 0
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))

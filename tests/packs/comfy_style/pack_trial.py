@@ -7,6 +7,7 @@ import random
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
 
 import nodes
 from nodes import SaveImage
@@ -122,7 +123,25 @@ class TrialFlexibleLoras:
         return {"ui": {"text": [",".join(names)]}, "result": (",".join(names),)}
 
 
+class TrialAlignYourSteps:
+    """efficiency-nodes' "AYS SD1" scheduler: the core AYS node called as a function for its sigmas."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 10, "min": 1, "max": 100})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "sigmas"
+    CATEGORY = "comfy_style"
+    OUTPUT_NODE = True
+
+    def sigmas(self, steps):
+        (sigmas,) = AlignYourStepsScheduler().get_sigmas("SD1", steps, denoise=1.0)
+        return {"ui": {"sigmas": [round(float(value), 3) for value in sigmas]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "TrialAlignYourSteps": TrialAlignYourSteps,
     "TrialImageResize": TrialImageResize,
     "TrialMaskPreview": TrialMaskPreview,
     "TrialSaveToUserFolder": TrialSaveToUserFolder,
