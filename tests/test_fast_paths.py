@@ -155,7 +155,7 @@ def test_server_image_same_with_and_without(tmp_path, start_server):
     images = []
     for setting in ("0", "1"):
         srv = start_server("--force-fp32", env={fast_paths.ENV: setting}, base=tmp_path)
-        entry = srv.run(_txt2img())
+        entry = srv.wait_history(srv.queue_prompt(_txt2img())["prompt_id"], timeout=300)  # a loaded machine
         assert entry["status"]["status_str"] == "success", entry["status"]
         png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
         images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))

@@ -155,6 +155,10 @@ def _txt2img_with_lora(ckpt: str, lora: str) -> dict:
     }
 
 
+def _run(srv, prompt: dict) -> dict:
+    return srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)  # the machine may be loaded
+
+
 def _image(srv, entry) -> bytes:
     assert entry["status"]["status_str"] == "success", entry["status"]
     image = entry["outputs"]["9"]["images"][0]
@@ -170,10 +174,10 @@ def test_server_with_prepared_weights_gives_the_same_image_with_a_lora(base, sta
     assert "prepare: checkpoints/tiny.safetensors" in done.stderr + done.stdout
     prompt = _txt2img_with_lora("tiny.safetensors", "tiny-lora.safetensors")
     with_prepared = start_server(env=env, base=base)
-    first = _image(with_prepared, with_prepared.run(prompt))
+    first = _image(with_prepared, _run(with_prepared, prompt))
     assert "using prepared weights" in with_prepared.log()
     with_prepared.stop()
     without = start_server(env={prepared.DIR_ENV: str(base / "nothing-here")}, base=base)
-    second = _image(without, without.run(prompt))
+    second = _image(without, _run(without, prompt))
     assert "using prepared weights" not in without.log()
     assert first == second
