@@ -198,7 +198,9 @@ class HTTPServer:
         except (ConnectionError, asyncio.IncompleteReadError, h11.RemoteProtocolError, TimeoutError):
             pass
         except asyncio.CancelledError:
-            raise
+            # the loop's end cancels open connections (a WebSocket at SIGTERM); ending normally keeps Python
+            # 3.11's stream callback, which calls task.exception() on it, from logging a CancelledError
+            return
         except Exception:
             log.exception("connection error")
         finally:
