@@ -185,6 +185,19 @@ def chosen_precision(log: str) -> str:
     return "set by flags"
 
 
+def print_table(results: dict, precision: str, args) -> None:
+    runs = len(results["ours"])
+    print(f"\n{describe_machine()}; load average now: {os.getloadavg()}")
+    print(f"comfy-serverless {precision}")
+    print(f"default txt2img {args.size}x{args.size}, {args.steps} steps, euler, cfg 7, full-size SD1.5 random "
+          f"weights; medians of {runs} alternating fresh-process runs\n")
+    print("| figure | ComfyUI 0.3.64 `--cpu` | comfy-serverless | ratio |\n|---|---|---|---|")
+    for label, key, unit in FIGURES:
+        theirs = statistics.median(r[key] for r in results["comfyui"])
+        ours = statistics.median(r[key] for r in results["ours"])
+        print(f"| {label} | {theirs:.2f} {unit} | {ours:.2f} {unit} | {ours / theirs:.2f} |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True, type=Path, help="a ComfyUI checkout (0.3.64)")
@@ -197,6 +210,9 @@ def main() -> int:
     print(describe_machine(), flush=True)
     print(f"torch: {torch_facts()}; {precision_line(str(VENV_BIN / 'python'))}", flush=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
+    torch_import = {"comfyui": import_torch_s(args.comfyui_python), "ours": import_torch_s(str(VENV_BIN / "python"))}
+    print(f"python -c 'import torch': ComfyUI's environment {torch_import['comfyui']:.2f} s, ours "
+          f"{torch_import['ours']:.2f} s", flush=True)
     checkpoint = ensure_checkpoint()
     stand_in = write_stand_in(Path(tempfile.mkdtemp(prefix="torchvision-stand-in-")))
     results: dict[str, list[dict]] = {"comfyui": [], "ours": []}
@@ -216,18 +232,7 @@ def main() -> int:
             results[name].append(run)
             print(f"run {index + 1} {name}: " + ", ".join(f"{key} {value:.2f}" for key, value in run.items()),
                   flush=True)
-    torch_import = {"comfyui": import_torch_s(args.comfyui_python), "ours": import_torch_s(str(VENV_BIN / "python"))}
-    print(f"\n{describe_machine()}; load average after: {os.getloadavg()}")
-    print(f"comfy-serverless precision: {precision}")
-    print(f"default txt2img {args.size}x{args.size}, {args.steps} steps, euler, cfg 7, full-size SD1.5 random "
-          f"weights; medians of {args.runs} alternating fresh-process runs\n")
-    print("| figure | ComfyUI 0.3.64 `--cpu` | comfy-serverless | ratio |\n|---|---|---|---|")
-    print(f"| `python -c \"import torch\"` (once) | {torch_import['comfyui']:.2f} s | {torch_import['ours']:.2f} s | "
-          f"{torch_import['ours'] / torch_import['comfyui']:.2f} |")
-    for label, key, unit in FIGURES:
-        theirs = statistics.median(r[key] for r in results["comfyui"])
-        ours = statistics.median(r[key] for r in results["ours"])
-        print(f"| {label} | {theirs:.2f} {unit} | {ours:.2f} {unit} | {ours / theirs:.2f} |")
+        print_table(results, precision, args)  # after every pair: a cut-short run still leaves a table
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": describe_machine(), "precision": precision,
                                                "results": results, "torch_import_s": torch_import}, indent=2))
