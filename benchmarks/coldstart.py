@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from machine import describe as describe_machine  # run as a script: benchmarks/ is on sys.path
+from machine import precision_line
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -124,6 +125,7 @@ def main() -> int:
         sys.exit("run scripts/setup.sh first")
     machine = describe_machine()
     print(machine, flush=True)  # the figures below hold for this CPU only
+    print(precision_line(str(VENV_BIN / "python")), flush=True)
 
     base = Path(tempfile.mkdtemp(prefix="coldstart-"))
     results: dict[str, list[float]] = {k: [] for k in (
