@@ -126,9 +126,6 @@ def test_load_lora_for_models_matches_lora_loader(trial_server, which, strength_
     assert not np.array_equal(images["pack"], images["plain"])  # the LoRA changed the picture
 
 
-@pytest.mark.xfail(strict=True, reason="engine/executor.py input_info reads INPUT_TYPES with dict.get, which skips "
-                   "a pack's dict subclass that claims every name (rgthree's FlexibleOptionalInputType), so widget "
-                   "values of undeclared inputs never reach the node; see the pack-trial report")
 def test_flexible_optional_inputs_reach_the_node(trial_server):
     entry = trial_server.run({"1": {"class_type": "TrialFlexibleLoras", "inputs": {
         "lora_1": {"on": True, "lora": "a.safetensors", "strength": 1.0},

@@ -101,7 +101,9 @@ class PromptRun:
         """(category, options) of a declared input, or (None, None)."""
         types = self.input_types(self.dynprompt.get_node(node_id)["class_type"])
         for category in ("required", "optional", "hidden"):
-            spec = (types.get(category) or {}).get(name)
+            # `in` then [], as ComfyUI asks: a pack's dict subclass may claim every name (rgthree's flexible inputs).
+            section = types.get(category)  # not `or {}`: such a subclass is empty, hence falsy
+            spec = section[name] if section is not None and name in section else None
             if spec is not None:
                 options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 else {}
                 return category, options if isinstance(options, dict) else {}

@@ -35,12 +35,14 @@ from ..networks.unet import UNetConfig
 
 
 class LoraEntry(NamedTuple):
-    """One low-rank update: weight += strength * (alpha / rank) * up @ [mid] @ down."""
+    """One low-rank update: weight += strength * (alpha / rank) * up @ [mid] @ down; or, with ``diff``, a whole
+    difference (ComfyUI's ".diff" / ".diff_b" keys, as LoraSave's full_diff and bias_diff write them)."""
 
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
-    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw] ([rank, in, 1, 1] with a mid)
+    up: torch.Tensor | None  # [out, rank] or [out, rank, 1, 1]
+    down: torch.Tensor | None  # [rank, in] or [rank, in, kh, kw] ([rank, in, 1, 1] with a mid)
     alpha: float | None  # None: scale 1
     mid: torch.Tensor | None = None  # Tucker core [rank, rank, kh, kw]
+    diff: torch.Tensor | None = None  # weight (or bias) += strength * diff
 
 
 @dataclass
@@ -159,6 +161,7 @@ _ROLE_SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".diff", "diff"), (".diff_b", "diff_b"),
 )
 # Old diffusers attention processors: <attention>.processor.to_q_lora.down.weight
 _PROCESSOR_KEY = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -224,7 +227,8 @@ def parse_lora(lora: Mapping[str, torch.Tensor], models: Mapping[str, nn.Module]
         keys = [key for key, _ in parts.values()]
         route = _route(module, first_text_encoder)
         target_name = route[0] if route else None
-        if target_name not in models or "up" not in parts or "down" not in parts:
+        low_rank = "up" in parts and "down" in parts
+        if target_name not in models or not (low_rank or "diff" in parts or "diff_b" in parts):
             result.unmapped.extend(keys)
             continue
         if target_name not in tables:
@@ -234,16 +238,47 @@ def parse_lora(lora: Mapping[str, torch.Tensor], models: Mapping[str, nn.Module]
         aliases, flattened = tables[target_name]
         _, name, is_flat = route
         target = aliases.get(flattened.get(name, "") if is_flat else name)
-        alpha = parts.get("alpha")
-        mid = parts.get("mid")
-        entry = LoraEntry(up=parts["up"][1], down=parts["down"][1],
-                          alpha=None if alpha is None else float(alpha[1].item()),
-                          mid=None if mid is None else mid[1])
-        if target is None or not _fits(entry, target):
+        if target is None:
             result.unmapped.extend(keys)
             continue
-        result.targets.setdefault(target_name, {}).setdefault(target.param, []).append(entry)
+        patched = result.targets.setdefault(target_name, {})
+        if low_rank:
+            alpha = parts.get("alpha")
+            mid = parts.get("mid")
+            entry = LoraEntry(up=parts["up"][1], down=parts["down"][1],
+                              alpha=None if alpha is None else float(alpha[1].item()),
+                              mid=None if mid is None else mid[1])
+            if _fits(entry, target):
+                patched.setdefault(target.param, []).append(entry)
+            else:
+                low_rank_roles = ("up", "down", "alpha", "mid")
+                result.unmapped.extend(key for role, (key, _) in parts.items() if role in low_rank_roles)
+        for role, param in (("diff", target.param), ("diff_b", target.param.removesuffix("weight") + "bias")):
+            if role not in parts:
+                continue
+            key, tensor = parts[role]
+            shape = target.shape if role == "diff" else _parameter_shape(models[target_name], param)
+            if shape is None or tensor.numel() != _numel(shape):
+                result.unmapped.append(key)
+                continue
+            patched.setdefault(param, []).append(LoraEntry(None, None, None, diff=tensor))
+        if not patched:
+            del result.targets[target_name]
     return result
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _parameter_shape(model: nn.Module, name: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(model.get_parameter(name).shape)
+    except AttributeError:
+        return None
 
 
 def load_lora(path, models: Mapping[str, nn.Module]) -> LoraPatches:
@@ -261,7 +296,10 @@ def load_lora(path, models: Mapping[str, nn.Module]) -> LoraPatches:
 
 
 def lora_delta(entry: LoraEntry, shape: Sequence[int]) -> torch.Tensor:
-    """The float32 update (alpha / rank) * up @ [mid] @ down, shaped like the patched weight (part)."""
+    """The float32 update (alpha / rank) * up @ [mid] @ down (or the entry's whole diff), shaped like the patched
+    weight (part)."""
+    if entry.diff is not None:
+        return entry.diff.float().reshape(tuple(shape))
     up = entry.up.float().flatten(1)
     down = entry.down.float().flatten(1)
     rank = down.shape[0]

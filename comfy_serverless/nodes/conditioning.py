@@ -37,8 +37,8 @@ class CLIPTextEncode:
         if clip is None:
             raise RuntimeError("clip input is invalid: None. If it comes from a checkpoint loader, the "
                                "checkpoint has no text encoder.")
-        cond, pooled = clip.encode(text)
-        return ([[cond, {"pooled_output": pooled}]],)
+        # As ComfyUI: scheduled encoding, so a CLIP with hooks (SetClipHooks) encodes per keyframe range.
+        return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
 
 
 class CLIPSetLastLayer:

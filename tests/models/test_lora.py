@@ -224,6 +224,28 @@ def test_tucker_conv_and_diffusers_processor_keys(checkpoints):
     applied.undo()
 
 
+def test_whole_weight_and_bias_differences(checkpoints):
+    """ComfyUI's ".diff" / ".diff_b" keys (LoraSave's full_diff and bias_diff) add whole differences."""
+    models = load_models(checkpoints["sd15"])
+    generator = torch.Generator().manual_seed(2)
+    conv = "lora_unet_mid_block_resnets_0_conv1"  # [64, 64, 3, 3] with a bias
+    weight_diff = torch.randn(64, 64, 3, 3, generator=generator)
+    bias_diff = torch.randn(64, generator=generator)
+    lora = {f"{conv}.diff": weight_diff, f"{conv}.diff_b": bias_diff,
+            "lora_unet_mid_block_resnets_0_conv2.diff": torch.randn(3, generator=generator)}  # wrong size
+    patches = parse_lora(lora, models)
+    assert patches.unmapped == ["lora_unet_mid_block_resnets_0_conv2.diff"]
+    unet = models["unet"]
+    weight, bias = "middle_block.0.in_layers.2.weight", "middle_block.0.in_layers.2.bias"
+    originals = [unet.get_parameter(name).detach().clone() for name in (weight, bias)]
+    applied = apply_lora(unet, patches.targets["unet"], strength=0.5)
+    for name, original, diff in zip((weight, bias), originals, (weight_diff, bias_diff)):
+        want = (original.float() + 0.5 * diff).to(original.dtype)
+        torch.testing.assert_close(unet.get_parameter(name), want, rtol=0, atol=2e-3)
+    applied.undo()
+    assert torch.equal(unet.get_parameter(weight), originals[0])
+
+
 def test_stacked_loras_equal_one_after_the_other(folder, checkpoints):
     models = load_models(checkpoints["sd15"])
     unet = models["unet"]
