@@ -27,11 +27,60 @@ _ANNOTATION = re.compile(r"^(.*) \[(output|input|temp)\]$")
 
 
 class FileList(list):
-    """A combo list read from disk; the catalogue stores where it came from, not its contents."""
+    """A combo list read from disk; the catalogue stores where it came from, not its contents.
 
-    def __init__(self, items, source: str):
+    Packs build combos as `["None"] + folder_paths.get_filename_list("loras")` or insert/append to the list:
+    such fixed items are remembered (`before`, `after`) so the combo stays live with them. Any other change
+    (sorting, removing) makes it a plain list, frozen at catalogue time (`edited`).
+    """
+
+    def __init__(self, items, source: str, before: tuple = (), after: tuple = ()):
         super().__init__(items)
         self.source = source  # "models:<folder>", "input:images" or "input:folders"
+        self.before, self.after = tuple(before), tuple(after)
+        self.edited = False
+
+    def __add__(self, other):
+        if isinstance(other, FileList) or not isinstance(other, (list, tuple)):
+            return list(self) + list(other)
+        return FileList(list(self) + list(other), self.source, self.before, self.after + tuple(other))
+
+    def __radd__(self, other):
+        if not isinstance(other, (list, tuple)):
+            return NotImplemented
+        return FileList(list(other) + list(self), self.source, tuple(other) + self.before, self.after)
+
+    def insert(self, index, item):
+        if index == 0 and not self.edited:
+            self.before = (item,) + self.before
+        else:
+            self.edited = True
+        super().insert(index, item)
+
+    def append(self, item):
+        self.after = self.after + (item,)
+        super().append(item)
+
+    def extend(self, items):
+        items = list(items)
+        self.after = self.after + tuple(items)
+        super().extend(items)
+
+    def __iadd__(self, items):
+        self.extend(items)
+        return self
+
+    def _edited(name):  # noqa: N805 - builds the methods below
+        def method(self, *args, **kwargs):
+            self.edited = True
+            return getattr(list, name)(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    for _name in ("remove", "pop", "sort", "reverse", "clear", "__setitem__", "__delitem__"):
+        locals()[_name] = _edited(_name)
+    del _name, _edited
 
 
 class Folders:

@@ -49,8 +49,8 @@ class NodeSpec:
 
 def fill_file_lists(value, folders):
     if isinstance(value, dict):
-        if FILES_MARKER in value and len(value) == 1:
-            return list(folders.file_list(value[FILES_MARKER]))
+        if FILES_MARKER in value and set(value) <= {FILES_MARKER, "before", "after"}:
+            return value.get("before", []) + list(folders.file_list(value[FILES_MARKER])) + value.get("after", [])
         return {k: fill_file_lists(v, folders) for k, v in value.items()}
     if isinstance(value, list):
         return [fill_file_lists(v, folders) for v in value]

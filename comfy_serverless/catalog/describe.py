@@ -20,8 +20,13 @@ FILES_MARKER = "__files__"
 
 def to_json_value(value):
     """Tuples to lists, disk-backed combos to markers, anything else JSON can't hold to its str()."""
-    if isinstance(value, FileList):
-        return {FILES_MARKER: value.source}
+    if isinstance(value, FileList) and not value.edited:
+        marker: dict = {FILES_MARKER: value.source}
+        if value.before:
+            marker["before"] = to_json_value(list(value.before))
+        if value.after:
+            marker["after"] = to_json_value(list(value.after))
+        return marker
     if isinstance(value, (list, tuple)):
         return [to_json_value(v) for v in value]
     if isinstance(value, dict):
