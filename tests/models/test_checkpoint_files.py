@@ -255,11 +255,11 @@ def test_unsupported_unet_variants(files):
     video = {**state_dict, UNET_PREFIX + "input_blocks.1.1.time_stack.0.attn1.to_q.weight": torch.zeros(2, 2)}
     with pytest.raises(CheckpointError, match="video model"):
         detect_architecture(video)
-    # unCLIP is an SDXL-shaped UNet with 1024-wide context; faked here by widening the cross-attention.
-    unclip = {key: (torch.zeros(value.shape[0], 1024) if key.endswith("attn2.to_k.weight") else value)
-              for key, value in open_state_dict(files["sdxl"]).items()}
-    with pytest.raises(CheckpointError, match="unCLIP"):
-        detect_architecture(unclip)
+    # An SDXL-shaped UNet whose text is 1024 wide matches no family: the error says what it looks like.
+    mismatched = {key: (torch.zeros(value.shape[0], 1024) if key.endswith("attn2.to_k.weight") else value)
+                  for key, value in open_state_dict(files["sdxl"]).items()}
+    with pytest.raises(CheckpointError, match="SDXL-like UNet with text width 1024"):
+        detect_architecture(mismatched)
     distilled = {key: value for key, value in state_dict.items() if ".output_blocks.5." not in key}
     with pytest.raises(CheckpointError, match="distilled or modified"):
         detect_architecture(distilled)
