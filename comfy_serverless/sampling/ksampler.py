@@ -11,6 +11,7 @@ The pieces, in the order a KSampler node uses them:
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -57,9 +58,19 @@ def prepare_noise_mask(noise_mask: torch.Tensor, shape: Sequence[int], device=No
     return mask.to(device) if device is not None else mask
 
 
+def scheduler_from_packs(scheduler: str):
+    """The sigma function of a scheduler a pack added the way ComfyUI lets it (efficiency-nodes' "AYS SD1"): the
+    name appended to comfy.samplers.KSampler.SCHEDULERS and comfy.samplers.calculate_sigmas replaced; else None."""
+    module = sys.modules.get("comfy.samplers")
+    if module is None or scheduler not in getattr(getattr(module, "KSampler", None), "SCHEDULERS", ()):
+        return None
+    function = getattr(module, "calculate_sigmas", None)
+    return None if function is None or function is getattr(module, "OWN_CALCULATE_SIGMAS", None) else function
+
+
 def check_names(sampler_name: str, scheduler: str) -> None:
     get_sampler(sampler_name)
-    if scheduler not in SCHEDULERS:
+    if scheduler not in SCHEDULERS and scheduler_from_packs(scheduler) is None:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {SCHEDULER_NAMES}")
 
 
@@ -71,7 +82,8 @@ def compute_sigmas(model_sampling, scheduler: str, sampler_name: str, steps: int
 
     def full_schedule(count: int) -> torch.Tensor:
         discard_penultimate = sampler_name in DISCARD_PENULTIMATE_SIGMA_SAMPLERS
-        sigmas = calculate_sigmas(model_sampling, scheduler, count + 1 if discard_penultimate else count)
+        calculate = calculate_sigmas if scheduler in SCHEDULERS else scheduler_from_packs(scheduler)
+        sigmas = torch.as_tensor(calculate(model_sampling, scheduler, count + 1 if discard_penultimate else count))
         if discard_penultimate:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return sigmas

@@ -3,6 +3,8 @@ loaders (comfy_serverless.sampling does the work)."""
 
 from __future__ import annotations
 
+import numpy as np  # noqa: F401  (ComfyUI's module imports it; packs do `from comfy.sample import np`)
+
 from comfy_serverless.catalog.comfy_modules import missing_attribute
 
 

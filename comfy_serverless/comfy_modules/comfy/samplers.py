@@ -27,6 +27,11 @@ def calculate_sigmas(model_sampling, scheduler_name: str, steps: int):
     return ours(model_sampling, scheduler_name, steps)
 
 
+# Packs that add schedulers replace calculate_sigmas and extend KSampler.SCHEDULERS (efficiency-nodes' "AYS SD1");
+# sampling/ksampler.py then asks the replacement for those names.
+OWN_CALCULATE_SIGMAS = calculate_sigmas
+
+
 class KSampler:
     """KSampler as an object: `KSampler(model, steps, device, sampler, scheduler, denoise).sample(noise, positive,
     negative, cfg, latent_image, ...)` with a MODEL from this server's loaders."""
