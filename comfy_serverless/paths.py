@@ -70,17 +70,35 @@ class FileList(list):
         self.extend(items)
         return self
 
-    def _edited(name):  # noqa: N805 - builds the methods below
-        def method(self, *args, **kwargs):
-            self.edited = True
-            return getattr(list, name)(self, *args, **kwargs)
+    # Any other change: the list is no longer "the files plus fixed items".
 
-        method.__name__ = name
-        return method
+    def remove(self, item):
+        self.edited = True
+        super().remove(item)
 
-    for _name in ("remove", "pop", "sort", "reverse", "clear", "__setitem__", "__delitem__"):
-        locals()[_name] = _edited(_name)
-    del _name, _edited
+    def pop(self, index=-1):
+        self.edited = True
+        return super().pop(index)
+
+    def sort(self, *args, **kwargs):
+        self.edited = True
+        super().sort(*args, **kwargs)
+
+    def reverse(self):
+        self.edited = True
+        super().reverse()
+
+    def clear(self):
+        self.edited = True
+        super().clear()
+
+    def __setitem__(self, index, value):
+        self.edited = True
+        super().__setitem__(index, value)
+
+    def __delitem__(self, index):
+        self.edited = True
+        super().__delitem__(index)
 
 
 class Folders:

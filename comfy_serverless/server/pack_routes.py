@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import threading
+from typing import Any
 
 from .. import context, paths
 from ..catalog import packs
@@ -62,7 +63,7 @@ class RouteDef:
         self.path = path
         self.handler = handler
         self.kwargs = kwargs
-        self.websocket_server = None  # aiohttp's server for WebSocket upgrades to this route, made on first use
+        self.websocket_server: Any = None  # aiohttp's server for WebSocket upgrades to this route, made on first use
 
     def __repr__(self) -> str:
         return f"<RouteDef {self.method} {self.path} -> {getattr(self.handler, '__qualname__', self.handler)!r}>"
