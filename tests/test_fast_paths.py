@@ -61,6 +61,21 @@ def test_conv_input_layout(monkeypatch):
     assert fast_paths.conv_input(x) is x
 
 
+def test_default_policy_follows_the_measurements(monkeypatch):
+    monkeypatch.setenv(fast_paths.ENV, "auto")
+    monkeypatch.setattr(fast_paths, "_cpu_has_avx512", lambda: True)
+    assert fast_paths.channels_last_enabled("vae") and not fast_paths.channels_last_enabled("unet")
+    x = seeded(1, 4, 8, 8)
+    assert fast_paths.conv_input(x, "unet") is x
+    assert fast_paths.conv_input(x, "vae").is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(fast_paths, "_cpu_has_avx512", lambda: False)  # AVX2-only: the UNet gains too
+    assert fast_paths.channels_last_enabled("vae") and fast_paths.channels_last_enabled("unet")
+    monkeypatch.setenv(fast_paths.ENV, "unet")
+    assert fast_paths.channels_last_enabled("unet") and not fast_paths.channels_last_enabled("vae")
+    monkeypatch.setenv(fast_paths.ENV, "none")
+    assert not fast_paths.channels_last_enabled("unet") and not fast_paths.channels_last_enabled("vae")
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_unet_same_result(monkeypatch, unet, dtype, tolerance):
     model = copy.deepcopy(unet).to(dtype)

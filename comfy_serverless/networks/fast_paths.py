@@ -6,9 +6,12 @@ whole graph in channels_last: convolutions, GroupNorm and SiLU keep the format, 
 NCHW -> tokens permute becomes a free view. Weights stay as they are (memory-mapped): oneDNN reorders
 weights into its blocked format on every call whatever their layout, so converting them buys nothing.
 
-Measured (issue 12): on an AVX2-only AMD EPYC, UNet step 3.92 -> 3.59 s and VAE decode 4.52 -> 4.11 s (fp32,
-256 px). On an AMD EPYC with avx512_bf16 under load (CPU seconds of the process, 2 threads, min of runs):
-see the numbers recorded in benchmarks/compare_comfyui.py's README section.
+Measured, and so the default policy (COMFY_CHANNELS_LAST=auto):
+- AVX2-only AMD EPYC (issue 12, fp32, 256 px): UNet step 3.92 -> 3.59 s, VAE decode 4.52 -> 4.11 s: both on.
+- AMD EPYC with AVX-512 + avx512_bf16 (2026-12-01, this project's machine, 2 threads, min of 3-4 alternating
+  rounds, loaded machine): VAE decode 256 px bf16 0.89 -> 0.71 s and 0.90 -> 0.76 s, fp32 2.94 -> 2.65 s: on;
+  UNet step (batch 2, 32x32) bf16 0.74 -> 0.95 s and 0.89 -> 0.98 s, fp32 6.4 -> 9.9 s: slower, so off.
+So the VAE always runs channels_last, the UNet only on CPUs without AVX-512.
 
 Results equal the NCHW path within rounding (fp32: ~2e-5 absolute on a full UNet; bf16: bf16 rounding).
 
@@ -18,34 +21,52 @@ results go back to channels_last (`plain_layout_block_patches`), so an identity 
 patches see [B, tokens, C] tensors, contiguous in either layout. ControlNet residuals, LoRA (replaced weights)
 and interrupts are unaffected. COMFY_CHANNELS_LAST=0 turns it off.
 
-Also tried: fused GroupNorm + SiLU (torch 2.13 has no eager CPU kernel for it; only torch.compile fuses) and
-oneDNN weight prepacking (torch.utils.mkldnn modules need mkldnn-layout tensors end to end and cannot take
-LoRA patches or per-call weight swaps) - left out.
+Not done (no time to measure them): fused GroupNorm + SiLU (torch 2.13 has no eager CPU kernel for it; only
+torch.compile fuses) and oneDNN weight prepacking (torch.utils.mkldnn modules need mkldnn-layout tensors end
+to end and cannot take LoRA patches or per-call weight swaps); AOTInductor and OpenVINO.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 ENV = "COMFY_CHANNELS_LAST"
+_OFF = ("0", "false", "no", "off", "none")
+_ALL = ("1", "true", "yes", "on", "all")
 
 
-def channels_last_enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    from ..models.precision import read_cpu_flags  # standard library only at import
+
+    return "avx512f" in read_cpu_flags()[1]
 
 
-def conv_input(x: torch.Tensor) -> torch.Tensor:
-    """`x` [B, C, H, W] in the memory format the network's convolutions run fastest in (values unchanged)."""
-    if x.dim() != 4 or x.device.type != "cpu" or not channels_last_enabled():
+def channels_last_enabled(network: str = "unet") -> bool:
+    """COMFY_CHANNELS_LAST: auto (default; the measured policy above), 1/all, 0/none, unet or vae."""
+    setting = os.environ.get(ENV, "auto").strip().lower()
+    if setting in _OFF:
+        return False
+    if setting in _ALL:
+        return True
+    if setting in ("unet", "vae"):
+        return network == setting
+    return network == "vae" or not _cpu_has_avx512()
+
+
+def conv_input(x: torch.Tensor, network: str = "unet") -> torch.Tensor:
+    """`x` [B, C, H, W] in the memory format `network`'s convolutions run fastest in (values unchanged)."""
+    if x.dim() != 4 or x.device.type != "cpu" or not channels_last_enabled(network):
         return x
     return x.contiguous(memory_format=torch.channels_last)
 
 
 def plain_layout_block_patches(patches: dict) -> dict:
     """`patches` with the UNet's 4D block patches wrapped to see NCHW-contiguous tensors (see module doc)."""
-    if not patches or not channels_last_enabled():
+    if not patches or not channels_last_enabled("unet"):
         return patches
     wrapped = dict(patches)
     for name in ("input_block_patch", "input_block_patch_after_skip"):

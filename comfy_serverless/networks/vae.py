@@ -215,7 +215,7 @@ class AutoencoderKL(nn.Module):
 
     def encode_distribution(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of the latent Gaussian for ``pixels`` [B, 3, H, W] in [-1, 1]."""
-        moments = self.quant_conv(self.encoder(conv_input(pixels.to(self.dtype)))).contiguous()  # fast_paths.py
+        moments = self.quant_conv(self.encoder(conv_input(pixels.to(self.dtype), "vae"))).contiguous()  # fast_paths
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -229,7 +229,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, 8H, 8W] (roughly [-1, 1], unclamped) from unscaled latents [B, 4, H, W]."""
-        return self.decoder(self.post_quant_conv(conv_input(latents.to(self.dtype)))).contiguous()  # fast_paths.py
+        return self.decoder(self.post_quant_conv(conv_input(latents.to(self.dtype), "vae"))).contiguous()  # fast_paths
 
     def decode_tiled(
         self, latents: torch.Tensor, tile_size: int | tuple[int, int] = 64, overlap: int = 16
