@@ -4,7 +4,8 @@
                                    .ckpt/.pt/.pth/.bin with torch.load(weights_only=True, mmap=True)
     detect_architecture(sd, meta)  SD1.x / SD2.x (eps or v) / SDXL base / SDXL refiner, and their inpainting
                                    (9-channel) and InstructPix2Pix (8-channel) UNets, SD 2.1 unCLIP (an SD2 UNet
-                                   with a y input for image embeddings), every config read from the shapes
+                                   with a y input for image embeddings), the SD x4 upscaler (7-channel UNet
+                                   with a noise-level class label), every config read from the shapes
     noise_augmentor_state(sd)      an unCLIP file's noise_augmentor.* buffers, prefix stripped
     split_checkpoint(sd, arch)     UNet, text encoder and VAE weights with their prefixes stripped (same tensors)
     split_vae(sd)                  a VAELoader file (or the VAE inside a checkpoint) and its config
@@ -45,11 +46,19 @@ log = logging.getLogger(__name__)
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUPPORTED = ("supported: SD1.x, SD2.x, SDXL base and refiner (also their inpainting and instruct-pix2pix UNets), "
-             "SD 2.1 unCLIP")
+             "SD 2.1 unCLIP, the SD x4 upscaler")
 FAMILY_NAMES = {"sd15": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 # UNet inputs besides the 4 latent channels: ComfyUI's concat keys, by total input channels.
 CONCAT_KINDS = {9: "inpaint", 8: "ip2p"}
 CONCAT_NAMES = {"inpaint": "inpainting", "ip2p": "instruct-pix2pix"}
+# The SD x4 upscaler: 4 latent + 3 low-res image channels, the noise level as a class label (label_emb.weight),
+# 8 heads everywhere, attn1 attending to the text on the outer levels; always v-prediction; its own latent scale.
+X4_UPSCALER_IN_CHANNELS = 7
+X4_UPSCALER_LATENT_SCALE = 0.08333
+X4_UPSCALER_UNET = UNetConfig(in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                              transformer_depth=(0, 1, 1, 1), transformer_depth_middle=1, context_dim=1024,
+                              num_heads=8, num_head_channels=None, use_linear_in_transformer=True, num_classes=1000,
+                              cross_attention_only=(False, True, True, False))
 # unCLIP files: y is [noise-augmented image embedding, noise level embedding]; the augmentation schedule's buffers
 # and the image encoder (OpenCLIP layout) live under these prefixes. Real files: y 1536 (unclip-l), 2048 (-h).
 NOISE_AUGMENTOR_PREFIX = "noise_augmentor."
@@ -236,16 +245,19 @@ class Architecture:
     concat_kind: str | None = None
     # SD 2.1 unCLIP: an SD2 UNet whose y is a noise-augmented CLIP image embedding (models/unclip.py).
     unclip: bool = False
+    # The SD x4 upscaler (family sd2 for its text encoder): c_concat is the low-res image, y its noise level.
+    x4_upscaler: bool = False
 
     @property
     def description(self) -> str:
         prediction = "v-prediction" if self.prediction == "v_prediction" else "eps"
         kind = f" {CONCAT_NAMES[self.concat_kind]}" if self.concat_kind else ""
         kind += " unCLIP" if self.unclip else ""
+        kind += " x4 upscaler" if self.x4_upscaler else ""
         return f"{FAMILY_NAMES[self.family]}{kind} ({prediction}, {self.size} size)"
 
 
-_IN_CHANNELS = {5: "a depth-conditioned model", 7: "an upscaler model"}
+_IN_CHANNELS = {5: "a depth-conditioned model", 7: "an upscaler model without a noise-level embedding"}
 
 
 def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
@@ -257,8 +269,10 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], metadata: Mappin
     arch = detect_unet(strip_prefix(state_dict, UNET_PREFIX), metadata, state_dict)
     text_encoders = _text_encoders(state_dict, arch.family)
     _check_text_widths(arch.unet_config, text_encoders, arch.family, state_dict)
-    return dataclasses.replace(arch, text_encoders=text_encoders,
-                               vae_config=_vae_config(strip_prefix(state_dict, VAE_PREFIX), arch.family))
+    vae_config = _vae_config(strip_prefix(state_dict, VAE_PREFIX), arch.family)
+    if vae_config is not None and arch.x4_upscaler:
+        vae_config = dataclasses.replace(vae_config, scaling_factor=X4_UPSCALER_LATENT_SCALE)
+    return dataclasses.replace(arch, text_encoders=text_encoders, vae_config=vae_config)
 
 
 def detect_unet(unet: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
@@ -275,10 +289,14 @@ def detect_unet(unet: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
     in_channels = shape_config["in_channels"]
     has_label_emb = shape_config["adm_in_channels"] is not None
     unclip = has_label_emb and _is_unclip(shape_config, state_dict)
+    if in_channels == X4_UPSCALER_IN_CHANNELS and shape_config["num_classes"] is not None:
+        return _x4_upscaler(shape_config, state_dict)
     if (in_channels != 4 and in_channels not in CONCAT_KINDS) or shape_config["out_channels"] != 4:
         found = _IN_CHANNELS.get(in_channels, "a modified UNet")
         raise CheckpointError(_not_supported(
             state_dict, f"{found} ({in_channels} UNet input, {shape_config['out_channels']} output channels)"))
+    if shape_config["num_classes"] is not None or shape_config["cross_attention_only"]:
+        raise CheckpointError(_not_supported(state_dict, "a class-conditioned or modified UNet"))
     if has_label_emb and ("edm_mean" in state_dict or "edm_vpred.sigma_max" in state_dict):
         raise CheckpointError(_not_supported(state_dict, "an SDXL model with EDM sampling (Playground v2.5, CosXL)"))
     family = "sd2" if unclip else _family(shape_config)
@@ -292,6 +310,19 @@ def detect_unet(unet: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | 
         family=family, prediction=prediction, prediction_reason=reason, unet_config=unet_config,
         vae_config=None, text_encoders={}, size=size, concat_kind=CONCAT_KINDS.get(in_channels), unclip=unclip,
     )
+
+
+def _x4_upscaler(shape_config: dict, state_dict: Mapping[str, torch.Tensor]) -> Architecture:
+    config = UNetConfig(**shape_config, num_heads=8, num_head_channels=None)
+    if shape_config["out_channels"] != 4 or not shape_config["use_linear_in_transformer"]:
+        raise CheckpointError(_not_supported(state_dict, "a 7-channel class-conditioned UNet unlike the x4 upscaler"))
+    widths = {config.model_channels * mult for mult, depth in zip(config.channel_mult, config.transformer_depth)
+              if depth}
+    if any(width % 8 for width in widths):
+        raise _unusual(f"attention {sorted(widths)} channels wide, which does not split into the x4 upscaler's 8 heads")
+    return Architecture(family="sd2", prediction="v_prediction", prediction_reason="the x4 upscaler is a v model",
+                        unet_config=config, vae_config=None, text_encoders={},
+                        size="full" if config == X4_UPSCALER_UNET else "custom", x4_upscaler=True)
 
 
 def _is_unclip(shape_config: dict, state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -350,10 +381,14 @@ def _unet_shape_config(unet: Mapping[str, torch.Tensor]) -> dict:
 
     # Input blocks: per level its res blocks (width multiplier, transformer depth), then a downsample.
     levels: list[list[tuple[int, int]]] = [[]]
+    cross_only: list[bool] = [False]  # per level: attn1 attends to the text (its to_k is context_dim wide)
     for index in range(1, block_counts["input_blocks"]):
         if f"input_blocks.{index}.0.op.weight" in unet:
             levels.append([])
+            cross_only.append(False)
             continue
+        to_k = unet.get(f"input_blocks.{index}.1.transformer_blocks.0.attn1.to_k.weight")
+        cross_only[-1] |= to_k is not None and to_k.shape[0] != to_k.shape[1]
         width = _require(unet, f"input_blocks.{index}.0.in_layers.2.weight").shape[0]
         if width % model_channels:
             raise _unusual(f"input block {index} is {width} wide, not a multiple of {model_channels}")
@@ -388,6 +423,8 @@ def _unet_shape_config(unet: Mapping[str, torch.Tensor]) -> dict:
         transformer_depth_middle=depths["middle_block"], context_dim=unet[context_key].shape[1],
         use_linear_in_transformer=unet[proj_in_key].ndim == 2,
         adm_in_channels=None if label_emb is None else label_emb.shape[1],
+        num_classes=unet["label_emb.weight"].shape[0] if "label_emb.weight" in unet else None,
+        cross_attention_only=tuple(cross_only) if any(cross_only) else (),
     )
 
 

@@ -6,6 +6,8 @@
               (either: with unCLIPConditioning, "revision", the pooled text is replaced by the image embedding)
               SD 2.1 unCLIP: noise-augmented CLIP image embeddings (models/unclip.py), zeros without any
     c_concat  inpainting UNets: [mask, masked image latent] (5 channels); instruct-pix2pix: [image latent] (4)
+    x4 upscaler: c_concat the low-res image in [-1, 1] at latent size ("concat_image", noise-augmented by
+              "noise_augmentation" with the seed - 10, as ComfyUI), y the integer noise level (0..350)
 
 extra_unet_inputs(model, options, latent_shape, latent_image=None, denoise_mask=None, seed=None) is called once per
 conditioning entry and latent shape, with the entry's options; it returns UNet keyword inputs (y batched per entry,
@@ -30,6 +32,11 @@ SDXL_POOLED_WIDTH = {2816: 1280, 2560: 1280}
 ADM_NUMBERS = {"sdxl": 6, "sdxl_refiner": 5}
 # The refiner's aesthetic score when the conditioning gives none (ComfyUI: lower for negative prompts).
 AESTHETIC_SCORE = {"positive": 6.0, "negative": 2.5}
+# The SD x4 upscaler: its low-res image is noised up to this level of a linear (in sqrt) 1e-4..0.02 schedule,
+# the same betas its sampling uses; its latents are scaled by 0.08333.
+X4_MAX_NOISE_LEVEL = 350
+X4_BETAS = (0.0001, 0.02)
+X4_LATENT_SCALE = 0.08333
 # ComfyUI's latent of an all-"zero" (mid grey) image in SD's scaled latent space: an inpainting model's masked
 # image when there is neither a mask nor an image to take it from.
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
@@ -45,6 +52,41 @@ class SDModel(DiffusionModel):
     noise_augmentor_state: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class X4UpscalerModel(SDModel):
+    """The SD x4 upscaler's MODEL: its own latent scale and noise schedule, and y kept as integer labels."""
+
+    @property
+    def latent_scale(self) -> float:
+        return X4_LATENT_SCALE
+
+    @property
+    def model_sampling(self):
+        if "model_sampling" in self.object_patches:
+            return self.object_patches["model_sampling"]
+        if not self._sampling:
+            from ..sampling.denoising import ModelSampling
+
+            self._sampling.append(ModelSampling(self.prediction, beta_start=X4_BETAS[0], beta_end=X4_BETAS[1]))
+        return self._sampling[0]
+
+    def unet_apply(self, x, timesteps, context=None, y=None, c_concat=None, control=None, transformer_options=None,
+                   weight_patches=(), **_):
+        """As DiffusionModel.unet_apply, but the noise level labels are not cast to the compute dtype (bf16
+        cannot hold 350)."""
+        import torch
+
+        from .patching import patched_module
+
+        unet = patched_module(self.handle, self.patches + tuple(weight_patches)) if weight_patches else self.network()
+        if c_concat is not None:
+            x = torch.cat([x, c_concat.to(x)], dim=1)
+        with torch.no_grad():
+            out = unet(x.to(self.dtype), timesteps, context.to(self.dtype), y, control=control,
+                       transformer_options=transformer_options)
+        return out.float()
+
+
 def extra_unet_inputs(model, options: dict, latent_shape, latent_image=None, denoise_mask=None, seed=None) -> dict:
     """{"y": ..., "c_concat": ...} as far as the model takes them."""
     inputs = {}
@@ -57,7 +99,9 @@ def extra_unet_inputs(model, options: dict, latent_shape, latent_image=None, den
         else:
             inputs["y"] = _adm(model, options, latent_shape, seed)
     concat_kind = getattr(model, "concat_kind", None)
-    if concat_kind == "ip2p":
+    if concat_kind == "x4_upscale":
+        inputs.update(x4_upscale_inputs(options, latent_shape, seed))
+    elif concat_kind == "ip2p":
         inputs["c_concat"] = _ip2p_concat(options, latent_shape)
     elif concat_kind == "inpaint":
         inputs["c_concat"] = _inpaint_concat(model, options, latent_shape, latent_image, denoise_mask)
@@ -116,6 +160,26 @@ def _revision_pooled(options: dict, pooled_width: int, seed=None):
     y = unclip_y(options["unclip_conditioning"], {}, 2 * pooled_width, 0 if seed is None else seed,
                  merge_augmentation=0.0)
     return y[:, :pooled_width]
+
+
+def x4_upscale_inputs(options: dict, latent_shape, seed=None) -> dict:
+    """c_concat: the conditioning's low-res image fitted to the latent (black without one), noise-augmented when
+    noise_augmentation > 0; y: round(350 * noise_augmentation) as a class label."""
+    import torch
+
+    from ..sampling.schedules import scaled_linear_betas
+
+    batch, _, height, width = latent_shape
+    image = options.get("concat_image")
+    image = torch.zeros(batch, 3, height, width) if image is None else _fit(image.float(), latent_shape)
+    augmentation = float(options.get("noise_augmentation", 0.0))
+    level = round(X4_MAX_NOISE_LEVEL * augmentation)
+    if augmentation > 0:
+        alpha_cumprod = torch.cumprod(1.0 - scaled_linear_betas(*X4_BETAS), dim=0)[level]
+        generator = torch.Generator().manual_seed((0 if seed is None else seed) - 10)
+        noise = torch.randn(image.shape, generator=generator)
+        image = float(alpha_cumprod.sqrt()) * image + float((1.0 - alpha_cumprod).sqrt()) * noise
+    return {"c_concat": _to_batch(image, batch), "y": torch.tensor([level])}
 
 
 # ---- c_concat --------------------------------------------------------------------------------------

@@ -117,9 +117,12 @@ def load_checkpoint(path: str, want_clip: bool = True, want_vae: bool = True):
 
 def diffusion_model(handle, arch, dtype, noise_augmentor_state: dict | None = None) -> DiffusionModel:
     """The MODEL of a UNet: the refiner works in SDXL's latent space; extra_inputs.SDModel carries which y and
-    which concatenated channels the UNet takes (unCLIP: and the file's noise augmentation buffers)."""
-    from .extra_inputs import SDModel
+    which concatenated channels the UNet takes (unCLIP: and the file's noise augmentation buffers; the x4
+    upscaler: its own latent scale and schedule)."""
+    from .extra_inputs import SDModel, X4UpscalerModel
 
+    if getattr(arch, "x4_upscaler", False):
+        return X4UpscalerModel(handle, arch.family, "v", dtype, concat_kind="x4_upscale")
     adm_kind = None
     if arch.unet_config.adm_in_channels is not None:
         adm_kind = "unclip" if getattr(arch, "unclip", False) else arch.family

@@ -7,7 +7,8 @@ written tensor by tensor, so memory holds one tensor at a time, never the whole 
     comfy-serverless make-test-checkpoint --arch sd15 --size tiny out.safetensors
 
 make_test_checkpoint("sd2_unclip", "tiny", path) writes a tiny SD 2.1 unCLIP file: the SD2 UNet with a y input for
-image embeddings, a tiny CLIP vision tower under embedder.model.visual. and the noise_augmentor.* buffers.
+image embeddings, a tiny CLIP vision tower under embedder.model.visual. and the noise_augmentor.* buffers;
+"sd_x4_upscaler" (tiny or full) an SD x4 upscaler: 7-channel UNet with a noise-level label_emb, 4x VAE.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .lora import diffusers_unet_name
 ARCHES = ("sd15", "sd2", "sd2-v", "sdxl", "sdxl_refiner")
 # unCLIP (tiny only) is made by make_test_checkpoint too, but is not one of the plain ARCHES tests iterate.
 UNCLIP_ARCH = "sd2_unclip"
+X4_UPSCALER_ARCH = "sd_x4_upscaler"
 # UNet input channels: 4 (plain), 9 (inpainting: + mask + masked image), 8 (instruct-pix2pix: + image).
 UNET_IN_CHANNELS = (4, 8, 9)
 SIZES = ("tiny", "full")
@@ -275,9 +277,35 @@ def make_test_checkpoint(arch: str, size: str, out_path: str | os.PathLike, seed
     if arch == UNCLIP_ARCH:
         _write_unclip(out_path, size, seed, dtype)
         return
+    if arch == X4_UPSCALER_ARCH:
+        unet, vae, text = x4_upscaler_configs(size)
+        specs = _module_specs(UNET_PREFIX, lambda: UNetModel(unet), dtype)
+        specs += _module_specs(VAE_PREFIX, lambda: AutoencoderKL(vae), dtype)
+        for prefix, config in text.values():
+            specs += _openclip_specs(_module_specs(prefix, lambda config=config: CLIPTextModel(config), dtype), prefix)
+        _write_random(out_path, specs, seed, {TEST_CHECKPOINT_METADATA_KEY: arch, "comfy_serverless.size": size,
+                                              PREDICTION_METADATA_KEY: "v"})
+        return
     metadata = {TEST_CHECKPOINT_METADATA_KEY: arch, "comfy_serverless.size": size,
                 PREDICTION_METADATA_KEY: "v" if arch == "sd2-v" else "epsilon"}
     _write_random(out_path, _checkpoint_specs(arch, size, dtype, in_channels), seed, metadata)
+
+
+def x4_upscaler_configs(size: str = "tiny"):
+    """(UNet config, VAE config, text encoders) of an x4 upscaler file. Tiny: three levels, attn1 attending to the
+    text (48 wide, so detection sees it) on the middle level; a 4x VAE (three levels) like the real one's."""
+    from .checkpoint_files import X4_UPSCALER_LATENT_SCALE, X4_UPSCALER_UNET
+
+    if size == "full":
+        vae = VAEConfig(base_channels=128, channel_mult=(1, 2, 4), scaling_factor=X4_UPSCALER_LATENT_SCALE)
+        return X4_UPSCALER_UNET, vae, {"clip_h": (SD2_CLIP_H_PREFIX, CLIPTextConfig.open_clip_h())}
+    if size != "tiny":
+        raise ValueError(f"unknown size {size!r}; expected tiny or full")
+    unet = UNetConfig(in_channels=7, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                      transformer_depth=(0, 1, 1), context_dim=48, num_heads=8, use_linear_in_transformer=True,
+                      num_classes=1000, cross_attention_only=(False, True, False))
+    vae = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, scaling_factor=X4_UPSCALER_LATENT_SCALE)
+    return unet, vae, {"clip_h": (SD2_CLIP_H_PREFIX, tiny_clip_config("openclip", width=unet.context_dim))}
 
 
 def unclip_checkpoint_configs(seed: int = 0):

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import Downsample, GroupNorm32, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+from .attention import (
+    BasicTransformerBlock,
+    CrossAttention,
+    Downsample,
+    GroupNorm32,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    timestep_embedding,
+)
 from .fast_paths import conv_input, plain_layout_block_patches
 
 
@@ -42,12 +51,20 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     # Width of the extra conditioning vector ``y`` (SDXL: pooled text + embedded sizes); None = unused.
     adm_in_channels: int | None = None
+    # Class-label embedding (label_emb.weight): the x4 upscaler's noise level as y; None = unused.
+    num_classes: int | None = None
+    # Per level: True where attn1 attends to the text context instead of itself (the x4 upscaler); () = none.
+    cross_attention_only: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ValueError("set exactly one of num_heads and num_head_channels")
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError("transformer_depth needs one entry per channel_mult level")
+        if self.cross_attention_only and len(self.cross_attention_only) != len(self.channel_mult):
+            raise ValueError("cross_attention_only needs one entry per channel_mult level (or none)")
+        if self.num_classes is not None and self.adm_in_channels is not None:
+            raise ValueError("set at most one of num_classes and adm_in_channels")
 
     @property
     def time_embed_dim(self) -> int:
@@ -143,10 +160,16 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
+        elif cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
+        def transformer(channels: int, depth: int, level: int | None = None) -> SpatialTransformer:
             heads, dim_head = cfg.attention_heads(channels)
-            return SpatialTransformer(channels, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+            block = SpatialTransformer(channels, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+            if level is not None and cfg.cross_attention_only and cfg.cross_attention_only[level]:
+                block.transformer_blocks = nn.ModuleList(
+                    CrossOnlyTransformerBlock(heads * dim_head, heads, dim_head, cfg.context_dim) for _ in range(depth))
+            return block
 
         channels = cfg.model_channels
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, channels, 3, padding=1)])])
@@ -158,7 +181,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(channels, emb_dim, cfg.model_channels * mult)]
                 channels = cfg.model_channels * mult
                 if depth > 0:
-                    layers.append(transformer(channels, depth))
+                    layers.append(transformer(channels, depth, level))
                 self.input_blocks.append(UNetBlock(layers))
                 skip_channels.append(channels)
             if level != last_level:
@@ -179,7 +202,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(channels + skip_channels.pop(), emb_dim, out_channels)]
                 channels = out_channels
                 if depth > 0:
-                    layers.append(transformer(channels, depth))
+                    layers.append(transformer(channels, depth, level))
                 if level != 0 and index == cfg.num_res_blocks:
                     layers.append(Upsample(channels))
                 self.output_blocks.append(UNetBlock(layers))
@@ -224,6 +247,10 @@ class UNetModel(nn.Module):
             if y is None:
                 raise ValueError("this UNet needs the conditioning vector y")
             emb = emb + self.label_emb(y.to(dtype))
+        elif self.config.num_classes is not None:
+            if y is None:
+                raise ValueError("this UNet needs class labels y (the x4 upscaler: its noise level)")
+            emb = emb + self.label_emb(y.reshape(-1).round().long().to(x.device)).to(dtype)
 
         options = None if transformer_options is None else dict(transformer_options)
         patches = plain_layout_block_patches((options or {}).get("patches") or {})
@@ -255,6 +282,23 @@ class UNetModel(nn.Module):
             next_size = tuple(skips[-1].shape[-2:]) if skips else None
             h = block(h, emb, context, output_size=next_size, transformer_options=options)
         return self.out(h).contiguous()  # back to NCHW for callers that .view() (fast_paths.py)
+
+
+class CrossOnlyTransformerBlock(BasicTransformerBlock):
+    """A transformer block whose first attention also attends to the text context (ComfyUI's
+    disable_self_attn, diffusers' only_cross_attention): the x4 upscaler's outer levels."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__(dim, heads, dim_head, context_dim)
+        self.attn1 = CrossAttention(dim, heads, dim_head, context_dim=context_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
+        if transformer_options and (transformer_options.get("patches") or transformer_options.get("patches_replace")):
+            raise ValueError("attention patches are not supported on this model's cross-attention-only blocks "
+                             "(the x4 upscaler); remove the attention-patching node")
+        x = x + self.attn1(self.norm1(x), context)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 def _add_control(h: torch.Tensor, control: dict | None, name: str) -> torch.Tensor:
