@@ -106,10 +106,16 @@ class TextEncoder:
     # ComfyUI's CLIP methods that packs call (CLIPTextEncode there is tokenize + encode_from_tokens_scheduled).
 
     def encode_from_tokens(self, tokens, return_pooled: bool = False, return_dict: bool = False):
-        """cond; (cond, pooled) with return_pooled; {"cond", "pooled_output"} with return_dict."""
+        """cond; (cond, pooled) with return_pooled; {"cond", "pooled_output"} with return_dict; "unprojected"
+        pools before the text projection (the same for CLIP-L, which has none)."""
         if return_pooled == "unprojected":
-            raise ValueError("return_pooled='unprojected' is not supported by this server's text encoders")
-        cond, pooled = self.encode_tokens(tokens)
+            from .clip_surface import encode_unprojected
+
+            if self.hooks is not None:
+                raise ValueError("return_pooled='unprojected' is not supported for a CLIP with hooks here")
+            cond, pooled = encode_unprojected(self, tokens)
+        else:
+            cond, pooled = self.encode_tokens(tokens)
         if return_dict:
             return {"cond": cond, "pooled_output": pooled, **self._hooks_dict()}
         return (cond, pooled) if return_pooled else cond
@@ -133,6 +139,45 @@ class TextEncoder:
             out.append([cond, {"pooled_output": pooled, "clip_start_percent": start, "clip_end_percent": end,
                                **add_dict, **self._hooks_dict()}])
         return out
+
+    # ComfyUI's CLIP internals that packs reach into (cond_stage_model, patcher, ...), in clip_surface.py.
+
+    @property
+    def cond_stage_model(self):
+        from .clip_surface import cond_stage_model
+
+        return cond_stage_model(self)
+
+    @property
+    def patcher(self):
+        from .clip_surface import ClipPatcher
+
+        return ClipPatcher(self)
+
+    @property
+    def layer_idx(self) -> int | None:
+        return self.last_layer
+
+    def clip_layer(self, layer_idx: int) -> None:
+        """ComfyUI's CLIP.clip_layer: sets this object's last layer in place (CLIPSetLastLayer clones first)."""
+        object.__setattr__(self, "last_layer", self.set_last_layer(layer_idx).last_layer)
+
+    def load_model(self):
+        """Loads the network now (it would load on first use anyway); returns clip.patcher, as ComfyUI."""
+        self.handle.get()
+        return self.patcher
+
+    def get_sd(self) -> dict:
+        """The unpatched weights under ComfyUI's names (clip_l.transformer.text_model.*, ...)."""
+        return replace(self, patches=(), hooks=None).model_state_dict()
+
+    def load_sd(self, sd: dict, full_model: bool = False):
+        """ComfyUI's CLIP.load_sd: weights under ComfyUI's full names (full_model) or one tower's transformers
+        names; they become "set" patches of this object (the shared network is not changed). Returns (missing,
+        unexpected) keys."""
+        from .clip_surface import load_patches
+
+        return load_patches(self, sd) if full_model else self.cond_stage_model.load_sd(sd)
 
     def _hooks_dict(self) -> dict:
         return {"hooks": self.hooks_for_conds} if self.hooks_for_conds is not None else {}

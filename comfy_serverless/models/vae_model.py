@@ -103,6 +103,31 @@ class VAEModel:
     def spacial_compression_encode(self) -> int:
         return self.downscale_ratio
 
+    @property
+    def first_stage_model(self):
+        """The AutoencoderKL network (ComfyUI's parameter names: encoder.*, decoder.*, quant_conv, ...)."""
+        return self._network()
+
+    def get_sd(self) -> dict:
+        return self._network().state_dict()
+
+    @staticmethod
+    def process_input(image):
+        """Pixels in 0..1 -> the VAE's -1..1 (channels first or last: elementwise)."""
+        return image * 2.0 - 1.0
+
+    @staticmethod
+    def process_output(image):
+        return ((image + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def memory_used_encode(self, shape, dtype) -> int:
+        """ComfyUI's estimate for the SD VAE: bytes to encode pixels of `shape` [B, C, H, W] (per image)."""
+        return 1767 * shape[2] * shape[3] * _dtype_size(dtype)
+
+    def memory_used_decode(self, shape, dtype) -> int:
+        """ComfyUI's estimate for the SD VAE: bytes to decode latents of `shape` [B, C, h, w] (per latent)."""
+        return 2178 * shape[2] * shape[3] * self.upscale_ratio ** 2 * _dtype_size(dtype)
+
     def vae_encode_crop_pixels(self, pixels):
         return self.crop_to_multiple(pixels)
 
@@ -122,3 +147,9 @@ class VAEModel:
     @staticmethod
     def _to_image(pixels):
         return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).contiguous()
+
+
+def _dtype_size(dtype) -> int:
+    import torch
+
+    return torch.empty(0, dtype=dtype).element_size()

@@ -1,22 +1,102 @@
-"""ComfyUI's `comfy.sd` for custom node packs: loading single-file checkpoints with this server's loader.
+"""ComfyUI's `comfy.sd` for custom node packs: loading models with this server's loaders.
 
 `VAE` and `CLIP` are the ComfyUI names of what the loaders return here (comfy_serverless.models.VAEModel and
 TextEncoder): isinstance checks accept ours, and they have ComfyUI's methods packs call (CLIP.tokenize,
-encode_from_tokens, encode_from_tokens_scheduled; VAE.decode, encode, decode_tiled, encode_tiled,
-spacial_compression_*); building one from a state dict the ComfyUI way is not provided.
-`load_lora_for_models` applies a LoRA state dict the way the LoraLoader node applies a file.
+encode_from_tokens, cond_stage_model, patcher, ...; VAE.decode, encode, decode_tiled, first_stage_model, ...).
+`VAE(sd=state_dict)` builds a VAE from a state dict; `load_clip` / `load_diffusion_model` are CLIPLoader /
+UNETLoader's loaders; `load_lora_for_models` applies a LoRA state dict the way the LoraLoader node applies a file.
 """
 
 from __future__ import annotations
 
+import abc
+import enum
 import logging
 
 from comfy_serverless.catalog.comfy_modules import MissingComfyInternal, missing_attribute, stand_in_type
 from comfy_serverless.models.text_encoder import TextEncoder
 from comfy_serverless.models.vae_model import VAEModel
 
-VAE = stand_in_type("comfy.sd.VAE", VAEModel)
 CLIP = stand_in_type("comfy.sd.CLIP", TextEncoder)
+
+
+class VAE(abc.ABC):
+    """ComfyUI's VAE: `VAE(sd=state_dict)` builds this server's VAEModel from a VAE's weights (encoder.* /
+    decoder.*, or a checkpoint's first_stage_model.*); isinstance accepts every VAE the loaders return."""
+
+    def __new__(cls, sd=None, device=None, config=None, dtype=None, metadata=None):
+        from comfy_serverless.models.clip_surface import vae_from_state_dict
+
+        if sd is None or config is not None:
+            raise MissingComfyInternal("comfy.sd.VAE without a state dict (or from a config)")
+        return vae_from_state_dict(sd)
+
+
+VAE.register(VAEModel)
+
+
+class CLIPType(enum.Enum):
+    """CLIPLoader's types (ComfyUI's names); this server builds STABLE_DIFFUSION ones: CLIP-L (SD1), ViT-H (SD2),
+    bigG (SDXL refiner), or CLIP-L + bigG (SDXL, DualCLIPLoader's sdxl)."""
+
+    STABLE_DIFFUSION = 1
+    STABLE_CASCADE = 2
+    SD3 = 3
+    STABLE_AUDIO = 4
+    HUNYUAN_DIT = 5
+    FLUX = 6
+    MOCHI = 7
+    LTXV = 8
+    HUNYUAN_VIDEO = 9
+    PIXART = 10
+    COSMOS = 11
+    LUMINA2 = 12
+    WAN = 13
+    HIDREAM = 14
+    CHROMA = 15
+    ACE = 16
+    OMNIGEN2 = 17
+    QWEN_IMAGE = 18
+    HUNYUAN_IMAGE = 19
+
+
+def load_clip(ckpt_paths, embedding_directory=None, clip_type=CLIPType.STABLE_DIFFUSION, model_options=None):
+    """CLIPLoader / DualCLIPLoader's loader: one text encoder file, or a CLIP-L and a bigG file (SDXL). Textual
+    inversions come from the server's embeddings folders (what packs pass as embedding_directory)."""
+    from comfy_serverless.models.loading import load_text_encoders
+
+    if clip_type != CLIPType.STABLE_DIFFUSION:
+        name = getattr(clip_type, "name", clip_type)
+        raise ValueError(f"CLIP type {name} is not supported by this server (its models are not built here); "
+                         "use CLIPType.STABLE_DIFFUSION")
+    paths = [str(path) for path in ckpt_paths]
+    if len(paths) not in (1, 2):
+        raise ValueError(f"load_clip takes one or two text encoder files here, not {len(paths)}")
+    return load_text_encoders(paths, "stable_diffusion" if len(paths) == 1 else "sdxl")
+
+
+def _weight_dtype(model_options) -> str:
+    """UNETLoader's weight_dtype name for model_options["dtype"]: fp8 storage (refused by this server's loader)
+    by its name; other dtypes leave the choice to the server, as the "default" option does."""
+    dtype = str((model_options or {}).get("dtype", "")).removeprefix("torch.")
+    return dtype.replace("float8_", "fp8_") if dtype.startswith("float8_") else "default"
+
+
+def load_diffusion_model(unet_path, model_options=None):
+    """UNETLoader's loader: an SD1.x/SD2.x/SDXL UNet file as a MODEL."""
+    from comfy_serverless.models.loading import load_unet
+
+    return load_unet(str(unet_path), _weight_dtype(model_options))
+
+
+def load_diffusion_model_state_dict(sd, model_options=None):
+    """A MODEL from a UNet's state dict (LDM or diffusers names)."""
+    from comfy_serverless.models.clip_surface import diffusion_model_from_state_dict
+
+    if _weight_dtype(model_options) != "default":
+        raise ValueError(f"model_options dtype {model_options['dtype']} (fp8 weight storage) is not supported by "
+                         "this server")
+    return diffusion_model_from_state_dict(sd)
 
 
 def load_checkpoint_guess_config(ckpt_path, output_vae=True, output_clip=True, output_clipvision=False,
