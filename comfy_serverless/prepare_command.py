@@ -1,4 +1,6 @@
-"""`comfy-serverless prepare`: write every checkpoint and VAE once in the dtype this CPU class computes in.
+"""`comfy-serverless prepare`: write every model file once in the dtype this CPU class computes in.
+
+Covers checkpoints, VAEs, and the part files of UNETLoader (diffusion_models) and CLIPLoader (text_encoders).
 
 Run it at image build time, after the models are in place and with the same flags the server will get
 (--force-fp32 and friends change the dtype). A cold start then memory-maps the prepared file instead of
@@ -20,8 +22,8 @@ log = logging.getLogger("comfy_serverless")
 def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="comfy-serverless prepare", add_help=False,
-        description="Write each checkpoint (models/checkpoints) and VAE (models/vae) in the dtype and layout the "
-                    "server computes in on this CPU class, so cold starts memory-map it instead of converting. "
+        description="Write each checkpoint, VAE, diffusion_models UNet and text encoder file in the dtype and layout "
+                    "the server computes in on this CPU class, so cold starts memory-map it instead of converting. "
                     "Takes the server's flags (--base-directory, --extra-model-paths-config, --force-fp32...).")
     parser.add_argument("--prepared-dir", help=f"where to write (default: ${'{'}COMFY_PREPARED_DIR{'}'} or "
                                                "<base>/.comfy-serverless/prepared)")
@@ -51,6 +53,15 @@ def networks_of(path: str, folder_kind: str) -> dict[str, tuple[dict, object]]:
 
     if folder_kind == "vae":
         return {"vae": (open_vae(path)[0], vae_dtype())}
+    if folder_kind == "diffusion_models":  # UNETLoader
+        from .models.component_files import open_unet
+
+        return {"unet": (open_unet(path)[1], unet_dtype())}
+    if folder_kind == "text_encoders":  # CLIPLoader / DualCLIPLoader
+        from .models.component_files import open_text_encoder
+
+        kind, weights, _ = open_text_encoder(path)
+        return {kind: (weights, text_encoder_dtype())}
     state_dict = open_state_dict(path)
     arch = detect_architecture(state_dict, read_metadata(path))
     unet, text_encoders, vae = split_checkpoint(state_dict, arch)
@@ -81,7 +92,7 @@ def prepare(settings, folder: str, only_check: bool = False) -> int:
     folders = paths.configure(settings)
     status, described = 0, cpu_class()
     log.info("prepare: CPU class %s -> %s", described, folder)
-    for kind in ("checkpoints", "vae"):
+    for kind in ("checkpoints", "vae", "diffusion_models", "text_encoders"):
         for relative in folders.list_models(kind):
             path = folders.model_path(kind, relative)
             if path is None or not path.lower().endswith((".safetensors", ".sft", ".ckpt", ".pt", ".pth")):

@@ -181,3 +181,34 @@ def test_server_with_prepared_weights_gives_the_same_image_with_a_lora(base, sta
     second = _image(without, _run(without, prompt))
     assert "using prepared weights" not in without.log()
     assert first == second
+
+
+def test_part_files_of_unet_and_clip_loaders_are_prepared_too(base):
+    from safetensors.torch import save_file
+
+    from comfy_serverless.models.component_files import open_text_encoder, open_unet
+    from comfy_serverless.models.loading import load_unet
+    from comfy_serverless.models.random_checkpoints import TEST_CHECKPOINT_METADATA_KEY
+
+    full = open_state_dict(base / "models" / "checkpoints" / "tiny.safetensors")
+    unet_file = base / "models" / "diffusion_models" / "tiny-unet.safetensors"
+    clip_file = base / "models" / "text_encoders" / "tiny-clip-l.safetensors"
+    for path, prefix, metadata in ((unet_file, "model.diffusion_model.", None),
+                                   (clip_file, "cond_stage_model.transformer.",
+                                    {TEST_CHECKPOINT_METADATA_KEY: "text-encoder-clip_l"})):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in full.items() if k.startswith(prefix)}, str(path), metadata=metadata)
+    with server_context(base_directory=str(base)) as ctx:
+        folder = prepared.prepared_dir(ctx.settings)
+        assert prepare(ctx.settings, folder) == 0
+        unet_weights = open_unet(unet_file)[1]
+        dtype = networks_of(str(unet_file), "diffusion_models")["unet"][1]
+        found = prepared.prepared_weights(str(unet_file), unet_weights, dtype)
+        assert found is not None and all(torch.equal(found[k], v.to(dtype)) for k, v in unet_weights.items())
+        kind, clip_weights, _ = open_text_encoder(clip_file)
+        assert kind == "clip_l"
+        assert prepared.prepared_weights(str(clip_file), clip_weights,
+                                         networks_of(str(clip_file), "text_encoders")["clip_l"][1]) is not None
+        network = load_unet(str(unet_file)).handle.get()
+        ranges = mapped_ranges(prepared.prepared_path(str(unet_file), folder))
+        assert all(in_ranges(p, ranges) for p in network.parameters())

@@ -34,6 +34,7 @@ _SAMPLE_SIZE = 64 * 1024
 _EDGE_SIZE = 1024 * 1024  # the header, where a re-saved file differs first
 
 _lock = threading.Lock()
+_opening = threading.Lock()
 _opened: dict[tuple, object] = {}  # source stamp -> (tensors, groups) or None (no usable prepared file)
 
 
@@ -134,6 +135,14 @@ def _open(source: str, stamp: tuple):
     with _lock:
         if stamp in _opened:
             return _opened[stamp]
+    with _opening:  # the UNet and VAE builds start together: one of them opens and checks the file
+        with _lock:
+            if stamp in _opened:
+                return _opened[stamp]
+        return _open_now(source, stamp)
+
+
+def _open_now(source: str, stamp: tuple):
     folder = prepared_dir()
     metadata, why = check(source, folder)
     found = None
