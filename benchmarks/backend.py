@@ -5,9 +5,10 @@ loading tests/backend/backend_pack), or a real ComfyUI checkout with --comfyui, 
   1. time to first answer (spawn -> first 200 from /health), native-only vs with a backend configured, and the
      backend's boot time as the front sees it (/system_stats);
   2. GET /object_info with the union catalogue vs the native one;
-  3. a small backend prompt (POST /prompt -> final `executing` on the WebSocket) through the front vs sent to
-     the backend directly: the front's overhead. With a real ComfyUI the prompt is EmptyImage -> LTXVPreprocess
-     -> PreviewImage (no models; LTXVPreprocess is a node this server does not have), at two image sizes.
+  3. a small backend prompt (POST /prompt -> final `executing` on the WebSocket) through the front vs sent
+     directly to the same ComfyUI process (the front's child, on its loopback port): the front's overhead.
+     With a real ComfyUI the prompt is EmptyImage -> LTXVPreprocess -> PreviewImage (no models; LTXVPreprocess
+     is a node this server does not have), at two image sizes.
 
     .venv/bin/python benchmarks/backend.py [--runs 7] [--comfyui DIR --comfyui-python PATH --comfyui-args --cpu]
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import shlex
 import shutil
 import socket
 import statistics
@@ -73,18 +73,17 @@ def post(port: int, path: str, body: dict) -> dict:
         conn.close()
 
 
-def spawn(command: list[str], port: int, cwd: Path, probe: str = "/health",
-          limit_s: float = 60) -> tuple[subprocess.Popen, float]:
-    """Starts a server and returns it with the seconds to its first 200 from `probe` (ComfyUI has no /health)."""
+def spawn(command: list[str], port: int, cwd: Path) -> tuple[subprocess.Popen, float]:
+    """Starts a server and returns it with the seconds to its first 200 from /health."""
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(cwd))
     while True:
         try:
-            if get(port, probe)[0] == 200:
+            if get(port, "/health")[0] == 200:
                 return proc, time.perf_counter() - started
         except OSError:
             pass
-        if proc.poll() is not None or time.perf_counter() - started > limit_s:
+        if proc.poll() is not None or time.perf_counter() - started > 60:
             raise RuntimeError(f"{command} did not answer")
         time.sleep(0.002)
 
@@ -148,6 +147,13 @@ def wait_backend_up(port: int, limit_s: float = 300) -> float:
             raise RuntimeError(f"the backend did not start: {state['last_error']}")
         time.sleep(0.1)
     raise RuntimeError("the backend was not up in time")
+
+
+def child_port(port: int) -> int:
+    """The loopback port of the front's ComfyUI child, from its command line (Linux /proc)."""
+    pid = json.loads(get(port, "/system_stats")[1])["comfy_serverless"]["backend"]["pid"]
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(argv[argv.index(b"--port") + 1])
 
 
 def prepare(root: Path, comfyui: Path | None, comfyui_python: str,
@@ -221,11 +227,8 @@ def main() -> None:
         print("backend prompts (POST -> final executing on the client's socket), median of alternating runs:")
         port = free_port()
         front, _ = spawn(serve(with_backend, port, *flags, "--warmup", "background"), port, with_backend)
-        direct_port = free_port()
-        direct, _ = spawn([args.comfyui_python, str(comfyui / "main.py"), "--listen", "127.0.0.1", "--port",
-                           str(direct_port), *shlex.split(args.comfyui_args)], direct_port, comfyui,
-                          "/system_stats", 300)
         wait_backend_up(port)
+        direct_port = child_port(port)
         run_prompt(port, small_prompt(real, 64)), run_prompt(direct_port, small_prompt(real, 64))  # warm both
         for size, repeats in (((64, args.runs * 3), (1024, args.runs)) if real else
                               ((5, args.runs * 3), (100, args.runs))):
@@ -243,7 +246,6 @@ def main() -> None:
             print(f"  median of paired differences: {paired * 1000:.1f} ms = "
                   f"{100 * paired / statistics.median(alone):.1f} %")
         stop(front)
-        stop(direct)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
