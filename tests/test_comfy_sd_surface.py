@@ -205,7 +205,10 @@ def test_a_pack_uses_the_comfy_sd_surface_through_the_server(surface_server):
     assert report["status"]["status_str"] == "success", report["status"]
     assert report["outputs"]["2"]["facts"] == [{
         "kinds": [True, False, True, False], "stage_same": True, "unprojected_shape": [1, 32],
-        "patcher": ["cpu", True], "load_clip_same": True, "is_clip": True, "vae_sd_same": True, "is_vae": True,
+        "patcher": ["cpu", True], "load_clip_same": True, "is_clip": True,
+        "refusals": ["CLIP type SD3 is not supported by this server",
+                     "this node needs ComfyUI's comfy.sd.VAE without a state dict",
+                     "model_options dtype torch.float8_e4m3fn"], "vae_sd_same": True, "is_vae": True,
         "vae_sd_keys": True, "process": [1.0, 1.0], "unet_same": True}]
 
     def txt2img(arch: str, encoder: str, prefix: str) -> Path:

@@ -81,6 +81,14 @@ class SdSurfaceReport:
         facts["load_clip_same"] = bool(torch.equal(loaded.encode_from_tokens(loaded.tokenize(text)),
                                                    core_clip.encode_from_tokens(core_clip.tokenize(text))))
         facts["is_clip"] = isinstance(loaded, comfy.sd.CLIP)
+        refusals = []
+        for refused in (lambda: comfy.sd.load_clip([path], clip_type=comfy.sd.CLIPType.SD3), comfy.sd.VAE,
+                        lambda: comfy.sd.load_diffusion_model_state_dict({}, {"dtype": torch.float8_e4m3fn})):
+            try:
+                refused()
+            except (ValueError, NotImplementedError) as exc:
+                refusals.append(str(exc).split(" (")[0].split(";")[0])
+        facts["refusals"] = refusals
 
         # VAE(sd=...) decodes like VAELoader's.
         sd = comfy.utils.load_torch_file(folder_paths.get_full_path("vae", vae_file))
