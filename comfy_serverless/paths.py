@@ -36,7 +36,7 @@ class FileList(list):
 
     def __init__(self, items, source: str, before: tuple = (), after: tuple = ()):
         super().__init__(items)
-        self.source = source  # "models:<folder>", "input:images" or "input:folders"
+        self.source = source  # "models:<folder>", "models:diffusers_pipelines", "input:images" or "input:folders"
         self.before, self.after = tuple(before), tuple(after)
         self.edited = False
 
@@ -155,6 +155,18 @@ class Folders:
                     found.add(rel.replace(os.sep, "/"))
         return FileList(sorted(found), f"models:{folder}")
 
+    def diffusers_pipelines(self) -> FileList:
+        """Every folder under models/diffusers holding a model_index.json ('/' separated, sorted): DiffusersLoader's
+        combo."""
+        found: set[str] = set()
+        for root in self.model_dirs("diffusers"):
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel = os.path.relpath(dirpath, root)
+                if "model_index.json" in filenames and rel != ".":
+                    found.add(rel.replace(os.sep, "/"))
+        return FileList(sorted(found), "models:diffusers_pipelines")
+
     def model_path(self, folder: str, relative: str) -> str | None:
         """Absolute path of a listed model file, or None; never leaves the folder's directories."""
         for root in self.model_dirs(folder):
@@ -231,6 +243,8 @@ class Folders:
 
     def file_list(self, source: str) -> list[str]:
         kind, _, what = source.partition(":")
+        if source == "models:diffusers_pipelines":
+            return self.diffusers_pipelines()
         if kind == "models" and self.canonical(what) in self.models:
             return self.list_models(what)
         if source == "input:images":

@@ -63,6 +63,7 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.unclip_loader",
     "comfy_serverless.nodes.differential_diffusion",
     "comfy_serverless.nodes.upscale_diffusion",
+    "comfy_serverless.nodes.loaders_deprecated",
 )
 
 

@@ -126,9 +126,10 @@ TEXT_KIND_NAMES = {"clip_l": "CLIP-L", "clip_h": "OpenCLIP ViT-H", "clip_g": "Op
 TEST_TEXT_ENCODER_PREFIX = "text-encoder-"
 
 
-def text_encoder_weights(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-                         ) -> tuple[str, dict[str, torch.Tensor], CLIPTextConfig]:
-    """(kind, weights loadable into CLIPTextModel(config), config)."""
+def text_encoder_weights(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                         kind: str | None = None) -> tuple[str, dict[str, torch.Tensor], CLIPTextConfig]:
+    """(kind, weights loadable into CLIPTextModel(config), config). ``kind`` when the caller knows it (a
+    diffusers pipeline's text_encoder / text_encoder_2), else read from the width."""
     for prefix in _TEXT_PREFIXES:
         if prefix + "embeddings.token_embedding.weight" in state_dict:
             layout = "hf"
@@ -142,7 +143,7 @@ def text_encoder_weights(state_dict: Mapping[str, torch.Tensor], metadata: Mappi
     stripped = strip_prefix(state_dict, prefix) if prefix else dict(state_dict)
     weights = {key: value for key, value in stripped.items() if key.startswith(_TEXT_KEYS[layout])}
     width = weights["embeddings.token_embedding.weight" if layout == "hf" else "token_embedding.weight"].shape[1]
-    kind = _text_kind(width, metadata or {})
+    kind = kind or _text_kind(width, metadata or {})
     try:
         config = _text_config(weights, layout, _FULL_TEXT[kind]())
     except KeyError as exc:
@@ -168,9 +169,10 @@ def _text_kind(width: int, metadata: Mapping[str, str]) -> str:
                           f"T5, Llama and other encoders are not supported")
 
 
-def open_text_encoder(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], CLIPTextConfig]:
+def open_text_encoder(path: str | os.PathLike, kind: str | None = None
+                      ) -> tuple[str, dict[str, torch.Tensor], CLIPTextConfig]:
     state_dict, metadata = _open(path)
     try:
-        return text_encoder_weights(state_dict, metadata)
+        return text_encoder_weights(state_dict, metadata, kind)
     except CheckpointError as exc:
         raise CheckpointError(f"{os.fspath(path)}: {exc}") from None

@@ -207,16 +207,17 @@ def load_unet(path: str, weight_dtype: str = "default") -> DiffusionModel:
     return diffusion_model(handle, arch, dtype)
 
 
-def load_text_encoders(paths: list[str], clip_type: str) -> TextEncoder:
+def load_text_encoders(paths: list[str], clip_type: str, kinds: list[str] | None = None) -> TextEncoder:
     """CLIPLoader (one file, type stable_diffusion: CLIP-L -> SD1, ViT-H -> SD2, bigG -> SDXL refiner) and
-    DualCLIPLoader (type sdxl: a CLIP-L and a bigG file, in either order)."""
+    DualCLIPLoader (type sdxl: a CLIP-L and a bigG file, in either order). ``kinds`` (one per path) when the
+    caller knows which encoder each file is (a diffusers pipeline), else each is read from its width."""
     from .checkpoint_files import CheckpointError
     from .component_files import TEXT_KIND_NAMES, open_text_encoder
 
     stamps = [file_stamp(path) for path in paths]
-    kinds = {}
-    for path in paths:
-        kind, weights, config = open_text_encoder(path)
+    given, kinds = kinds or [None] * len(paths), {}
+    for path, stated in zip(paths, given):
+        kind, weights, config = open_text_encoder(path, stated)
         if kind in kinds:
             raise CheckpointError(f"{os.path.basename(path)} and {os.path.basename(kinds[kind][0])} are both "
                                   f"{TEXT_KIND_NAMES[kind]} text encoders")
@@ -234,8 +235,8 @@ def load_text_encoders(paths: list[str], clip_type: str) -> TextEncoder:
     def build():
         from ..networks.clip import SD1TextEncoder, SD2TextEncoder, SDXLRefinerTextEncoder, SDXLTextEncoder
 
-        models = {kind: _build_text_model(_converted(path, open_text_encoder(path)[1], dtype), configs[kind], dtype)
-                  for kind, (path, _, _) in kinds.items()}
+        models = {kind: _build_text_model(_converted(path, open_text_encoder(path, kind)[1], dtype), configs[kind],
+                                          dtype) for kind, (path, _, _) in kinds.items()}
         if family == "sdxl":
             return SDXLTextEncoder(models["clip_l"], models["clip_g"])
         encoder = {"sd15": SD1TextEncoder, "sd2": SD2TextEncoder, "sdxl_refiner": SDXLRefinerTextEncoder}[family]
