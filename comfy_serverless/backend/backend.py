@@ -17,6 +17,7 @@ import time
 
 from ..engine import outcomes
 from .client import BackendUnavailable, HTTPClient, WebSocketClient, split_url
+from .process import TEMP_SUBFOLDER
 
 log = logging.getLogger("comfy_serverless.backend")
 
@@ -323,7 +324,10 @@ class Backend:
             return None
         # ours is the history clients read; removed there without holding up this prompt's end
         self._loop.create_task(self._post_quietly("/history", {"delete": [run.backend_id]}))
-        result = {"outputs": entry.get("outputs") or {}, "meta": entry.get("meta") or {},
+        outputs = entry.get("outputs") or {}
+        if isinstance(outputs, dict):
+            outputs = {node: shared_temp_paths(ui) if isinstance(ui, dict) else ui for node, ui in outputs.items()}
+        result = {"outputs": outputs, "meta": entry.get("meta") or {},
                   "status": entry.get("status") or {"status_str": "error", "completed": False, "messages": []}}
         if run.backend_id != run.prompt_id:
             for message in result["status"].get("messages") or []:
@@ -400,6 +404,8 @@ class Backend:
             if run is None or data["prompt_id"] != run.backend_id:
                 return  # a prompt that is no longer ours (e.g. failed over), or not ours at all
             data = {**data, "prompt_id": run.prompt_id}
+            if event == "executed" and isinstance(data.get("output"), dict):
+                data["output"] = shared_temp_paths(data["output"])
             if event == "executing":
                 if data.get("node") is None:
                     run.done.set()  # ComfyUI wrote the history entry; the worker sends its own "executing None"
@@ -457,6 +463,24 @@ class Backend:
                 "pid": process.pid if process is not None and process.alive() else None,
                 "catalog_live": self.catalog_live, "last_error": self.last_error,
                 "prefer_comfyui": bool(self.settings.prefer_comfyui)}
+
+
+def shared_temp_paths(ui: dict) -> dict:
+    """A node's UI output with ComfyUI's temp files named as the front's /view finds them: ComfyUI's temp
+    directory is the front's temp/comfyui/temp (process.py), so their subfolder gains that prefix."""
+    fixed = {}
+    for key, values in ui.items():
+        if isinstance(values, list):
+            values = [_in_shared_temp(item) for item in values]
+        fixed[key] = values
+    return fixed
+
+
+def _in_shared_temp(item):
+    if not (isinstance(item, dict) and item.get("type") == "temp" and isinstance(item.get("filename"), str)):
+        return item
+    subfolder = item.get("subfolder") or ""
+    return {**item, "subfolder": f"{TEMP_SUBFOLDER}/{subfolder}" if subfolder else TEMP_SUBFOLDER}
 
 
 def _json_or_none(data: bytes):

@@ -1,8 +1,10 @@
 """The ComfyUI child process: its command line, a private loopback port, its log, its exit.
 
-ComfyUI is started as `python main.py --listen 127.0.0.1 --port N` with this server's input, output and temp
-directories and an extra_model_paths file naming this server's model folders, so both engines read the same
-models and write where `/view` looks. Only loopback is bound: the backend is never reachable from outside.
+ComfyUI is started as `python main.py --listen 127.0.0.1 --port N` with this server's input and output
+directories, a temp directory inside this server's (ComfyUI empties its temp directory whenever it starts, which
+would delete the front's previews at every lazy boot or restart), and an extra_model_paths file naming this
+server's model folders, so both engines read the same models and write where `/view` looks. Only loopback is
+bound: the backend is never reachable from outside.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from ..paths import MODEL_FOLDERS
 log = logging.getLogger("comfy_serverless.backend")
 
 LOG_LINES_KEPT = 40
+TEMP_SUBFOLDER = "comfyui/temp"  # ComfyUI's temp directory, relative to the front's: what /view's subfolder gets
+
+
+def backend_temp_dir(folders) -> str:
+    return os.path.join(folders.temp, *TEMP_SUBFOLDER.split("/"))
 
 
 def free_loopback_port() -> int:
@@ -91,13 +98,13 @@ class ComfyUIProcess:
         return [comfyui_python(s), os.path.join(os.path.abspath(s.comfyui), "main.py"),
                 "--listen", "127.0.0.1", "--port", str(self.port),
                 "--input-directory", self.folders.input, "--output-directory", self.folders.output,
-                "--temp-directory", os.path.dirname(self.folders.temp),  # ComfyUI appends "temp", as we do
+                "--temp-directory", os.path.dirname(backend_temp_dir(self.folders)),  # ComfyUI appends "temp"
                 "--extra-model-paths-config", config_path, *forwarded_flags(s, own_args), *own_args]
 
     def start(self) -> None:
         # ComfyUI lists the input folder while loading nodes: missing, it drops LoadImage's file list and
         # whole modules (nodes_video) from its catalogue
-        for directory in (self.folders.input, self.folders.output, self.folders.temp):
+        for directory in (self.folders.input, self.folders.output, backend_temp_dir(self.folders)):
             os.makedirs(directory, exist_ok=True)
         self._config_dir = tempfile.mkdtemp(prefix="comfy-serverless-backend-")
         config_path = os.path.join(self._config_dir, "extra_model_paths.yaml")

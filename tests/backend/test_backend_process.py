@@ -5,6 +5,8 @@
   LoadImage from its /object_info (474 nodes instead of 478).
 - ComfyUI's default --preview-method is none, so a front started with --preview-method latent2rgb relayed no
   previews from backend prompts.
+- ComfyUI empties its temp directory whenever it starts: sharing the front's, a lazy boot (or a restart) deleted
+  the previews of native prompts that ran before it (/view answered 404).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from comfy_serverless.backend.process import ComfyUIProcess, forwarded_flags
 from comfy_serverless.paths import Folders
 from comfy_serverless.settings import default_settings
 
-from .conftest import broken_comfyui
+from .conftest import backend_flags, broken_comfyui
+from .test_backend_routing import backend_prompt, backend_state
 
 RECORDER = """
     import json, os, sys
@@ -71,3 +74,30 @@ def test_comfyui_args_win_over_forwarded_flags():
     assert forwarded_flags(settings, ["--preview-method", "taesd"]) == ["--preview-size", "300"]
     assert forwarded_flags(settings, ["--preview-method=none", "--preview-size=128"]) == []
     assert forwarded_flags(default_settings(), []) == []
+
+
+def preview_prompt(color: int, on_backend: bool) -> dict:
+    """EmptyImage -> PreviewImage (both engines have them), with the backend-only chain too when `on_backend`."""
+    prompt = backend_prompt(1.0) if on_backend else {}
+    prompt.update({"10": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                                 "color": color}},
+                   "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}}})
+    return prompt
+
+
+def test_a_lazy_boot_keeps_the_fronts_previews_and_backend_previews_are_viewable(start_server, comfyui_dir):
+    srv = start_server(*backend_flags(comfyui_dir))  # lazy: the backend starts with the second prompt
+    native = srv.run(preview_prompt(0x112233, on_backend=False))["outputs"]["11"]["images"][0]
+    assert srv.get("/view", params=native).status_code == 200
+
+    ws = srv.ws()
+    queued = srv.queue_prompt(preview_prompt(0x445566, on_backend=True), client_id=ws.client_id)
+    messages = ws.until_done(queued["prompt_id"])
+    assert backend_state(srv)["boots"] == 1
+    assert srv.get("/view", params=native).status_code == 200  # still there after ComfyUI emptied its temp
+    executed = [m["data"]["output"] for m in messages
+                if not isinstance(m, bytes) and m["type"] == "executed" and m["data"]["node"] == "11"]
+    on_backend = srv.wait_history(queued["prompt_id"])["outputs"]["11"]["images"][0]
+    assert executed == [{"images": [on_backend]}]  # the event and the history name the same file
+    assert on_backend["type"] == "temp" and on_backend["subfolder"] == "comfyui/temp"
+    assert srv.get("/view", params=on_backend).status_code == 200
