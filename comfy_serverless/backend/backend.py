@@ -325,7 +325,7 @@ class Backend:
         # ours is the history clients read; removed there without holding up this prompt's end
         self._loop.create_task(self._post_quietly("/history", {"delete": [run.backend_id]}))
         outputs = entry.get("outputs") or {}
-        if isinstance(outputs, dict):
+        if isinstance(outputs, dict) and self.kind == "process":
             outputs = {node: shared_temp_paths(ui) if isinstance(ui, dict) else ui for node, ui in outputs.items()}
         result = {"outputs": outputs, "meta": entry.get("meta") or {},
                   "status": entry.get("status") or {"status_str": "error", "completed": False, "messages": []}}
@@ -404,7 +404,7 @@ class Backend:
             if run is None or data["prompt_id"] != run.backend_id:
                 return  # a prompt that is no longer ours (e.g. failed over), or not ours at all
             data = {**data, "prompt_id": run.prompt_id}
-            if event == "executed" and isinstance(data.get("output"), dict):
+            if event == "executed" and isinstance(data.get("output"), dict) and self.kind == "process":
                 data["output"] = shared_temp_paths(data["output"])
             if event == "executing":
                 if data.get("node") is None:
@@ -466,8 +466,9 @@ class Backend:
 
 
 def shared_temp_paths(ui: dict) -> dict:
-    """A node's UI output with ComfyUI's temp files named as the front's /view finds them: ComfyUI's temp
-    directory is the front's temp/comfyui/temp (process.py), so their subfolder gains that prefix."""
+    """A node's UI output with ComfyUI's temp files named as the front's /view finds them: the ComfyUI child's
+    temp directory is the front's temp/comfyui/temp (process.py), so their subfolder gains that prefix. (A
+    --comfyui-url ComfyUI keeps its own folders: its names pass unchanged.)"""
     fixed = {}
     for key, values in ui.items():
         if isinstance(values, list):

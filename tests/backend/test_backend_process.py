@@ -101,3 +101,18 @@ def test_a_lazy_boot_keeps_the_fronts_previews_and_backend_previews_are_viewable
     assert executed == [{"images": [on_backend]}]  # the event and the history name the same file
     assert on_backend["type"] == "temp" and on_backend["subfolder"] == "comfyui/temp"
     assert srv.get("/view", params=on_backend).status_code == 200
+
+
+def test_a_comfyui_url_backend_keeps_its_own_temp_names(start_server, comfyui_dir, tmp_path):
+    """--comfyui-url: a ComfyUI the front did not start has its own folders, so its file names pass unchanged."""
+    import shutil
+
+    standin = tmp_path / "RunningComfyUI"
+    shutil.copytree(comfyui_dir, standin, ignore=shutil.ignore_patterns("server-*.log", "temp"))
+    backend = start_server(base=standin, packs=())  # the stand-in, already running, with the backend pack
+    srv = start_server("--comfyui-url", backend.url)
+    entry = srv.run(preview_prompt(0x778899, on_backend=True))
+    assert entry["status"]["status_str"] == "success" and entry["outputs"]["4"]["values"] == [3.0]
+    image = entry["outputs"]["11"]["images"][0]
+    assert image["type"] == "temp" and image["subfolder"] == ""
+    assert backend.get("/view", params=image).status_code == 200  # where that ComfyUI wrote it
