@@ -7,6 +7,11 @@ tensors are already split per network, named as our networks name their paramete
 dtype. The loader (loading._converted) asks `prepared_weights` first: the tensors it returns are views of a
 memory map, which the networks take as their parameters as they are (build_from_state_dict, assign=True).
 
+Measured on the project's AMD EPYC (avx512_bf16, 2 cores, other jobs running; full-size SD1.5 random weights,
+file in the page cache; UNet + CLIP + VAE built and ready, fresh processes, 2026-12-01): 4.5-7.1 s converting
+fp16 -> bf16 at load, 0.28-0.37 s from the prepared file (peak RSS unchanged: both map, neither copies twice).
+`prepare` itself took 50 s for that file here (disk-bound writing 2.1 GB), once per image build.
+
 The original stays the source of truth. A prepared file records the source's size, mtime and a sampled hash
 (`source_fingerprint`, about 4 MB read) and is ignored, with a warning, when any of them differs; a request in
 another dtype than the one prepared (another CPU class, a --force-fp32 server) falls back to the normal load
