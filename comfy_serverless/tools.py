@@ -37,7 +37,7 @@ def make_test_checkpoint_command(argv: list[str]) -> int:
         description="Write a checkpoint with random weights in the original single-file layout: tiny (a few MB, "
                     "for tests) or full (the real architecture sizes, for benchmarks; SD1.5 is about 2.1 GB).")
     parser.add_argument("--arch", required=True,
-                        choices=("sd15", "sd2", "sd2-v", "sdxl", "sdxl_refiner", "sd2_unclip"))
+                        choices=("sd15", "sd2", "sd2-v", "sdxl", "sdxl_refiner", "sd2_unclip", "sd_x4_upscaler"))
     parser.add_argument("--size", default="tiny", choices=("tiny", "full"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))

@@ -428,3 +428,34 @@ def test_a_pack_patches_guidance_through_the_server(start_server, tmp_path, chec
     # The same prediction up to float rounding (x - (x - prediction)); cfg 7 is ignored by the patch.
     assert (txt2img(7.0, 1.0, "positive-only") - txt2img(1.0, None, "plain-cfg1")).abs().max() <= 1
     assert (txt2img(7.0, 0.5, "half-noise") - txt2img(1.0, None, "plain-cfg1")).abs().float().mean() > 2
+
+
+def test_attention_patches_on_blocks_whose_attn1_reads_the_text(tmp_path):
+    """The x4 upscaler's outer blocks attend to the text in attn1 (ComfyUI's disable_self_attn): a replacement
+    that computes plain attention there changes nothing, so patches see the same k/v the block uses."""
+    from comfy_serverless.models.random_checkpoints import make_test_checkpoint
+
+    path = tmp_path / "tiny-x4.safetensors"
+    make_test_checkpoint("sd_x4_upscaler", "tiny", path, seed=3)
+    upscaler = load_checkpoint(str(path))[0]
+    unet = upscaler.network()
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, unet.config.context_dim, generator=generator)
+    t = torch.tensor([500.0])
+    label = torch.tensor([20])
+    plain = upscaler.unet_apply(x, t, context=context, y=label, transformer_options={})
+    keys = []
+
+    def same_attention(q, k, v, extra):
+        keys.append(k.shape[1])
+        heads, dim = extra["n_heads"], extra["dim_head"]
+        b, tokens, _ = q.shape
+        split = [m.view(b, -1, heads, dim).transpose(1, 2) for m in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*split)
+        return out.transpose(1, 2).reshape(b, tokens, heads * dim)
+
+    replaced = upscaler.unet_apply(x, t, context=context, y=label,
+                                   transformer_options={"patches_replace": {"attn1": {("input", 3): same_attention}}})
+    torch.testing.assert_close(replaced, plain, rtol=1e-4, atol=1e-5)
+    assert keys and all(count == 77 for count in keys)  # attn1 of that block attends to the 77 text tokens

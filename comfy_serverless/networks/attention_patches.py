@@ -57,7 +57,9 @@ def patched_transformer_block(block, x: torch.Tensor, context: torch.Tensor, tra
     patches = transformer_options.get("patches") or {}
     replacements = transformer_options.get("patches_replace") or {}
     extra = _extra_options(block, transformer_options)
-    x = x + _attention(block.attn1, block.norm1(x), None, None, patches, replacements, "attn1", extra,
+    # The x4 upscaler's outer blocks attend to the text in attn1 too (ComfyUI's disable_self_attn).
+    attn1_context = context if getattr(block, "attn1_attends_to_context", False) else None
+    x = x + _attention(block.attn1, block.norm1(x), attn1_context, None, patches, replacements, "attn1", extra,
                        transformer_options)
     for patch in patches.get("middle_patch", ()):
         x = patch(x, extra)

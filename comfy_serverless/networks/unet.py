@@ -292,10 +292,13 @@ class CrossOnlyTransformerBlock(BasicTransformerBlock):
         super().__init__(dim, heads, dim_head, context_dim)
         self.attn1 = CrossAttention(dim, heads, dim_head, context_dim=context_dim)
 
+    attn1_attends_to_context = True  # read by attention_patches.patched_transformer_block
+
     def forward(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict | None = None) -> torch.Tensor:
         if transformer_options and (transformer_options.get("patches") or transformer_options.get("patches_replace")):
-            raise ValueError("attention patches are not supported on this model's cross-attention-only blocks "
-                             "(the x4 upscaler); remove the attention-patching node")
+            from .attention_patches import patched_transformer_block
+
+            return patched_transformer_block(self, x, context, transformer_options)
         x = x + self.attn1(self.norm1(x), context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
