@@ -11,6 +11,8 @@ Measured, and so the default policy (COMFY_CHANNELS_LAST=auto):
 - AMD EPYC with AVX-512 + avx512_bf16 (2026-12-01, this project's machine, 2 threads, min of 3-4 alternating
   rounds, loaded machine): VAE decode 256 px bf16 0.89 -> 0.71 s and 0.90 -> 0.76 s, fp32 2.94 -> 2.65 s: on;
   UNet step (batch 2, 32x32) bf16 0.74 -> 0.95 s and 0.89 -> 0.98 s, fp32 6.4 -> 9.9 s: slower, so off.
+  Again at load average ~2: VAE bf16 0.87 -> 0.71 s, fp32 2.13 -> 1.72 s; UNet bf16 1.42 -> 1.30 s (CPU time
+  2.18 -> 2.42 s, i.e. no gain), fp32 2.34 -> 3.00 s.
 So the VAE always runs channels_last, the UNet only on CPUs without AVX-512.
 
 Results equal the NCHW path within rounding (fp32: ~2e-5 absolute on a full UNet; bf16: bf16 rounding).
