@@ -42,7 +42,7 @@ def test_primitive_definitions_match_comfyui():
     int_options = mappings["PrimitiveInt"].INPUT_TYPES()["required"]["value"][1]
     assert int_options == {"min": -sys.maxsize, "max": sys.maxsize, "control_after_generate": True}
     float_options = mappings["PrimitiveFloat"].INPUT_TYPES()["required"]["value"][1]
-    assert float_options == {"min": -sys.maxsize, "max": sys.maxsize, "step": 0.1}
+    assert float_options == {"min": -sys.maxsize, "max": sys.maxsize}  # no step, as ComfyUI 0.3.64 reports
     assert mappings["PrimitiveStringMultiline"].INPUT_TYPES()["required"]["value"][1]["multiline"] is True
 
 
