@@ -100,11 +100,12 @@ class CLIPTextConfig:
         )
 
 
-def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, width] projections in, [B, T, width] attention output out; token i sees tokens <= i."""
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """[B, T, width] projections in, [B, T, width] attention output out; causal: token i sees tokens <= i (text),
+    else every token sees every token (image patches)."""
     batch, tokens, width = q.shape
     q, k, v = (t.view(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
@@ -124,21 +125,25 @@ class _Embeddings(nn.Module):
         self.position_embedding = _embedding(config.context_length, config.width)
 
 
-class _SelfAttention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+# The transformer layers are shared with the CLIP vision tower (networks/clip_vision.py): same names and maths,
+# full instead of causal attention. `config` needs width, heads, mlp_width, activation, layer_norm_eps, layers.
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         self.heads = config.heads
+        self.causal = causal
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
         self.out_proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(causal_self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        return self.out_proj(self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal))
 
 
-class _MLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+class MLP(nn.Module):
+    def __init__(self, config):
         super().__init__()
         self.activation = ACTIVATIONS[config.activation]
         self.fc1 = nn.Linear(config.width, config.mlp_width)
@@ -148,23 +153,23 @@ class _MLP(nn.Module):
         return self.fc2(self.activation(self.fc1(x)))
 
 
-class _EncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+class EncoderLayer(nn.Module):
+    def __init__(self, config, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = _SelfAttention(config)
+        self.self_attn = SelfAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = _MLP(config)
+        self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
 
-class _Encoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+class Encoder(nn.Module):
+    def __init__(self, config, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(EncoderLayer(config, causal) for _ in range(config.layers))
 
 
 # ---- OpenCLIP checkpoint names -------------------------------------------------------------------
@@ -247,7 +252,7 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = _Embeddings(config)
-        self.encoder = _Encoder(config)
+        self.encoder = Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         if config.projection_dim is not None:
             self.text_projection = nn.Parameter(torch.zeros(config.width, config.projection_dim))

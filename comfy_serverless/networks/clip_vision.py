@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .clip import ACTIVATIONS
+from .clip import ACTIVATIONS, Encoder
 
 
 @dataclass(frozen=True)
@@ -89,59 +88,12 @@ class _Embeddings(nn.Module):
         return torch.cat([cls_token, patches], dim=1) + self.position_embedding.weight.to(patches.dtype)
 
 
-class _SelfAttention(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.heads = config.heads
-        self.q_proj = nn.Linear(config.width, config.width)
-        self.k_proj = nn.Linear(config.width, config.width)
-        self.v_proj = nn.Linear(config.width, config.width)
-        self.out_proj = nn.Linear(config.width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape
-        q, k, v = (proj(x).view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
-
-
-class _MLP(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.activation = ACTIVATIONS[config.activation]
-        self.fc1 = nn.Linear(config.width, config.mlp_width)
-        self.fc2 = nn.Linear(config.mlp_width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
-
-
-class _EncoderLayer(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = _SelfAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = _MLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(config) for _ in range(config.layers))
-
-
 class _VisionTransformer(nn.Module):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         self.embeddings = _Embeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.encoder = _Encoder(config)
+        self.encoder = Encoder(config, causal=False)  # image patches all see each other
         self.post_layernorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 
 
