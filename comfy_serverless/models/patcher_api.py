@@ -122,6 +122,11 @@ class ModelPatcherMethods:
 
     # ---- weights ---------------------------------------------------------------------------------------
 
+    @property
+    def model(self):
+        """ComfyUI's `model.model` (the BaseModel), as packs pass it to comfy.lora.model_lora_keys_unet."""
+        return BaseModelView(self)
+
     def model_state_dict(self, filter_prefix=None) -> dict:
         """The UNet's weights (with this clone's patches) under ComfyUI's names ("diffusion_model.<name>")."""
         weights = {UNET_PREFIX + name: p for name, p in self.network().state_dict(keep_vars=True).items()}
@@ -137,7 +142,8 @@ class ModelPatcherMethods:
     def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
         """Add weight patches to this clone: per key, weight = weight * strength_model + strength_patch * value.
 
-        Values as ComfyUI gives them: (tensor,) or ("diff", (tensor,)) or ("set", (tensor,)); a list whose
+        Values as ComfyUI gives them: (tensor,) or ("diff", (tensor,)) or ("set", (tensor,)) or comfy.lora's
+        ("lora", (up, down, alpha, mid, dora_scale, reshape)); a list whose
         first item is such a value (get_key_patches of a patched model) uses that first item. Returns the keys
         that name a weight of this model; others are ignored, as ComfyUI does.
         """
@@ -155,11 +161,29 @@ class ModelPatcherMethods:
         return [UNET_PREFIX + name for name in entries]
 
 
+class BaseModelView:
+    """What packs read of ComfyUI's BaseModel: the UNet (`diffusion_model`) and its weights under ComfyUI's names."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+
+    @property
+    def diffusion_model(self):
+        return self.patcher.network()
+
+    def state_dict(self) -> dict:
+        return self.patcher.model_state_dict()
+
+
 def _patch_value(key: str, value) -> tuple:
     import torch
 
     if isinstance(value, list):
         value = value[0]
+    if getattr(value, "name", None) == "lora" and isinstance(getattr(value, "weights", None), tuple):
+        value = ("lora", value.weights)  # ComfyUI's LoRAAdapter object
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "lora":
+        return "lora", _low_rank_patch(key, value[1])
     if isinstance(value, tuple) and len(value) == 1 and value[0] is None:
         return "scale", None  # ComfyUI's (None,): no tensor, the weight is only scaled by strength_model
     if torch.is_tensor(value):
@@ -171,5 +195,24 @@ def _patch_value(key: str, value) -> tuple:
         if torch.is_tensor(payload):
             return value[0], payload
     kind = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else type(value).__name__
-    raise NotImplementedError(f"weight patch {kind!r} for {key} is not supported here (only diff and set; "
-                              "LoRA files load through LoraLoader)")
+    raise NotImplementedError(f"weight patch {kind!r} for {key} is not supported here (only diff, set and lora; "
+                              "LoHa, LoKr, GLoRA and OFT are not)")
+
+
+def _low_rank_patch(key: str, weights):
+    """comfy.lora's (up, down, alpha, mid, dora_scale, reshape) as a patching.LowRankPatch."""
+    import torch
+
+    from .lora import LoraEntry
+    from .patching import LowRankPatch
+
+    if not isinstance(weights, (tuple, list)) or len(weights) < 2:
+        raise ValueError(f"lora patch for {key} must be (up, down, alpha, mid, dora_scale, reshape)")
+    up, down, alpha, mid, dora_scale, reshape = (tuple(weights) + (None,) * 4)[:6]
+    if not (torch.is_tensor(up) and torch.is_tensor(down)):
+        raise ValueError(f"lora patch for {key}: up and down must be tensors")
+    if reshape is not None:
+        raise NotImplementedError(f"lora patch for {key} reshapes the weight ({reshape}); not supported here")
+    if torch.is_tensor(alpha):
+        alpha = float(alpha.item())
+    return LowRankPatch(LoraEntry(up=up, down=down, alpha=alpha, mid=mid), dora_scale)

@@ -33,10 +33,28 @@ class KeyPatch:
     `targets` maps a submodule ("" = the network) to {parameter name: (kind, tensor, strength_patch, strength_model)}
     where kind is "diff" (added), "set" (replaces the weight; strengths ignored), "scale" (tensor None: only
     times strength_model) or "model_as_lora" (the tensor is another model's weight; its difference from the
-    unpatched weight is added, ComfyUI's model-as-LoRA hooks).
+    unpatched weight is added, ComfyUI's model-as-LoRA hooks) or "lora" (the tensor is a LowRankPatch).
     """
 
     targets: dict
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankPatch:
+    """ComfyUI's "lora" weight patch (comfy.lora.load_lora): strength * (alpha / rank) * up @ [mid] @ down, or
+    with `dora_scale` the DoRA weight; `transposed` when our parameter is stored transposed to ComfyUI's
+    (CLIP's text_projection), so the patch applies to the parameter's transpose."""
+
+    entry: object  # models.lora.LoraEntry
+    dora_scale: object = None  # tensor or None
+    transposed: bool = False
+
+    @property
+    def ndim(self) -> int:
+        return self.entry.up.dim() if self.entry.mid is None else self.entry.mid.dim()
+
+    def t(self) -> LowRankPatch:
+        return LowRankPatch(self.entry, self.dora_scale, not self.transposed)
 
 
 def _same(applied: tuple, wanted: tuple) -> bool:
@@ -99,6 +117,11 @@ def _apply_mixed(module, stack: list):
                 if kind == "scale":
                     weight *= strength_model
                     continue
+                if kind == "lora":
+                    if strength_model != 1.0:
+                        weight *= strength_model
+                    _add_low_rank(weight.t() if value.transposed else weight, value, strength_patch, name)
+                    continue
                 value = value.to(device=weight.device, dtype=torch.float32)
                 if kind == "set":
                     weight = value.reshape(weight.shape).clone()
@@ -119,3 +142,34 @@ def _apply_mixed(module, stack: list):
             applied.originals[name] = original
             applied.patched[name] = patched
     return applied
+
+
+def _add_low_rank(weight, patch: LowRankPatch, strength: float, name: str) -> None:
+    """Adds a LowRankPatch to `weight` (float32, changed in place). DoRA as ComfyUI computes it: the patched
+    weight is rescaled so that its norm per output row (dora_scale [out, 1...]) or per input column equals
+    dora_scale; the row norm is taken of the weight before the update, the column norm after it."""
+    import torch
+
+    from . import lora
+
+    try:
+        delta = lora.lora_delta(patch.entry, weight.shape).to(weight.device)
+    except RuntimeError as error:
+        raise ValueError(f"LoRA patch for {name!r} does not fit the weight of shape {tuple(weight.shape)}") from error
+    if patch.dora_scale is None:
+        weight += strength * delta
+        return
+    scale = patch.dora_scale.to(device=weight.device, dtype=torch.float32)
+    patched = weight + delta
+    ones = [1] * (weight.dim() - 1)
+    if scale.shape[0] == weight.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *ones)
+    else:
+        columns = patched.transpose(0, 1)
+        norm = columns.reshape(columns.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(columns.shape[0], *ones).transpose(0, 1)
+    patched *= scale / (norm + torch.finfo(torch.float32).eps)
+    if strength != 1.0:
+        weight += strength * (patched - weight)
+    else:
+        weight.copy_(patched)
