@@ -173,6 +173,8 @@ def test_bad_lora_patches_fail_clearly(comfy_lora, family):
 
 def test_a_pack_stacks_a_lora_through_the_server(start_server, tmp_path, family):
     """The pack's node gives the same image as LoraLoader with the same file and strengths."""
+    from PIL import Image
+
     checkpoint, loras = family
     if checkpoint.stem != "sd15":
         pytest.skip("one HTTP run is enough")
@@ -182,22 +184,84 @@ def test_a_pack_stacks_a_lora_through_the_server(start_server, tmp_path, family)
         (base / "models" / folder / path.name).hardlink_to(path)
     srv = start_server("--force-fp32", packs=(PACK,), base=base)
 
-    def txt2img(loader: str, prefix: str):
+    def txt2img(loader: str | None, prefix: str):
+        source = "10" if loader else "4"
         prompt = {
             "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint.name}},
             "10": {"class_type": loader, "inputs": {"model": ["4", 0], "clip": ["4", 1], "strength_model": 0.8,
                                                    "lora_name": "kohya.safetensors", "strength_clip": 0.5}},
             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cat", "clip": ["10", 1]}},
-            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["10", 1]}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cat", "clip": [source, 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": [source, 1]}},
             "3": {"class_type": "KSampler", "inputs": {
                 "seed": 3, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
-                "model": ["10", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+                "model": [source, 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
             "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
             "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
         }
+        if not loader:
+            del prompt["10"]
         entry = srv.run(prompt)
         assert entry["status"]["status_str"] == "success", entry["status"]
-        return (srv.base / "output" / f"{prefix}_00001_.png").read_bytes()
+        return Image.open(srv.base / "output" / f"{prefix}_00001_.png").tobytes()  # pixels (the PNG holds the prompt)
 
-    assert txt2img("ComfyLoraStack", "pack") == txt2img("LoraLoader", "core")
+    pack, core = txt2img("ComfyLoraStack", "pack"), txt2img("LoraLoader", "core")
+    assert pack == core
+    assert pack != txt2img(None, "plain")  # the LoRA shows
+
+
+def test_text_projection_patch_in_comfyuis_orientation(comfy_lora, family):
+    """ComfyUI stores text_projection as a Linear weight [P, width], ours transposed: a LoRA on it must land on the
+    same numbers as seen through ComfyUI's state dict."""
+    checkpoint, _ = family
+    _, clip, _ = load_checkpoint(str(checkpoint))
+    keys = comfy_lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    name = "lora_te2_text_projection" if "lora_te2_text_projection" in keys else "lora_te1_text_projection"
+    if name not in keys:
+        pytest.skip("this CLIP has no text projection")
+    key = keys[name]
+    base = clip.model_state_dict()[key].float()
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(base.shape[0], 2, generator=g), torch.randn(2, base.shape[1], generator=g)
+    patches = comfy_lora.load_lora({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}, keys)
+    patched = clip.clone()
+    assert patched.add_patches(patches, 0.5) == [key]
+    got = patched.model_state_dict()[key]
+    assert torch.equal(got, (base + 0.5 * (up @ down)).to(got.dtype))
+
+
+def test_tucker_mid_and_dora_scale_are_read_from_the_file(comfy_lora, family, tmp_path):
+    """A LoCon entry with a Tucker core patches as LoraLoader does; a .dora_scale rides along in the patch."""
+    from safetensors.torch import save_file
+
+    checkpoint, _ = family
+    model, _, _ = load_checkpoint(str(checkpoint))
+    key = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    out, inp = model.model_state_dict()[key].shape[:2]
+    g = torch.Generator().manual_seed(3)
+    name = "lora_unet_input_blocks_1_0_in_layers_2"
+    lora = {f"{name}.lora_down.weight": torch.randn(2, inp, 1, 1, generator=g) * 0.1,
+            f"{name}.lora_mid.weight": torch.randn(2, 2, 3, 3, generator=g) * 0.1,
+            f"{name}.lora_up.weight": torch.randn(out, 2, 1, 1, generator=g) * 0.1, f"{name}.alpha": torch.tensor(1.0)}
+    path = tmp_path / "locon.safetensors"
+    save_file(lora, str(path))
+    patches = comfy_lora.load_lora(lora, comfy_lora.model_lora_keys_unet(model.model, {}))
+    assert list(patches) == [key] and patches[key][1][3] is not None
+    theirs = model.clone()
+    theirs.add_patches(patches, 0.9)
+    ours, _ = apply_lora_file(str(path), model, None, 0.9, 0.0)
+    assert torch.equal(theirs.model_state_dict()[key], ours.model_state_dict()[key])
+    assert not torch.equal(ours.model_state_dict()[key], model.model_state_dict()[key])
+
+    scale = torch.rand(out, 1, 1, 1, generator=g) + 0.5
+    with_dora = comfy_lora.load_lora({**lora, f"{name}.dora_scale": scale}, {name: key})
+    assert with_dora[key][1][4] is scale
+    norms = model.clone()
+    norms.add_patches(with_dora, 1.0)
+    rows = norms.model_state_dict()[key].float().flatten(1).norm(dim=1)
+    base_rows = model.model_state_dict()[key].float().flatten(1).norm(dim=1)
+    plain = model.clone()
+    plain.add_patches(patches, 1.0)
+    direction = plain.model_state_dict()[key].float().flatten(1).norm(dim=1)  # |W + dW|
+    # DoRA at strength 1: row norms become dora_scale * |W + dW| / |W| (ComfyUI divides by the pre-update norm).
+    assert torch.allclose(rows, scale.flatten() * direction / base_rows, rtol=2e-2)
