@@ -265,3 +265,26 @@ def test_tucker_mid_and_dora_scale_are_read_from_the_file(comfy_lora, family, tm
     direction = plain.model_state_dict()[key].float().flatten(1).norm(dim=1)  # |W + dW|
     # DoRA at strength 1: row norms become dora_scale * |W + dW| / |W| (ComfyUI divides by the pre-update norm).
     assert torch.allclose(rows, scale.flatten() * direction / base_rows, rtol=2e-2)
+
+
+def test_calculate_weight_matches_add_patches(comfy_lora, family):
+    """GGUF-style packs patch weights themselves with comfy.lora.calculate_weight."""
+    checkpoint, loras = family
+    model, _, _ = load_checkpoint(str(checkpoint))
+    from safetensors.torch import load_file
+
+    patches = comfy_lora.load_lora(load_file(str(loras["kohya"])), comfy_lora.model_lora_keys_unet(model.model, {}),
+                                   log_missing=False)
+    key, value = next(iter(patches.items()))
+    base = model.model_state_dict()[key].float()
+    extra = torch.full_like(base, 0.01)
+    got = comfy_lora.calculate_weight([(0.6, value, 1.0), (2.0, ("diff", (extra,)), 0.5, None, None)], base.clone(),
+                                      key)
+    patched = model.clone()
+    patched.add_patches({key: value}, 0.6)
+    lora_only = comfy_lora.calculate_weight([(0.6, value, 1.0)], base.clone(), key)
+    assert torch.equal(lora_only.to(patched.model_state_dict()[key].dtype), patched.model_state_dict()[key])
+    assert torch.allclose(got, lora_only * 0.5 + 0.02, atol=1e-7)
+    with pytest.raises(NotImplementedError, match="offset"):
+        comfy_lora.calculate_weight([(1.0, value, 1.0, (0, 0, 4))], base.clone(), key)
+    assert comfy_lora.LORA_CLIP_MAP["self_attn.q_proj"] == "self_attn_q_proj"

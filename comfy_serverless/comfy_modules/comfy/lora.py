@@ -17,9 +17,10 @@ from comfy_serverless.catalog.comfy_modules import missing_attribute
 UNET_PREFIX = "diffusion_model."
 ENCODERS = ("clip_l", "clip_h", "clip_g")
 TEXT_MODEL = ".transformer.text_model."
-# The LoRA-able projections of a CLIP layer, as transformers names them.
+# The LoRA-able projections of a CLIP layer, as transformers names them, and their kohya (flattened) names.
 CLIP_LAYER_PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                     "mlp.fc1", "mlp.fc2")
+LORA_CLIP_MAP = {part: part.replace(".", "_") for part in CLIP_LAYER_PARTS}
 
 # (up, down) key suffixes of the low-rank layouts a module name may carry (kohya, old diffusers, PEFT, ...).
 _LOW_RANK_SUFFIXES = (
@@ -165,6 +166,42 @@ def load_lora(lora: dict, to_load: dict, log_missing: bool = True) -> dict:
             if key not in loaded:
                 logging.warning("lora key not loaded: %s", key)
     return patches
+
+
+def calculate_weight(patches, weight, key, intermediate_dtype=None, original_weights=None):
+    """ComfyUI's weight arithmetic, as packs that patch weights themselves (GGUF loaders) call it: `patches` is
+    ModelPatcher's list of (strength_patch, value, strength_model[, offset[, function]]) for `key`; `weight` is
+    changed in place and returned. Values: diff, set and lora (as load_lora makes them)."""
+    import torch
+
+    from comfy_serverless.models.patcher_api import _patch_value
+    from comfy_serverless.models.patching import _add_low_rank
+
+    for patch in patches:
+        strength, value, strength_model = patch[0], patch[1], patch[2]
+        offset = patch[3] if len(patch) > 3 else None
+        function = patch[4] if len(patch) > 4 else None
+        if offset is not None:
+            raise NotImplementedError(f"weight patch for {key} with an offset (part of a fused weight)")
+        if strength_model != 1.0:
+            weight *= strength_model
+        kind, payload = _patch_value(key, value)
+        if kind == "set":
+            weight.copy_(payload.reshape(weight.shape))
+        elif kind == "diff":
+            if payload.numel() != weight.numel():
+                raise ValueError(f"patch for {key} has shape {tuple(payload.shape)}, the weight {tuple(weight.shape)}")
+            diff = strength * payload.to(device=weight.device, dtype=torch.float32).reshape(weight.shape)
+            weight += (diff if function is None else function(diff)).to(weight.dtype)
+        elif kind == "lora" and function is None:
+            _add_low_rank(weight.t() if payload.transposed else weight, payload, strength, key)
+        elif kind == "lora" and payload.dora_scale is None:
+            from comfy_serverless.models.lora import lora_delta
+
+            weight += function(strength * lora_delta(payload.entry, weight.shape).to(weight.device)).to(weight.dtype)
+        elif kind != "scale":
+            raise NotImplementedError(f"weight patch {kind!r} for {key} with a function (DoRA) is not supported here")
+    return weight
 
 
 def __getattr__(name: str):
