@@ -176,8 +176,6 @@ def test_a_pack_stacks_a_lora_through_the_server(start_server, tmp_path, family)
     from PIL import Image
 
     checkpoint, loras = family
-    if checkpoint.stem != "sd15":
-        pytest.skip("one HTTP run is enough")
     base = tmp_path / "lora-stack"
     for folder, path in (("checkpoints", checkpoint), ("loras", loras["kohya"])):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
@@ -217,8 +215,9 @@ def test_text_projection_patch_in_comfyuis_orientation(comfy_lora, family):
     _, clip, _ = load_checkpoint(str(checkpoint))
     keys = comfy_lora.model_lora_keys_clip(clip.cond_stage_model, {})
     name = "lora_te2_text_projection" if "lora_te2_text_projection" in keys else "lora_te1_text_projection"
-    if name not in keys:
-        pytest.skip("this CLIP has no text projection")
+    if checkpoint.stem == "sd15":  # SD1's CLIP-L has no projection weight, so there is nothing to patch
+        assert not any("text_projection" in key for key in keys)
+        return
     key = keys[name]
     base = clip.model_state_dict()[key].float()
     g = torch.Generator().manual_seed(2)
