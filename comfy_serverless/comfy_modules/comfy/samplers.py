@@ -104,7 +104,72 @@ def _sampler_object_class():
 def _guider_class():
     from comfy_serverless.sampling.guiders import Guider
 
-    return Guider
+    return _pack_guider_class(Guider)
+
+
+_GUIDER_FACES: dict = {}
+
+
+def _pack_guider_class(base: type) -> type:
+    """The class packs see for one of our guiders (CFGGuider, comfy_extras' Guider_PerpNeg). As in ComfyUI, every
+    sampling step goes through `predict_noise(x, timestep, model_options, seed)`, which reads the guider's current
+    `cfg` (and `neg_scale`), so a pack subclass that overrides it (a cfg schedule) is honoured. isinstance holds
+    for the server's own guiders of that kind."""
+    if base in _GUIDER_FACES:
+        return _GUIDER_FACES[base]
+    from comfy_serverless.sampling.guiders import _cfg_denoisers
+
+    class PredictNoiseRoute:
+        """The denoiser a sampler calls when a subclass overrides predict_noise; `parts` lets the sampling run
+        begin and end on the real CFG denoisers."""
+
+        def __init__(self, guider, inner):
+            self.guider, self.inner = guider, inner
+            self.parts = _cfg_denoisers(inner)
+            self.model_options = getattr(inner, "model_options", {})
+
+        def __call__(self, x, sigma, model_options=None):
+            return self.guider.predict_noise(x, sigma, model_options or {}, self.guider._pack_seed)
+
+    class FaceMeta(type(base)):
+        def __instancecheck__(cls, obj):
+            if cls.__dict__.get("_face_of") is not None:
+                return isinstance(obj, cls._face_of)
+            return super().__instancecheck__(obj)
+
+    class PackGuider(base, metaclass=FaceMeta):
+        _face_of = base
+        _pack_seed = None
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            cls._face_of = None  # a pack's subclass: ordinary isinstance
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, seed=None, **kwargs):
+            self._pack_seed = seed
+            return super().sample(noise, latent_image, sampler, sigmas, *args, seed=seed, **kwargs)
+
+        def make_denoiser(self):
+            inner = super().make_denoiser()
+            if type(self).predict_noise is PackGuider.predict_noise:
+                return inner
+            return PredictNoiseRoute(self, inner)
+
+        def predict_noise(self, x, timestep, model_options=None, seed=None):
+            active = self._active
+            inner = active.inner if isinstance(active, PredictNoiseRoute) else active
+            if inner is None:
+                inner = base.make_denoiser(self)
+            for part in _cfg_denoisers(inner):
+                part.cfg = float(self.cfg)
+            if hasattr(inner, "neg_scale") and hasattr(self, "neg_scale"):
+                inner.neg_scale = float(self.neg_scale)
+            return inner(x, timestep, model_options=model_options) if model_options else inner(x, timestep)
+
+    name = "CFGGuider" if base.__name__ == "Guider" else "Guider_PerpNeg"
+    PackGuider.__name__ = PackGuider.__qualname__ = name
+    _GUIDER_FACES[base] = PackGuider
+    return PackGuider
 
 
 def _calc_cond_batch():
