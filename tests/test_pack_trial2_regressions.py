@@ -112,3 +112,16 @@ def test_perp_neg_guider_subclass_follows_its_schedule(guider_server):
     text, kinds = entry["outputs"]["log"]["text"][0].split("|", 1)
     assert [float(step.split(":")[1]) for step in text.split(";")] == [4.0, 4.0, 4.0]
     assert kinds == "cfg_guider=True|perp_neg=True"
+
+
+def test_outputs_beyond_return_types_link_as_comfyui_allows(start_server, tmp_path):
+    """Impact's / Inspire's ByPassTypeTuple: RETURN_TYPES answers any slot, so a link to output 2 of a node that
+    declares one output validates (ComfyUI indexes the live tuple) and carries that slot's value."""
+    srv = start_server(packs=("comfy_style/scheduled_guiders.py",), base=tmp_path / "slots")
+    entry = srv.run({"1": {"class_type": "SplitNumbers", "inputs": {"count": 3}},
+                     "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 2]}}})
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["2"]["text"] == ["12"]
+    refused = srv.post("/prompt", {"prompt": {"1": {"class_type": "SplitNumbers", "inputs": {"count": 3}},
+                                              "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 1]}}}})
+    assert refused.status_code == 400  # slot 1 is an INT, not an IMAGE

@@ -82,6 +82,18 @@ def public_info(cls, class_name: str, display_name: str | None, python_module: s
     return info
 
 
+def _extra_output_type(cls):
+    """The type a RETURN_TYPES answers beyond its length, for packs whose nodes have a variable number of outputs
+    (Impact's and Inspire's ByPassTypeTuple answer item 0 for any slot); None for a plain tuple."""
+    outputs = getattr(cls, "RETURN_TYPES", ())
+    if type(outputs) in (tuple, list):
+        return None
+    try:
+        return to_json_value(outputs[len(outputs)])
+    except Exception:
+        return None
+
+
 def execution_facts(cls) -> dict:
     """What validation and scheduling need to know about the class without importing it again."""
     facts = {
@@ -90,6 +102,7 @@ def execution_facts(cls) -> dict:
         "has_is_changed": callable(getattr(cls, "IS_CHANGED", None)),
         "is_async": inspect.iscoroutinefunction(getattr(cls, getattr(cls, "FUNCTION", ""), None)),
         "validate_inputs": None,
+        "extra_output_type": _extra_output_type(cls),
     }
     validator = getattr(cls, "VALIDATE_INPUTS", None)
     if callable(validator):

@@ -200,8 +200,11 @@ class _Checker:
             value[0] = str(value[0])  # some clients send numeric ids; ComfyUI's keys are strings
         source_id, slot = value
         source = self.prompt[source_id]  # KeyError -> exception reason for this node (docs/comfy-api-contract.md §3.1)
-        return_types = self.catalog.spec(source["class_type"]).return_types
-        received = return_types[slot]
+        source_spec = self.catalog.spec(source["class_type"])
+        return_types = source_spec.return_types
+        extra_type = source_spec.facts.get("extra_output_type")
+        # A pack's RETURN_TYPES may answer any slot (variable outputs); ComfyUI indexes the live tuple the same way.
+        received = extra_type if extra_type is not None and slot >= len(return_types) else return_types[slot]
         if isinstance(received, dict):  # a disk-backed combo output
             from ..catalog.catalog import fill_file_lists
 

@@ -84,3 +84,28 @@ class ScheduledGuiderLog:
 
 
 NODE_CLASS_MAPPINGS = {"ScheduledCFGGuiderTrial": ScheduledCFGGuiderTrial, "ScheduledGuiderLog": ScheduledGuiderLog}
+
+
+class _AnySlot(tuple):
+    """Impact's / Inspire's ByPassTypeTuple: a node with a variable number of outputs answers item 0 for any slot."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index >= len(self):
+            index = 0
+        return super().__getitem__(index)
+
+
+class SplitNumbers:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"count": ("INT", {"default": 3, "min": 1, "max": 8})}}
+
+    RETURN_TYPES = _AnySlot(("INT",))
+    FUNCTION = "split"
+    CATEGORY = "comfy_style"
+
+    def split(self, count):
+        return tuple(range(10, 10 + count))
+
+
+NODE_CLASS_MAPPINGS["SplitNumbers"] = SplitNumbers
