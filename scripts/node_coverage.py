@@ -41,7 +41,6 @@ REASONS = [
     (r"OptimalStepsScheduler", "its tables exist only for FLUX, Wan and Chroma, which are not supported here"),
     (r"GITSScheduler", "needs GITS's per-step-count tables, which are not reproduced here"),
     (r"LotusConditioning", "Lotus depth/normal models are not supported here"),
-    (r"PhotoMaker", "PhotoMaker's ID encoder is not implemented"),
     (r"ModelComputeDtype", "a per-clone compute dtype would need the shared weights cast per clone; they keep the "
                            "dtype chosen at load (--force-fp32, --bf16-unet, ...)"),
     (r"TorchCompileModel", "torch.compile needs a C++ compiler at run time, which a serverless image lacks"),
