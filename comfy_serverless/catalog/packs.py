@@ -64,6 +64,8 @@ BUILTIN_PACKS = (
     "comfy_serverless.nodes.differential_diffusion",
     "comfy_serverless.nodes.upscale_diffusion",
     "comfy_serverless.nodes.loaders_deprecated",
+    "comfy_serverless.nodes.debug_model_nodes",
+    "comfy_serverless.nodes.webcam",
     "comfy_serverless.nodes.photomaker_nodes",
 )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from .model_cache import ModelHandle
 from .patcher_api import ModelPatcherMethods, copy_model_options
-from .patching import KeyPatch, LoraPatch, patched_module
+from .patching import ComputeCast, KeyPatch, LoraPatch, patched_module
 
 # Latent scale factors (VAE latent -> UNet latent) of the SD families.
 LATENT_SCALE = {"sd15": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
@@ -25,7 +25,7 @@ class DiffusionModel(ModelPatcherMethods):
     prediction: str  # "eps" or "v"
     dtype: object  # torch dtype the UNet computes in
     adm_channels: int | None = None  # SDXL: width of y
-    patches: tuple[LoraPatch | KeyPatch, ...] = ()
+    patches: tuple[LoraPatch | KeyPatch | ComputeCast, ...] = ()
     _sampling: list = field(default_factory=list, compare=False, repr=False)  # lazily built ModelSampling
     # ComfyUI's model_options (cfg functions, wrappers, transformer patches), copied on clone.
     model_options: dict = field(default_factory=lambda: {"transformer_options": {}}, compare=False, repr=False)
@@ -54,6 +54,18 @@ class DiffusionModel(ModelPatcherMethods):
     def with_patch(self, patch: LoraPatch) -> DiffusionModel:
         """A clone with one more LoRA (the weights are patched only when the model runs)."""
         return replace(self.clone(), patches=self.patches + (patch,))
+
+    def set_model_compute_dtype(self, dtype) -> None:
+        """ComfyUI's ModelPatcher method: this clone computes in `dtype` (None: the dtype the network was loaded
+        in). The weights are converted when the clone runs; the shared network and other clones keep theirs."""
+        casts = [patch for patch in self.patches if isinstance(patch, ComputeCast)]
+        network_dtype = casts[0].network_dtype if casts else self.dtype
+        patches: tuple = tuple(patch for patch in self.patches if not isinstance(patch, ComputeCast))
+        wanted = network_dtype if dtype is None else dtype
+        if wanted != network_dtype:
+            patches += (ComputeCast(wanted, network_dtype),)
+        object.__setattr__(self, "patches", patches)
+        object.__setattr__(self, "dtype", wanted)
 
     # ComfyUI's ModelPatcher questions that packs ask.
 
@@ -84,6 +96,9 @@ class DiffusionModel(ModelPatcherMethods):
         import torch
 
         unet = patched_module(self.handle, self.patches + tuple(weight_patches)) if weight_patches else self.network()
+        backend = self.model_options.get("torch_compile_backend")  # TorchCompileModel
+        if backend is not None:
+            unet = _compiled(self.handle, unet, backend)
         if c_concat is not None:
             x = torch.cat([x, c_concat.to(x)], dim=1)
         with torch.no_grad():
@@ -108,3 +123,14 @@ class DiffusionModel(ModelPatcherMethods):
 
         return extra_unet_inputs(self, options, latent_shape, latent_image=latent_image, denoise_mask=denoise_mask,
                                  seed=seed)
+
+
+def _compiled(handle: ModelHandle, module, backend: str):
+    """torch.compile of the handle's network for `backend`, kept while the network stays loaded. Weight patches
+    swap parameters in place, which the compiled module sees (torch recompiles if its guards ask)."""
+    import torch
+
+    compiled = handle.state.setdefault("compiled", {})
+    if backend not in compiled or compiled[backend][0] is not module:
+        compiled[backend] = (module, torch.compile(module, backend=backend))
+    return compiled[backend][1]

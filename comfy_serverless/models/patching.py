@@ -3,12 +3,13 @@
 Clones of a MODEL or CLIP share one network (a ModelHandle) and differ only in their patch lists. Before a
 clone runs, `patched_module` makes the shared weights match its list: patches of another clone are undone
 first (patched parameters are new tensors; the originals are put back). Running the same clone again costs
-nothing. Patches apply in the order they were added, per parameter, in float32.
+nothing. Patches apply in the order they were added, per parameter, in float32. A ComputeCast (a clone's compute
+dtype) converts the patched network last.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model_cache import ModelHandle
 
@@ -57,6 +58,20 @@ class LowRankPatch:
         return LowRankPatch(self.entry, self.dora_scale, not self.transposed)
 
 
+@dataclass(frozen=True, eq=False)
+class ComputeCast:
+    """ComfyUI's set_model_compute_dtype: after a clone's other patches, its floating weights and buffers are
+    converted to `dtype` (the shared network keeps its load dtype; undone like the other patches)."""
+
+    dtype: object  # torch dtype
+    network_dtype: object  # the dtype the network was loaded in, which a clone set back to "default" computes in
+    targets: dict = field(default_factory=dict)  # none: code walking patches' targets skips it
+
+    def __post_init__(self):
+        if self.targets:
+            raise ValueError("ComputeCast converts the whole network: it takes no targets")
+
+
 def _same(applied: tuple, wanted: tuple) -> bool:
     return len(applied) == len(wanted) and all(a is w for a, w in zip(applied, wanted))
 
@@ -73,14 +88,18 @@ def patched_module(handle: ModelHandle, patches: tuple[LoraPatch, ...]):
         applied.undo()
     handle.state["lora"] = ()
     done = []
+    casts = [patch for patch in patches if isinstance(patch, ComputeCast)]
+    weights = [patch for patch in patches if not isinstance(patch, ComputeCast)]
     try:
-        for target in dict.fromkeys(name for patch in patches for name in patch.targets):
+        for target in dict.fromkeys(name for patch in weights for name in patch.targets):
             submodule = module.get_submodule(target)
-            if all(isinstance(patch, LoraPatch) for patch in patches):
-                stack = [(patch.targets.get(target, {}), patch.strength) for patch in patches]
+            if all(isinstance(patch, LoraPatch) for patch in weights):
+                stack = [(patch.targets.get(target, {}), patch.strength) for patch in weights]
                 done.append(lora.apply_loras(submodule, stack))  # one patched copy per weight, however many LoRAs
             else:
-                done.append(_apply_mixed(submodule, [(patch, patch.targets.get(target, {})) for patch in patches]))
+                done.append(_apply_mixed(submodule, [(patch, patch.targets.get(target, {})) for patch in weights]))
+        if casts:  # the last one wins, as ComfyUI's object patch; applied after the weight patches
+            done.append(_cast_module(module, casts[-1].dtype))
     except BaseException:
         for applied in reversed(done):
             applied.undo()
@@ -88,6 +107,28 @@ def patched_module(handle: ModelHandle, patches: tuple[LoraPatch, ...]):
     handle.state["lora_applied"] = done
     handle.state["lora"] = tuple(patches)
     return module
+
+
+def _cast_module(module, dtype):
+    """Every floating parameter and buffer of `module` not already in `dtype` replaced by a converted copy."""
+    import torch
+    from torch import nn
+
+    from . import lora
+
+    applied = lora.AppliedLora(module)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            converted = tensor.detach().to(dtype)
+            if isinstance(tensor, nn.Parameter):
+                converted = nn.Parameter(converted, requires_grad=False)
+            owner_name, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner_name), leaf, converted)
+            applied.originals[name] = tensor
+            applied.patched[name] = converted
+    return applied
 
 
 def _apply_mixed(module, stack: list):
