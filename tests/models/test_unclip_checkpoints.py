@@ -112,7 +112,6 @@ def test_loaded_model_turns_unclip_conditioning_into_y(unclip_file):
     y = model.encode_extra(options, (1, 4, 8, 8), seed=42)["y"]
     assert y.shape == (1, 64)
     torch.testing.assert_close(y, unclip_y(options["unclip_conditioning"], {}, 64, seed=42))
-    pytest.importorskip("diffusers")
     noise = torch.randn((1, 32), generator=torch.Generator().manual_seed(32))  # sampler seed - 10
     torch.testing.assert_close(y, diffusers_noised(embeds, round(999 * 0.3), noise) * 1.5, atol=1e-5, rtol=1e-5)
     # The augmentation noise follows the sampler's seed.
@@ -189,7 +188,6 @@ def test_sdxl_revision_replaces_the_pooled_text_with_the_image_embedding(sdxl_mo
     # Only the pooled part changes; the size embedding after it is the same.
     torch.testing.assert_close(revision[:, pooled_width:], text_only[:, pooled_width:])
     noise = torch.randn((1, pooled_width), generator=torch.Generator().manual_seed(-5))  # seed - 10
-    pytest.importorskip("diffusers")
     expected = diffusers_noised(embeds, round(999 * 0.2), noise)[:, :pooled_width] * 2.0
     torch.testing.assert_close(revision[:, :pooled_width], expected, atol=1e-5, rtol=1e-5)
     # Two images: summed, then augmented at the merge level 0 (not unCLIP models' 0.05).

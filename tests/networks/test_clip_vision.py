@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from comfy_serverless.models.checkpoint_files import CheckpointError, open_state_dict, read_metadata
@@ -39,8 +40,6 @@ from comfy_serverless.networks.clip_vision import (
 )
 from comfy_serverless.networks.style_model import StyleAdapter, StyleModelConfig
 from conftest import server_context
-
-transformers = pytest.importorskip("transformers")
 
 
 def hf_model(config: CLIPVisionConfig, weights=None):
@@ -242,7 +241,6 @@ def diffusers_noised(embeds: torch.Tensor, level: int, noise: torch.Tensor) -> t
 
 @pytest.mark.parametrize("augmentation", [0.0, 0.3, 1.0])
 def test_single_entry_matches_diffusers_noising(augmentation):
-    pytest.importorskip("diffusers")
     embeds = torch.randn(1, 16, generator=torch.Generator().manual_seed(3))
     entry = {"clip_vision_output": _vision_output(embeds), "strength": 1.5, "noise_augmentation": augmentation}
     y = unclip_y([entry], {}, 32, seed=42)
@@ -255,7 +253,6 @@ def test_single_entry_matches_diffusers_noising(augmentation):
 
 
 def test_several_embeddings_are_weighted_summed_and_noised_again():
-    pytest.importorskip("diffusers")
     generator = torch.Generator().manual_seed(4)
     first, second = torch.randn(2, 8, generator=generator), torch.randn(1, 8, generator=generator)
     entries = [{"clip_vision_output": _vision_output(first), "strength": 1.0, "noise_augmentation": 0.1},
@@ -281,7 +278,6 @@ def test_no_unclip_conditioning_is_zeros_and_bad_widths_are_refused():
 
 
 def test_checkpoint_buffers_and_statistics_are_used():
-    pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler
 
     acp = squaredcos_alphas_cumprod()

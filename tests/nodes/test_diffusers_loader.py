@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
+import transformers
 
 from comfy_serverless.nodes.loaders_deprecated import NODE_CLASS_MAPPINGS, DiffusersLoader
 from conftest import server_context
-
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 
 def _sd15_parts(seed: int = 0):
