@@ -36,14 +36,11 @@ REASONS = [
      "model family not supported here (the server runs SD 1.x, SD 2.x and SDXL)"),
     (r"audio|Audio|AceStep", "audio models are not supported here"),
     (r"^training/|TrainLora|LossGraph|SaveLoRANode|LoraModelLoader", "LoRA training is not offered"),
-    (r"/WebcamCapture$|/Load3D|/Preview3D|SaveSVGNode", "needs ComfyUI's browser frontend or its SVG type"),
+    (r"/Load3D|/Preview3D|SaveSVGNode", "needs ComfyUI's browser frontend or its SVG type"),
     (r"UNetTemporalAttentionMultiply", "video model families are not supported here"),
     (r"OptimalStepsScheduler", "its tables exist only for FLUX, Wan and Chroma, which are not supported here"),
     (r"GITSScheduler", "needs GITS's per-step-count tables, which are not reproduced here"),
     (r"LotusConditioning", "Lotus depth/normal models are not supported here"),
-    (r"ModelComputeDtype", "a per-clone compute dtype would need the shared weights cast per clone; they keep the "
-                           "dtype chosen at load (--force-fp32, --bf16-unet, ...)"),
-    (r"TorchCompileModel", "torch.compile needs a C++ compiler at run time, which a serverless image lacks"),
 ]
 
 
