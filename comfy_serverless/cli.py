@@ -13,15 +13,18 @@ import sys
 from . import __version__, logs
 from .settings import add_flags, settings_from
 
-SUBCOMMANDS = ("serve", "snapshot", "make-test-checkpoint")
+SUBCOMMANDS = ("serve", "snapshot", "prepare", "make-test-checkpoint")
 DESCRIPTION = """\
 API-only, ComfyUI-compatible workflow server built for serverless cold starts.
 
 commands:
   serve      run the server (default when no command is given); ComfyUI's launch flags are accepted
-  snapshot   import every node pack and write the node catalogue snapshot the server starts from; with
+  snapshot   import every node pack and write the node catalogue snapshot the server starts from (and decide
+             bf16 or fp32 for this CPU, caching a timing where its flags leave it open); with
              --comfyui DIR (or --comfyui-url URL) also start that ComfyUI once and store its /object_info
-  make-test-checkpoint --arch {sd15,sd2,sd2-v,sdxl} --size {tiny,full} OUT.safetensors
+  prepare    write each model file once in the dtype and layout this CPU computes in (an image build step;
+             --prepared-dir DIR or COMFY_PREPARED_DIR, default .comfy-serverless/prepared); a cold start maps it
+  make-test-checkpoint --arch {sd15,sd2,sd2-v,sdxl,...} --size {tiny,full} OUT.safetensors
              write a checkpoint with random weights in the original single-file layout (tests, benchmarks)
 
 Every flag can also be set through the environment: --port -> COMFY_PORT, --cache-lru -> COMFY_CACHE_LRU,
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tools import make_test_checkpoint_command
 
         return make_test_checkpoint_command(rest)
+    if command == "prepare":
+        from .prepare_command import prepare_command
+
+        return prepare_command(rest)
     settings = parse(command, rest)
     logs.configure(settings)
     log = logging.getLogger("comfy_serverless")
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tools import write_snapshot
 
         status = write_snapshot(settings)
+        from .models.precision import default_decision
+
+        default_decision()  # an image build step: where the CPU flags leave bf16 open, time it now and cache it
         if settings.backend_configured and os.environ.get(NATIVE_ONLY_ENV) != "1":
             from .backend.snapshot import write_backend_snapshot
 
