@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -175,8 +176,15 @@ def test_photomaker_over_http(sdxl, tmp_path):
 
 
 def test_comfy_extras_module_reexports_the_nodes():
-    from comfy_serverless.comfy_modules.comfy_extras import nodes_photomaker
-    from comfy_serverless.nodes import photomaker_nodes
-
-    assert nodes_photomaker.NODE_CLASS_MAPPINGS == photomaker_nodes.NODE_CLASS_MAPPINGS
-    assert nodes_photomaker.PhotoMakerEncode.EXPERIMENTAL is True
+    """In a pack-loading process (comfy_modules installed), as packs import it."""
+    code = """
+from comfy_serverless.catalog import comfy_modules
+comfy_modules.install()
+from comfy_extras import nodes_photomaker
+from comfy_serverless.nodes import photomaker_nodes
+assert nodes_photomaker.NODE_CLASS_MAPPINGS == photomaker_nodes.NODE_CLASS_MAPPINGS
+assert nodes_photomaker.PhotoMakerEncode.EXPERIMENTAL is True
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
