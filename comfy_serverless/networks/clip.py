@@ -400,15 +400,37 @@ def encode_weighted_windows(
     return cond.reshape(1, -1, width), pooled[:1]
 
 
-class SD1TextEncoder(nn.Module):
+class _SingleTextEncoder(nn.Module):
+    """A family's text encoder made of one CLIP model, stored as the attribute `encoder_name` (its checkpoint
+    and LoRA target name)."""
+
+    encoder_name = ""
+    pad_token_id = 0
+    default_layer = -2
+    normalize_hidden = True
+
+    def __init__(self, model: CLIPTextModel):
+        super().__init__()
+        setattr(self, self.encoder_name, model)
+
+    def encode(
+        self, windows: list[list[WeightedToken]], hidden_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_weighted_windows(
+            getattr(self, self.encoder_name),
+            windows,
+            pad_token_id=self.pad_token_id,
+            hidden_layer=self.default_layer if hidden_layer is None else hidden_layer,
+            normalize_hidden=self.normalize_hidden,
+        )
+
+
+class SD1TextEncoder(_SingleTextEncoder):
     """SD1.x: CLIP-L, last layer with the final layer norm (CLIPSetLastLayer may pick an earlier one)."""
 
+    encoder_name = "clip_l"
     pad_token_id = END_TOKEN_ID
     default_layer = -1
-
-    def __init__(self, clip_l: CLIPTextModel):
-        super().__init__()
-        self.clip_l = clip_l
 
     @classmethod
     def from_checkpoint(
@@ -419,27 +441,11 @@ class SD1TextEncoder(nn.Module):
     ) -> SD1TextEncoder:
         return cls(load_text_model(state_dict, config or CLIPTextConfig.clip_l(), SD1_CLIP_L_PREFIX, dtype))
 
-    def encode(
-        self, windows: list[list[WeightedToken]], hidden_layer: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_weighted_windows(
-            self.clip_l,
-            windows,
-            pad_token_id=self.pad_token_id,
-            hidden_layer=self.default_layer if hidden_layer is None else hidden_layer,
-            normalize_hidden=True,
-        )
 
-
-class SD2TextEncoder(nn.Module):
+class SD2TextEncoder(_SingleTextEncoder):
     """SD2.x: OpenCLIP ViT-H, penultimate layer with the final layer norm; pooled is projected."""
 
-    pad_token_id = 0
-    default_layer = -2
-
-    def __init__(self, clip_h: CLIPTextModel):
-        super().__init__()
-        self.clip_h = clip_h
+    encoder_name = "clip_h"
 
     @classmethod
     def from_checkpoint(
@@ -449,17 +455,6 @@ class SD2TextEncoder(nn.Module):
         config: CLIPTextConfig | None = None,
     ) -> SD2TextEncoder:
         return cls(load_text_model(state_dict, config or CLIPTextConfig.open_clip_h(), SD2_CLIP_H_PREFIX, dtype))
-
-    def encode(
-        self, windows: list[list[WeightedToken]], hidden_layer: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_weighted_windows(
-            self.clip_h,
-            windows,
-            pad_token_id=self.pad_token_id,
-            hidden_layer=self.default_layer if hidden_layer is None else hidden_layer,
-            normalize_hidden=True,
-        )
 
 
 class SDXLTextEncoder(nn.Module):
@@ -509,24 +504,9 @@ class SDXLTextEncoder(nn.Module):
         return torch.cat([cond_l[:, :length], cond_g[:, :length]], dim=-1), pooled_g
 
 
-class SDXLRefinerTextEncoder(nn.Module):
+class SDXLRefinerTextEncoder(_SingleTextEncoder):
     """SDXL refiner: OpenCLIP bigG alone, penultimate layer without the final norm (1280 wide); pooled is its
     projected pooled output."""
 
-    pad_token_id = 0
-    default_layer = -2
-
-    def __init__(self, clip_g: CLIPTextModel):
-        super().__init__()
-        self.clip_g = clip_g
-
-    def encode(
-        self, windows: list[list[WeightedToken]], hidden_layer: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_weighted_windows(
-            self.clip_g,
-            windows,
-            pad_token_id=self.pad_token_id,
-            hidden_layer=self.default_layer if hidden_layer is None else hidden_layer,
-            normalize_hidden=False,
-        )
+    encoder_name = "clip_g"
+    normalize_hidden = False
