@@ -267,7 +267,7 @@ def _converted(path: str, weights: dict, dtype) -> dict:
         if tensor.is_floating_point() and tensor.dtype != dtype:
             converted[name] = tensor.to(dtype)
             if release:
-                _release_pages(tensor)
+                release_pages(tensor)
         else:
             converted[name] = tensor
     return converted
@@ -277,7 +277,7 @@ _PAGE_SIZE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux
 
 
-def _release_pages(tensor) -> None:
+def release_pages(tensor) -> None:
     """madvise(DONTNEED) the pages that lie wholly inside a tensor about to be dropped. For a file mapping
     they are read again from the file if ever touched; for heap memory the allocator gets zero pages back.
     Linux only; a no-op elsewhere."""

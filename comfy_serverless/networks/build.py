@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .cpu_kernels import use_fast_kernels
+
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -57,7 +59,7 @@ def load_weights(
     leftover = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if leftover:
         raise ValueError(f"tensors still on the meta device after loading: {leftover[:5]}")
-    return model.eval()
+    return use_fast_kernels(model).eval()
 
 
 def build_from_state_dict(

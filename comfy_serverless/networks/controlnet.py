@@ -119,6 +119,8 @@ class ControlTypeEmbedding(nn.Module):
 
 
 class ControlNetModel(nn.Module):
+    CALLED_PER_STEP = True  # cpu_kernels packs its weights at the first call
+
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config

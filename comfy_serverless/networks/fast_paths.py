@@ -68,7 +68,7 @@ def conv_input(x: torch.Tensor, network: str = "unet") -> torch.Tensor:
 
 def plain_layout_block_patches(patches: dict) -> dict:
     """`patches` with the UNet's 4D block patches wrapped to see NCHW-contiguous tensors (see module doc)."""
-    if not patches or not channels_last_enabled("unet"):
+    if not patches:  # cpu_kernels' packed convolutions answer channels_last whatever the policy here
         return patches
     wrapped = dict(patches)
     for name in ("input_block_patch", "input_block_patch_after_skip"):
@@ -81,14 +81,23 @@ def plain_layout_block_patches(patches: dict) -> dict:
 
 def _plain_h(patch):
     def run(h, options):
-        return conv_input(patch(h.contiguous(), options))
+        return _layout_of(h, patch(h.contiguous(), options))
 
     return run
 
 
 def _plain_h_skip(patch):
     def run(h, skip, options):
-        h, skip = patch(h.contiguous(), skip.contiguous(), options)
-        return conv_input(h), conv_input(skip)
+        new_h, new_skip = patch(h.contiguous(), skip.contiguous(), options)
+        return _layout_of(h, new_h), _layout_of(skip, new_skip)
 
     return run
+
+
+def _layout_of(original: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` in `original`'s memory format, so an identity patch changes nothing (kernels round differently
+    per layout)."""
+    if original.dim() == 4 and not original.is_contiguous() and original.is_contiguous(
+            memory_format=torch.channels_last):
+        return result.contiguous(memory_format=torch.channels_last)
+    return result

@@ -1,0 +1,229 @@
+"""networks/cpu_kernels.py: packed oneDNN weights and Winograd convolutions give the stock layers' results
+(fp32 to rounding, bf16 to bf16 tolerance), repack when a patch replaces or changes a weight, stay out of the
+way of gradients, drop only pages a file can give back, and a server gives the same image with them on or off."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from comfy_serverless.models.random_checkpoints import make_test_checkpoint
+from comfy_serverless.networks import cpu_kernels
+from comfy_serverless.networks.cpu_kernels import FastConv2d, FastLinear, use_fast_kernels
+
+
+def seeded(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def relative_error(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(autouse=True)
+def default_mode(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels._mode.cache_clear()
+    cpu_kernels._winograd_min_pixels.cache_clear()
+    yield
+    cpu_kernels._mode.cache_clear()
+    cpu_kernels._winograd_min_pixels.cache_clear()
+
+
+def fast_copy(layer: nn.Module, pack_after: int = 1) -> nn.Module:
+    use_fast_kernels(layer)
+    for module in layer.modules():
+        module.__dict__["_cpu_pack_after"] = pack_after
+    return layer
+
+
+def conv(cin, cout, kernel=3, seed=0, **kwargs) -> nn.Conv2d:
+    layer = nn.Conv2d(cin, cout, kernel, **kwargs).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(seeded(*layer.weight.shape, seed=seed, scale=0.05))
+        layer.bias.copy_(seeded(cout, seed=seed + 1, scale=0.1))
+    return layer
+
+
+@pytest.mark.parametrize("kwargs", [{"padding": 1}, {"stride": 2}, {"padding": 1, "groups": 2}, {"dilation": 2}])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_convolution_same_result(kwargs, dtype, tolerance):
+    stock = conv(16, 32, **kwargs).to(dtype)
+    fast = fast_copy(conv(16, 32, **kwargs).to(dtype))
+    assert type(fast) is FastConv2d and isinstance(fast, nn.Conv2d)
+    for shape in [(2, 16, 12, 12), (1, 16, 20, 9)]:  # the second shape reuses the weight packed for the first
+        x = seeded(*shape, seed=3).to(dtype)
+        with torch.inference_mode():
+            expected, got = stock(x), fast(x)
+        assert got.shape == expected.shape and got.dtype == dtype
+        assert relative_error(got, expected) < tolerance
+    assert fast.__dict__["_cpu_pack"].packed is not None
+
+
+def test_winograd_for_large_images_and_its_error():
+    stock, fast = conv(32, 32, padding=1), fast_copy(conv(32, 32, padding=1))
+    x = seeded(1, 32, 128, 128, seed=5)  # over both instruction sets' size floor
+    assert fast._winograd(x) and not fast._winograd(x[:, :, :16, :16])
+    with torch.inference_mode():
+        got = fast(x)
+        reference = F.conv2d(x.double(), stock.weight.double(), stock.bias.double(), padding=1)
+    assert fast.__dict__.get("_cpu_pack") is None  # NNPACK transforms the weight itself: nothing packed
+    assert 0 < relative_error(got, reference) < 1e-5
+
+
+def test_packed_linear_same_result_any_rank():
+    stock = nn.Linear(24, 40).requires_grad_(False)
+    fast = fast_copy(nn.Linear(24, 40).requires_grad_(False))
+    fast.load_state_dict(stock.state_dict())
+    assert type(fast) is FastLinear and isinstance(fast, nn.Linear)
+    no_bias = fast_copy(nn.Linear(24, 40, bias=False).requires_grad_(False))
+    with torch.no_grad():
+        no_bias.weight.copy_(stock.weight)
+    for shape in [(5, 24), (2, 7, 24), (2, 3, 4, 24)]:
+        x = seeded(*shape, seed=1)
+        with torch.inference_mode():
+            assert relative_error(fast(x), stock(x)) < 1e-6
+            assert relative_error(no_bias(x), x @ stock.weight.t()) < 1e-6
+    assert fast.__dict__["_cpu_pack"].packed is not None
+
+
+def test_pack_at_first_or_second_call():
+    layer = fast_copy(nn.Linear(8, 8).requires_grad_(False), pack_after=2)
+    x = seeded(3, 8)
+    with torch.inference_mode():
+        layer(x)
+        assert layer.__dict__["_cpu_pack"].packed is None
+        layer(x)
+        assert layer.__dict__["_cpu_pack"].packed is not None
+
+
+def test_a_replaced_or_changed_weight_is_repacked():
+    layer = fast_copy(conv(8, 8, padding=1))
+    x = seeded(1, 8, 10, 10, seed=2)
+    with torch.inference_mode():
+        first = layer(x)
+    layer.weight = nn.Parameter(layer.weight * 2, requires_grad=False)  # what a LoRA patch does
+    with torch.inference_mode():
+        doubled = layer(x)
+    assert relative_error(doubled - layer.bias.view(1, -1, 1, 1), 2 * (first - layer.bias.view(1, -1, 1, 1))) < 1e-5
+    with torch.no_grad():
+        layer.weight.zero_()  # in place: the version counter moves
+    with torch.inference_mode():
+        zeroed = layer(x)
+    assert torch.allclose(zeroed, layer.bias.view(1, -1, 1, 1).expand_as(zeroed))
+
+
+def test_gradients_take_the_stock_path():
+    layer = fast_copy(nn.Linear(6, 4))  # trainable weight
+    x = seeded(2, 6).requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert "_cpu_pack" not in layer.__dict__
+
+
+def test_off_switch_keeps_stock_layers(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    cpu_kernels._mode.cache_clear()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Linear(3, 3))
+    use_fast_kernels(model)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.Linear
+
+
+def test_packed_only_mode_has_no_winograd(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "packed")
+    cpu_kernels._mode.cache_clear()
+    cpu_kernels._winograd_min_pixels.cache_clear()
+    layer = fast_copy(conv(4, 4, padding=1))
+    assert not layer._winograd(seeded(1, 4, 128, 128))
+
+
+def _resident_kb(tensor) -> int:
+    """Resident KB of the mapping holding `tensor` (/proc/self/smaps)."""
+    address, lines = tensor.data_ptr(), open("/proc/self/smaps").read().splitlines()
+    for index, line in enumerate(lines):
+        first = line.split()[0]
+        if "-" in first and all(c in "0123456789abcdef-" for c in first):
+            low, high = (int(part, 16) for part in first.split("-"))
+            if low <= address < high:
+                return next(int(entry.split()[1]) for entry in lines[index + 1:] if entry.startswith("Rss:"))
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_pages_of_a_mapped_weight_are_dropped_after_packing_and_come_back(tmp_path):
+    weight = seeded(256, 1024, seed=7)  # 1 MiB
+    save_file({"w": weight}, str(tmp_path / "w.safetensors"))
+    mapped = load_file(str(tmp_path / "w.safetensors"))["w"]
+    layer = fast_copy(nn.Linear(1024, 256, bias=False).requires_grad_(False))
+    layer.weight = nn.Parameter(mapped, requires_grad=False)
+    x = seeded(4, 1024, seed=8)
+    mapped.sum()  # all pages resident
+    before = _resident_kb(mapped)
+    with torch.inference_mode():
+        out = layer(x)
+    assert before - _resident_kb(mapped) >= 900  # about 1 MiB left the resident set
+    assert torch.equal(layer.weight, weight)  # read back from the file
+    assert relative_error(out, x @ weight.t()) < 1e-6
+
+
+def test_heap_weights_keep_their_pages():
+    layer = fast_copy(nn.Linear(1024, 256, bias=False).requires_grad_(False))
+    kept = layer.weight.clone()
+    with torch.inference_mode():
+        layer(seeded(4, 1024))
+    assert torch.equal(layer.weight, kept)
+
+
+def _txt2img() -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "fog", "clip": ["4", 1]}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 11, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
+            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "kernels", "images": ["8", 0]}},
+    }
+
+
+@pytest.mark.parametrize("precision", ["--force-fp32", "--bf16-unet"])
+def test_server_image_same_with_and_without(tmp_path, start_server, precision):
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
+    images = []
+    for setting in ("0", "auto"):
+        srv = start_server(precision, env={cpu_kernels.ENV: setting}, base=tmp_path)
+        for seed in (11, 12):  # the second prompt runs every network packed
+            prompt = _txt2img()
+            prompt["3"]["inputs"]["seed"] = seed
+            entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)
+            assert entry["status"]["status_str"] == "success", entry["status"]
+        png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+        images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))
+        srv.stop()
+    assert images[0].std() > 0
+    assert np.abs(images[0] - images[1]).max() <= (1 if precision == "--force-fp32" else 8)
+
+
+def test_a_network_built_from_weights_gets_the_fast_layers():
+    code = ("from comfy_serverless.networks.build import build_from_state_dict, random_state_dict\n"
+            "from comfy_serverless.networks.unet import UNetModel\n"
+            "from comfy_serverless.models.random_checkpoints import tiny_unet_config\n"
+            "c = tiny_unet_config('sd15')\n"
+            "m = build_from_state_dict(lambda: UNetModel(c), random_state_dict(lambda: UNetModel(c)))\n"
+            "kinds = {type(x).__name__ for x in m.modules()}\n"
+            "print('FastConv2d' in kinds, 'FastLinear' in kinds, 'Conv2d' in kinds, 'Linear' in kinds,\n"
+            "      {x.__dict__.get('_cpu_pack_after') for x in m.modules() if 'Fast' in type(x).__name__})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "True True False False {1}"
