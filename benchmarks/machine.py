@@ -32,13 +32,19 @@ def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
     return model, flags
 
 
+# Environment variables that make torch / oneDNN use less than the CPU has (an AVX2-only CPU stood in for).
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def describe(cpuinfo: str = "/proc/cpuinfo") -> str:
     """One line: CPU model, CPU count and which of FLAGS_THAT_MATTER it has."""
     model, flags = cpu_model_and_flags(cpuinfo)
     has = [name for name in FLAGS_THAT_MATTER if name in flags]
     lacks = [name for name in FLAGS_THAT_MATTER if name not in flags]
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name)]
     return (f"machine: {model}, {os.cpu_count()} CPUs; has {', '.join(has) or 'none of them'}"
-            f"{'; lacks ' + ', '.join(lacks) if lacks else ''}")
+            f"{'; lacks ' + ', '.join(lacks) if lacks else ''}"
+            f"{'; instruction set capped by ' + ' '.join(caps) if caps else ''}")
 
 
 def precision_line(python: str) -> str:

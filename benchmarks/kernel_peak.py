@@ -1,0 +1,167 @@
+"""How close the UNet step and the VAE decode come to this machine's convolution peak (issue 12).
+
+    .venv/bin/python benchmarks/kernel_peak.py [--size 256] [--runs 5] [--dtype auto|fp32|bf16] [--isa native|avx2]
+
+1. The peak: 3x3 convolutions of the shapes SD1.5's UNet and VAE use, one oneDNN primitive each with its weight
+   packed once (the fastest direct convolution torch can run), best of --runs; the highest GFLOP/s is "the
+   machine's measured convolution peak" for the dtype.
+2. The UNet (cfg batch of 2) and the VAE decode of the full-size SD1.5-architecture checkpoint (random weights,
+   benchmarks/.cache, prepared as the server would), median of --runs after one call that packs; their FLOPs
+   are counted by torch's FlopCounterMode on the stock layers (direct convolutions), so the Winograd VAE can
+   show more than 100 % of the direct peak. Then the same with COMFY_CPU_KERNELS=0 (torch's stock layers).
+
+--isa avx2 caps torch and oneDNN at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; must be set before torch is
+imported, so the script re-runs itself with them), standing in for an AVX2-only CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from compare_comfyui import ISA_CAPS, PREPARED, ours_build  # run as a script: benchmarks/ is on sys.path
+from first_image import CACHE, CHECKPOINT, ensure_checkpoint
+from machine import describe as describe_machine
+
+PEAK_SHAPES = [(2, 320, 32), (2, 640, 16), (2, 1280, 16), (2, 1280, 8), (1, 512, 64), (1, 256, 128)]
+
+
+def best_seconds(run, runs: int) -> float:
+    run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def median_seconds(run, runs: int) -> float:
+    run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def convolution_peak(dtype, runs: int) -> float:
+    import torch
+
+    best = 0.0
+    for batch, channels, size in PEAK_SHAPES:
+        x = torch.randn(batch, channels, size, size).to(dtype)
+        weight = (torch.randn(channels, channels, 3, 3) * 0.02).to(dtype)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+        seconds = best_seconds(lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""), runs)
+        gflops = 2 * batch * channels * channels * 9 * size * size / seconds / 1e9
+        print(f"  conv 3x3 {channels}->{channels} at {size}x{size}, batch {batch}: {gflops:.0f} GFLOP/s", flush=True)
+        best = max(best, gflops)
+    return best
+
+
+def networks(dtype_name: str):
+    from comfy_serverless import context
+    from comfy_serverless.models.loading import load_checkpoint
+    from comfy_serverless.settings import default_settings
+
+    flags = {"force_fp32": dtype_name == "fp32", "bf16_unet": dtype_name == "bf16", "bf16_vae": dtype_name == "bf16"}
+    base = tempfile.mkdtemp(prefix="kernel-peak-")
+    own = context.ServerContext(default_settings(base_directory=base, **{k: v for k, v in flags.items() if v}))
+    token = own.activate()
+    try:
+        model, _, vae = load_checkpoint(str(CACHE / CHECKPOINT))
+        return model.handle.get(), vae.handle.get()
+    finally:
+        context.deactivate(token)
+
+
+def stock_layers(on: bool) -> None:
+    """COMFY_CPU_KERNELS=0 (torch's stock Conv2d / Linear) from now on, or back to the default."""
+    from comfy_serverless.networks import cpu_kernels
+
+    if on:
+        os.environ[cpu_kernels.ENV] = "0"
+    else:
+        os.environ.pop(cpu_kernels.ENV, None)
+    cpu_kernels._mode.cache_clear()
+    cpu_kernels._winograd_min_pixels.cache_clear()
+
+
+def count_flops(run) -> float:
+    """FLOPs of run() on torch's stock layers (direct convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stock_layers(True)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        return counter.get_total_flops()
+    finally:
+        stock_layers(False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--isa", choices=tuple(ISA_CAPS), default="native")
+    args = parser.parse_args()
+    caps = ISA_CAPS[args.isa]
+    if any(os.environ.get(key) != value for key, value in caps.items()):
+        return subprocess.call([sys.executable, *sys.argv], env={**os.environ, **caps})
+    os.environ["COMFY_PREPARED_DIR"] = str(PREPARED)
+    shutil.rmtree(ours_build(ensure_checkpoint())[2], ignore_errors=True)  # snapshot + prepare, as a build does
+    import torch
+
+    from comfy_serverless.models import precision
+
+    print(describe_machine(), flush=True)
+    print(f"torch {torch.__version__}, ATen capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    dtype_name = args.dtype
+    if dtype_name == "auto":
+        decision = precision.decide_from_capabilities(precision.cpu_facts())
+        dtype_name = "bf16" if decision is None or decision.bf16 else "fp32"
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    print(f"dtype {dtype_name}; measured convolution peak:", flush=True)
+    with torch.inference_mode():
+        peak = convolution_peak(dtype, args.runs)
+        unet, vae = networks(dtype_name)
+        latent = args.size // 8
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, latent, latent, generator=generator).to(dtype)
+        context = torch.randn(2, 77, 768, generator=generator).to(dtype)
+        timestep = torch.tensor([500.0, 500.0])
+        run_unet, run_vae = (lambda: unet(x, timestep, context)), (lambda: vae.decode(x[:1]))
+        unet_flops, vae_flops = count_flops(run_unet), count_flops(run_vae)
+        rows = []
+        for stock in (False, True):
+            stock_layers(stock)
+            kind = "stock torch layers" if stock else "cpu_kernels"
+            for label, run, flops in (("UNet step (cfg batch 2)", run_unet, unet_flops),
+                                      (f"VAE decode {args.size}x{args.size}", run_vae, vae_flops)):
+                seconds = median_seconds(run, args.runs)
+                rows.append((f"{label}, {kind}", flops, seconds))
+                print(f"  {rows[-1][0]}: {seconds:.2f} s", flush=True)
+        stock_layers(False)
+    print(f"\npeak {peak:.0f} GFLOP/s ({dtype_name}, packed direct 3x3 convolution); {args.size}x{args.size}, "
+          f"medians of {args.runs}\n")
+    print("| network | GFLOP | time | GFLOP/s | of peak |\n|---|---|---|---|---|")
+    for label, flops, seconds in rows:
+        rate = flops / seconds / 1e9
+        print(f"| {label} | {flops / 1e9:.0f} | {seconds:.2f} s | {rate:.0f} | {100 * rate / peak:.0f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
