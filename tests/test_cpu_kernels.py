@@ -30,8 +30,9 @@ def relative_error(a, b) -> float:
 
 
 @pytest.fixture(autouse=True)
-def default_mode(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+def pack_everything(monkeypatch):
+    """COMFY_CPU_KERNELS=all: weights made in memory here are packed too (auto packs only file mappings)."""
+    monkeypatch.setenv(cpu_kernels.ENV, "all")
     cpu_kernels._mode.cache_clear()
     cpu_kernels._winograd_min_pixels.cache_clear()
     yield
@@ -159,7 +160,9 @@ def _resident_kb(tensor) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
-def test_pages_of_a_mapped_weight_are_dropped_after_packing_and_come_back(tmp_path):
+def test_pages_of_a_mapped_weight_are_dropped_after_packing_and_come_back(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")  # the default packs file mappings
+    cpu_kernels._mode.cache_clear()
     weight = seeded(256, 1024, seed=7)  # 1 MiB
     save_file({"w": weight}, str(tmp_path / "w.safetensors"))
     mapped = load_file(str(tmp_path / "w.safetensors"))["w"]
@@ -175,12 +178,20 @@ def test_pages_of_a_mapped_weight_are_dropped_after_packing_and_come_back(tmp_pa
     assert relative_error(out, x @ weight.t()) < 1e-6
 
 
-def test_heap_weights_keep_their_pages():
+def test_heap_weights_keep_their_pages_and_are_packed_only_when_asked(monkeypatch):
     layer = fast_copy(nn.Linear(1024, 256, bias=False).requires_grad_(False))
     kept = layer.weight.clone()
     with torch.inference_mode():
         layer(seeded(4, 1024))
-    assert torch.equal(layer.weight, kept)
+    assert torch.equal(layer.weight, kept) and layer.__dict__["_cpu_pack"].packed is not None
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    cpu_kernels._mode.cache_clear()
+    layer = fast_copy(nn.Linear(1024, 256, bias=False).requires_grad_(False))
+    with torch.inference_mode():
+        out = layer(seeded(4, 1024))
+        layer(seeded(4, 1024))
+    assert layer.__dict__["_cpu_pack"].packed is None  # a packed copy would double its memory
+    assert torch.equal(out, seeded(4, 1024) @ layer.weight.t())
 
 
 def _txt2img() -> dict:
@@ -202,7 +213,7 @@ def test_server_image_same_with_and_without(tmp_path, start_server, precision):
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
     make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
     images = []
-    for setting in ("0", "auto"):
+    for setting in ("0", "all"):
         srv = start_server(precision, env={cpu_kernels.ENV: setting}, base=tmp_path)
         for seed in (11, 12):  # the second prompt runs every network packed
             prompt = _txt2img()

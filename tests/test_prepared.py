@@ -75,8 +75,12 @@ def test_prepare_writes_each_network_in_its_dtype_and_the_loader_maps_it(base):
                 assert in_ranges(tensor, ranges), f"{name} is a copy, not a view of the prepared file"
 
 
-def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base):
+def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base, monkeypatch):
     from comfy_serverless.models.loading import load_checkpoint
+    from comfy_serverless.networks import cpu_kernels
+
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels._mode.cache_clear()
 
     ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
     with server_context(base_directory=str(base)):
@@ -91,10 +95,26 @@ def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base):
         ranges = mapped_ranges(prepared.prepared_path(ckpt, prepared.prepared_dir(ctx.settings)))
         assert ranges and all(in_ranges(p, ranges) for p in fast.parameters())
         dtype = next(fast.parameters()).dtype
+        monkeypatch.setenv(cpu_kernels.ENV, "0")  # stock layers for both: the same kernels, so equal bit for bit
+        cpu_kernels._mode.cache_clear()
         with torch.inference_mode():
             a = plain(x.to(dtype), t, context.to(dtype))
             b = fast(x.to(dtype), t, context.to(dtype))
         assert torch.equal(a, b)
+        monkeypatch.setenv(cpu_kernels.ENV, "auto")  # the default packs the mapped weights (and only those)
+        cpu_kernels._mode.cache_clear()
+        with torch.inference_mode():
+            packed = fast(x.to(dtype), t, context.to(dtype))
+            unpacked = plain(x.to(dtype), t, context.to(dtype))
+        assert torch.equal(unpacked, a)
+
+        def packed_layers(network):
+            return sum(1 for m in network.modules() if getattr(m.__dict__.get("_cpu_pack"), "packed", None) is not None)
+
+        assert packed_layers(fast) > 0 and packed_layers(plain) == 0  # heap weights stay on the stock path
+        assert float((packed.float() - b.float()).norm() / b.float().norm()) < (1e-5 if dtype == torch.float32
+                                                                                 else 2e-2)
+    cpu_kernels._mode.cache_clear()
 
 
 def test_changed_source_falls_back_with_a_warning(base, caplog):
@@ -166,8 +186,10 @@ def _image(srv, entry) -> bytes:
 
 
 def test_server_with_prepared_weights_gives_the_same_image_with_a_lora(base, start_server):
-    """The prepare command as a build step, then two servers on the same files: with and without it."""
-    env = {prepared.DIR_ENV: str(base / "prepared")}
+    """The prepare command as a build step, then two servers on the same files: with and without it. Both pack
+    every weight (cpu_kernels packs only file-mapped ones by default; packed and unpacked kernels round apart)."""
+    kernels = {"COMFY_CPU_KERNELS": "all"}
+    env = {prepared.DIR_ENV: str(base / "prepared"), **kernels}
     done = subprocess.run([sys.executable, "-m", "comfy_serverless.prepare_command", "--base-directory", str(base)],
                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -177,7 +199,7 @@ def test_server_with_prepared_weights_gives_the_same_image_with_a_lora(base, sta
     first = _image(with_prepared, _run(with_prepared, prompt))
     assert "using prepared weights" in with_prepared.log()
     with_prepared.stop()
-    without = start_server(env={prepared.DIR_ENV: str(base / "nothing-here")}, base=base)
+    without = start_server(env={prepared.DIR_ENV: str(base / "nothing-here"), **kernels}, base=base)
     second = _image(without, _run(without, prompt))
     assert "using prepared weights" not in without.log()
     assert first == second

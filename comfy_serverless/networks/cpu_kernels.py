@@ -13,16 +13,17 @@ and oneDNN capped at AVX2 by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, s
   200-270 (AVX2) or 320-500 (AVX-512); over small images (<= 32x32) it is slower than oneDNN, hence the size
   floor. Its results differ from a direct convolution by ~1e-5 relative (fp32 rounding; bf16 is ~4e-3).
 
-Packing is lazy and follows the weight: the first call runs unpacked, the second packs (one reorder, which an
-unpacked call pays anyway) and later calls reuse it while the weight object and its version stay the same. A
-LoRA or any patch replaces the parameter (models/patching.py), so the next call repacks. A packed copy would
-double the weights' memory, so where a weight is a file mapping (prepared weights) and never written its pages are
-dropped after packing: the kernel no longer reads them, and anything that does (a LoRA, a state dict) reads them
-back from the page cache. Heap weights (converted at load, patched) keep both.
+Packing is lazy and follows the weight: it happens at the first (UNet, ControlNet) or second call (see
+use_fast_kernels), and later calls reuse it while the weight object and its version stay the same; a LoRA or
+any patch replaces the parameter (models/patching.py), so the packed copy is dropped with it. A packed copy would
+double the weights' memory, so only weights that are a file mapping and never written (prepared weights, or a
+file already in the compute dtype) are packed, and their pages are dropped after packing: the kernel no longer
+reads them, and anything that does (a LoRA, a state dict) reads them back from the page cache. Weights in process
+memory (converted at load, patched) run unpacked unless COMFY_CPU_KERNELS=all, which packs them too and keeps both.
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
-COMFY_CPU_KERNELS=0 turns all of this off; =packed keeps packing without Winograd.
+COMFY_CPU_KERNELS: auto (default), all (also pack weights in process memory), packed (no Winograd), 0 (off).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # Winograd from this many output pixels on (64x64 where oneDNN has only AVX2, 128x128 with AVX-512).
 WINOGRAD_MIN_PIXELS_AVX2 = 64 * 64
 WINOGRAD_MIN_PIXELS_AVX512 = 128 * 128
+# Packed convolutions up to this many input pixels (batch x height x width); over it the weight reorder is a
+# small part of the call and oneDNN's own choice of layout was as fast or faster (bf16 at 2x64x64: 1067 stock
+# vs 871 GFLOP/s packed; VAE decode 256 px 0.64 s stock vs 0.71 s all packed).
+PACK_MAX_PIXELS = 4096
 
 
 @functools.cache
@@ -47,13 +52,13 @@ def _mode() -> str:
     setting = os.environ.get(ENV, "auto").strip().lower()
     if setting in ("0", "false", "no", "off", "none"):
         return "off"
-    return "packed" if setting == "packed" else "auto"
+    return setting if setting in ("packed", "all") else "auto"
 
 
 @functools.cache
 def _winograd_min_pixels() -> int | None:
     """None where Winograd is off or NNPACK is missing; else the size floor for this instruction set."""
-    if _mode() != "auto" or not torch._nnpack_available():  # the call also initialises NNPACK
+    if _mode() not in ("auto", "all") or not torch._nnpack_available():  # the call also initialises NNPACK
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     return WINOGRAD_MIN_PIXELS_AVX512 if capability.startswith("AVX512") else WINOGRAD_MIN_PIXELS_AVX2
@@ -62,33 +67,41 @@ def _winograd_min_pixels() -> int | None:
 class _Packed:
     """A weight packed for oneDNN, valid while the parameter object and its version are unchanged."""
 
-    __slots__ = ("source", "version", "packed", "uses")
+    __slots__ = ("source", "version", "packed", "uses", "eligible")
 
     def __init__(self, weight: torch.Tensor):
         self.source = weakref.ref(weight)
         self.version = weight._version
         self.packed: torch.Tensor | None = None
         self.uses = 0
+        self.eligible: bool | None = None  # decided once, at the call that would pack
 
     def matches(self, weight: torch.Tensor) -> bool:
         return self.source() is weight and self.version == weight._version
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_mode() != "off" and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _DTYPES and weight.dtype == x.dtype
+    return (_mode() != "off" and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype in _DTYPES and weight.dtype == x.dtype
             and not weight.requires_grad and not (torch.is_grad_enabled() and x.requires_grad)
             and not weight.is_meta)
 
 
 def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
-    """The packed weight from the second call with the same weight on; None until then."""
+    """The packed weight from the second call with the same weight on; None until then, and for weights made
+    under inference_mode (they keep no version counter, so an in-place change could not be seen)."""
+    if layer.weight.is_inference():
+        return None
     state = layer.__dict__.get("_cpu_pack")
     if state is None or not state.matches(layer.weight):
         state = layer.__dict__["_cpu_pack"] = _Packed(layer.weight)
     state.uses += 1
     if state.packed is None and state.uses >= layer.__dict__.get("_cpu_pack_after", 2):
-        state.packed = pack()
-        release_file_pages(layer.weight)
+        if state.eligible is None:
+            state.eligible = _mode() == "all" or in_unwritten_file_mapping(layer.weight)
+        if state.eligible:
+            state.packed = pack()
+            release_file_pages(layer.weight)
     return state.packed
 
 
@@ -102,6 +115,8 @@ class FastConv2d(nn.Conv2d):
             return super().forward(x)
         if self._winograd(x):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, bias, list(self.padding))
+        if x.shape[0] * x.shape[2] * x.shape[3] > PACK_MAX_PIXELS:
+            return super().forward(x)
         packed = _packed_weight(self, lambda: torch.ops.mkldnn._reorder_convolution_weight(
             self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
         if packed is None:
@@ -149,14 +164,18 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
 
 
 
-def release_file_pages(tensor: torch.Tensor) -> None:
-    """Drops the resident pages of `tensor` when it lies in a file mapping and was never written (version 0:
-    patches replace parameters, they never write into them), so its pages are the file's (see module doc)."""
-    if tensor._version != 0 or not _in_file_mapping(tensor):
-        return
-    from ..models.loading import release_pages
+def in_unwritten_file_mapping(tensor: torch.Tensor) -> bool:
+    """`tensor` lies in a file mapping and was never written (version 0: patches replace parameters, they never
+    write into them), so its pages are the file's."""
+    return tensor._version == 0 and _in_file_mapping(tensor)
 
-    release_pages(tensor)
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drops the resident pages of `tensor` when they are the file's (see module doc); heap memory is kept."""
+    if in_unwritten_file_mapping(tensor):
+        from ..models.loading import release_pages
+
+        release_pages(tensor)
 
 
 _file_ranges: list[tuple[int, int]] = []
