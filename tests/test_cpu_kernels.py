@@ -238,3 +238,22 @@ def test_a_network_built_from_weights_gets_the_fast_layers():
             "      {x.__dict__.get('_cpu_pack_after') for x in m.modules() if 'Fast' in type(x).__name__})\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split("\n")[0] == "True True False False {1}"
+
+
+def test_a_lora_on_a_mapped_weight_runs_unpacked_and_the_original_packs_again(tmp_path, monkeypatch):
+    """The default (auto) with prepared weights and a LoRA: the patched weight lives in process memory and takes
+    the stock path; putting the original back (another clone runs) packs the mapped weight again."""
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    cpu_kernels._mode.cache_clear()
+    save_file({"w": seeded(64, 96, seed=9)}, str(tmp_path / "w.safetensors"))
+    original = nn.Parameter(load_file(str(tmp_path / "w.safetensors"))["w"], requires_grad=False)
+    layer = fast_copy(nn.Linear(96, 64, bias=False).requires_grad_(False))
+    layer.weight = original
+    x = seeded(3, 96, seed=10)
+    lora = nn.Parameter(original + 0.1 * seeded(64, 1, seed=11) @ seeded(1, 96, seed=12), requires_grad=False)
+    for weight, packs in ((original, True), (lora, False), (original, True)):
+        layer.weight = weight
+        with torch.inference_mode():
+            out = layer(x)
+        assert (layer.__dict__["_cpu_pack"].packed is not None) is packs
+        assert relative_error(out, x @ weight.t()) < 1e-6
