@@ -4,7 +4,9 @@ way of gradients, drop only pages a file can give back, and a server gives the s
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 import subprocess
 import sys
 
@@ -67,7 +69,7 @@ def test_packed_convolution_same_result(kwargs, dtype, tolerance):
             expected, got = stock(x), fast(x)
         assert got.shape == expected.shape and got.dtype == dtype
         assert relative_error(got, expected) < tolerance
-    assert fast.__dict__["_cpu_pack"].packed is not None
+    assert cpu_kernels.packed_weight(fast) is not None
 
 
 def test_winograd_for_large_images_and_its_error():
@@ -77,7 +79,7 @@ def test_winograd_for_large_images_and_its_error():
     with torch.inference_mode():
         got = fast(x)
         reference = F.conv2d(x.double(), stock.weight.double(), stock.bias.double(), padding=1)
-    assert fast.__dict__.get("_cpu_pack") is None  # NNPACK transforms the weight itself: nothing packed
+    assert cpu_kernels.packed_weight(fast) is None  # NNPACK transforms the weight itself: nothing packed
     assert 0 < relative_error(got, reference) < 1e-5
 
 
@@ -94,7 +96,7 @@ def test_packed_linear_same_result_any_rank():
         with torch.inference_mode():
             assert relative_error(fast(x), stock(x)) < 1e-6
             assert relative_error(no_bias(x), x @ stock.weight.t()) < 1e-6
-    assert fast.__dict__["_cpu_pack"].packed is not None
+    assert cpu_kernels.packed_weight(fast) is not None
 
 
 def test_pack_at_first_or_second_call():
@@ -102,9 +104,9 @@ def test_pack_at_first_or_second_call():
     x = seeded(3, 8)
     with torch.inference_mode():
         layer(x)
-        assert layer.__dict__["_cpu_pack"].packed is None
+        assert cpu_kernels.packed_weight(layer) is None
         layer(x)
-        assert layer.__dict__["_cpu_pack"].packed is not None
+        assert cpu_kernels.packed_weight(layer) is not None
 
 
 def test_a_replaced_or_changed_weight_is_repacked():
@@ -128,7 +130,7 @@ def test_gradients_take_the_stock_path():
     x = seeded(2, 6).requires_grad_(True)
     layer(x).sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
-    assert "_cpu_pack" not in layer.__dict__
+    assert cpu_kernels.packed_weight(layer) is None
 
 
 def test_off_switch_keeps_stock_layers(monkeypatch):
@@ -183,14 +185,14 @@ def test_heap_weights_keep_their_pages_and_are_packed_only_when_asked(monkeypatc
     kept = layer.weight.clone()
     with torch.inference_mode():
         layer(seeded(4, 1024))
-    assert torch.equal(layer.weight, kept) and layer.__dict__["_cpu_pack"].packed is not None
+    assert torch.equal(layer.weight, kept) and cpu_kernels.packed_weight(layer) is not None
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
     cpu_kernels._mode.cache_clear()
     layer = fast_copy(nn.Linear(1024, 256, bias=False).requires_grad_(False))
     with torch.inference_mode():
         out = layer(seeded(4, 1024))
         layer(seeded(4, 1024))
-    assert layer.__dict__["_cpu_pack"].packed is None  # a packed copy would double its memory
+    assert cpu_kernels.packed_weight(layer) is None  # a packed copy would double its memory
     assert torch.equal(out, seeded(4, 1024) @ layer.weight.t())
 
 
@@ -255,5 +257,18 @@ def test_a_lora_on_a_mapped_weight_runs_unpacked_and_the_original_packs_again(tm
         layer.weight = weight
         with torch.inference_mode():
             out = layer(x)
-        assert (layer.__dict__["_cpu_pack"].packed is not None) is packs
+        assert (cpu_kernels.packed_weight(layer) is not None) is packs
         assert relative_error(out, x @ weight.t()) < 1e-6
+
+
+def test_a_packed_network_deep_copies_and_pickles():
+    model = fast_copy(nn.Sequential(conv(4, 8, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).requires_grad_(False))
+    x = seeded(2, 4, 6, 6)
+    with torch.inference_mode():
+        expected = model(x)
+    assert cpu_kernels.packed_weight(model[0]) is not None and cpu_kernels.packed_weight(model[2]) is not None
+    copied = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.inference_mode():
+        assert relative_error(copied(x), expected) < 1e-6 and relative_error(restored(x), expected) < 1e-6
+    assert cpu_kernels.packed_weight(copied[0]) is not None  # the copy packed its own weights

@@ -109,7 +109,7 @@ def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base, mon
         assert torch.equal(unpacked, a)
 
         def packed_layers(network):
-            return sum(1 for m in network.modules() if getattr(m.__dict__.get("_cpu_pack"), "packed", None) is not None)
+            return sum(1 for m in network.modules() if cpu_kernels.packed_weight(m) is not None)
 
         assert packed_layers(fast) > 0 and packed_layers(plain) == 0  # heap weights stay on the stock path
         assert float((packed.float() - b.float()).norm() / b.float().norm()) < (1e-5 if dtype == torch.float32

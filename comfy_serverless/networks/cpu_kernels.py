@@ -80,6 +80,17 @@ class _Packed:
         return self.source() is weight and self.version == weight._version
 
 
+# Kept beside the layers, not in them: a deep copy or pickle of a network (packs do both) must not meet oneDNN's
+# opaque tensors, and a copy packs its own weights anyway.
+_packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The packed weight `layer` computes with now; None while it takes the stock path."""
+    state = _packs.get(layer)
+    return state.packed if state is not None and state.matches(layer.weight) else None
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (_mode() != "off" and not torch.compiler.is_compiling() and x.device.type == "cpu"
             and x.dtype in _DTYPES and weight.dtype == x.dtype
@@ -92,9 +103,9 @@ def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
     under inference_mode (they keep no version counter, so an in-place change could not be seen)."""
     if layer.weight.is_inference():
         return None
-    state = layer.__dict__.get("_cpu_pack")
+    state = _packs.get(layer)
     if state is None or not state.matches(layer.weight):
-        state = layer.__dict__["_cpu_pack"] = _Packed(layer.weight)
+        state = _packs[layer] = _Packed(layer.weight)
     state.uses += 1
     if state.packed is None and state.uses >= layer.__dict__.get("_cpu_pack_after", 2):
         if state.eligible is None:
