@@ -272,3 +272,16 @@ def test_a_packed_network_deep_copies_and_pickles():
     with torch.inference_mode():
         assert relative_error(copied(x), expected) < 1e-6 and relative_error(restored(x), expected) < 1e-6
     assert cpu_kernels.packed_weight(copied[0]) is not None  # the copy packed its own weights
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_a_stale_mapping_never_makes_heap_memory_look_like_a_file(monkeypatch):
+    """An unmapped file range whose addresses the heap reuses: its pages must not be dropped (they would read
+    back as zeros)."""
+    heap = seeded(512, 512)
+    start = heap.data_ptr()
+    monkeypatch.setattr(cpu_kernels, "_file_ranges", [(start - 4096, start + heap.numel() * 4 + 4096)])
+    assert not cpu_kernels.in_unwritten_file_mapping(heap)
+    kept = heap.clone()
+    cpu_kernels.release_file_pages(heap)
+    assert torch.equal(heap, kept)

@@ -193,15 +193,31 @@ _file_ranges: list[tuple[int, int]] = []
 
 
 def _in_file_mapping(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` lies in a private or read-only file mapping. The map of the process is cached, but a
+    cached range may have been unmapped since and its addresses reused by heap memory, whose pages must never be
+    dropped: a hit counts only while /proc/self/map_files still names that range, else the map is read again."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    for fresh in (False, True):  # the cached map first; read again once for a mapping made since
-        if fresh:
-            _file_ranges[:] = _read_file_ranges()
-        index = bisect.bisect_right(_file_ranges, (start, float("inf"))) - 1
-        if index >= 0 and end <= _file_ranges[index][1]:
-            return True
-    return False
+    cached = _lookup(start, end)
+    if cached is not None and _still_mapped(cached):
+        return True
+    _file_ranges[:] = _read_file_ranges()
+    return _lookup(start, end) is not None
+
+
+def _lookup(start: int, end: int) -> tuple[int, int] | None:
+    index = bisect.bisect_right(_file_ranges, (start, float("inf"))) - 1
+    if index >= 0 and end <= _file_ranges[index][1]:
+        return _file_ranges[index]
+    return None
+
+
+def _still_mapped(mapping: tuple[int, int]) -> bool:
+    try:
+        os.readlink(f"/proc/self/map_files/{mapping[0]:x}-{mapping[1]:x}")
+        return True
+    except OSError:  # gone, or not readable here: the caller reads the map again
+        return False
 
 
 def _read_file_ranges() -> list[tuple[int, int]]:
