@@ -99,8 +99,9 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
-    """The packed weight from the second call with the same weight on; None until then, and for weights made
-    under inference_mode (they keep no version counter, so an in-place change could not be seen)."""
+    """The packed weight from the layer's packing call on (its _cpu_pack_after-th with this weight); None before,
+    for weights that stay unpacked (see module doc), and for weights made under inference_mode (they keep no
+    version counter, so an in-place change could not be seen)."""
     if layer.weight.is_inference():
         return None
     state = _packs.get(layer)
@@ -119,11 +120,9 @@ def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
 class FastConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros"
-                or not _usable(x, self.weight)):
+                or not _usable(x, self.weight) or (self.bias is not None and self.bias.dtype != x.dtype)):
             return super().forward(x)
-        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else None
-        if bias is None and self.bias is not None:
-            return super().forward(x)
+        bias = self.bias
         if self._winograd(x):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, bias, list(self.padding))
         if x.shape[0] * x.shape[2] * x.shape[3] > PACK_MAX_PIXELS:
