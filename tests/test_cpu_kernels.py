@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -230,16 +231,37 @@ def test_server_image_same_with_and_without(tmp_path, start_server, precision):
 
 
 def test_a_network_built_from_weights_gets_the_fast_layers():
+    """Every built network gets the layers; only the per-step ones (UNet here) pack, at their first call."""
     code = ("from comfy_serverless.networks.build import build_from_state_dict, random_state_dict\n"
             "from comfy_serverless.networks.unet import UNetModel\n"
-            "from comfy_serverless.models.random_checkpoints import tiny_unet_config\n"
-            "c = tiny_unet_config('sd15')\n"
-            "m = build_from_state_dict(lambda: UNetModel(c), random_state_dict(lambda: UNetModel(c)))\n"
-            "kinds = {type(x).__name__ for x in m.modules()}\n"
-            "print('FastConv2d' in kinds, 'FastLinear' in kinds, 'Conv2d' in kinds, 'Linear' in kinds,\n"
-            "      {x.__dict__.get('_cpu_pack_after') for x in m.modules() if 'Fast' in type(x).__name__})\n")
+            "from comfy_serverless.networks.vae import AutoencoderKL\n"
+            "from comfy_serverless.models.random_checkpoints import tiny_unet_config, tiny_vae_config\n"
+            "for build in (lambda: UNetModel(tiny_unet_config('sd15')), lambda: AutoencoderKL(tiny_vae_config())):\n"
+            "    m = build_from_state_dict(build, random_state_dict(build))\n"
+            "    kinds = {type(x).__name__ for x in m.modules()}\n"
+            "    print('FastConv2d' in kinds, 'Conv2d' in kinds, 'Linear' in kinds,\n"
+            "          {x.__dict__.get('_cpu_pack_after') for x in m.modules() if 'Fast' in type(x).__name__})\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split("\n")[0] == "True True False False {1}"
+    assert done.stdout.split("\n")[:2] == ["True False False {1}", "True False False {None}"]
+
+
+def test_bf16_where_onednn_cannot_pack_it_takes_the_stock_path():
+    """bf16 forced on a CPU without AVX-512 (here: torch and oneDNN capped at AVX2): packing raises inside
+    oneDNN; the layer must still answer, unpacked."""
+    code = ("import torch\n"
+            "from torch import nn\n"
+            "from comfy_serverless.networks import cpu_kernels\n"
+            "layer = cpu_kernels.use_fast_kernels(nn.Linear(64, 32).requires_grad_(False).to(torch.bfloat16))\n"
+            "layer.__dict__['_cpu_pack_after'] = 1\n"
+            "x = torch.randn(8, 64).to(torch.bfloat16)\n"
+            "with torch.inference_mode():\n"
+            "    out = layer(x)\n"
+            "print(torch.equal(out, nn.functional.linear(x, layer.weight, layer.bias)), "
+            "cpu_kernels.packed_weight(layer) is None)\n")
+    env = {**os.environ, cpu_kernels.ENV: "all", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True"]
 
 
 def test_a_lora_on_a_mapped_weight_runs_unpacked_and_the_original_packs_again(tmp_path, monkeypatch):

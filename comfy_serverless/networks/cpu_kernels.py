@@ -13,13 +13,14 @@ and oneDNN capped at AVX2 by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, s
   200-270 (AVX2) or 320-500 (AVX-512); over small images (<= 32x32) it is slower than oneDNN, hence the size
   floor. Its results differ from a direct convolution by ~1e-5 relative (fp32 rounding; bf16 is ~4e-3).
 
-Packing is lazy and follows the weight: it happens at the first (UNet, ControlNet) or second call (see
-use_fast_kernels), and later calls reuse it while the weight object and its version stay the same; a LoRA or
-any patch replaces the parameter (models/patching.py), so the packed copy is dropped with it. A packed copy would
-double the weights' memory, so only weights that are a file mapping and never written (prepared weights, or a
-file already in the compute dtype) are packed, and their pages are dropped after packing: the kernel no longer
-reads them, and anything that does (a LoRA, a state dict) reads them back from the page cache. Weights in process
-memory (converted at load, patched) run unpacked unless COMFY_CPU_KERNELS=all, which packs them too and keeps both.
+Packing is lazy and follows the weight: it happens at the first call of a network run every sampling step
+(UNet, ControlNet; see use_fast_kernels), and later calls reuse it while the weight object and its version stay
+the same; a LoRA or any patch replaces the parameter (models/patching.py), so the packed copy is dropped with it.
+A packed copy would double the weights' memory, so only weights that are a file mapping and never written
+(prepared weights, or a file already in the compute dtype) are packed, and their pages are dropped after
+packing: the kernel no longer reads them, and anything that does (a LoRA, a state dict) reads them back from the
+page cache. Weights in process memory (converted at load, patched) run unpacked unless COMFY_CPU_KERNELS=all,
+which packs them too and keeps both.
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
@@ -30,11 +31,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import logging
 import os
 import weakref
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 ENV = "COMFY_CPU_KERNELS"
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -108,11 +112,17 @@ def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
     if state is None or not state.matches(layer.weight):
         state = _packs[layer] = _Packed(layer.weight)
     state.uses += 1
-    if state.packed is None and state.uses >= layer.__dict__.get("_cpu_pack_after", 2):
+    after = layer.__dict__.get("_cpu_pack_after")
+    if state.packed is None and after is not None and state.uses >= after:
         if state.eligible is None:
             state.eligible = _mode() == "all" or in_unwritten_file_mapping(layer.weight)
         if state.eligible:
-            state.packed = pack()
+            try:
+                state.packed = pack()
+            except RuntimeError as error:  # e.g. bf16 forced on a CPU without AVX-512 (oneDNN has no packing)
+                log.debug("%s stays unpacked: %s", type(layer).__name__, error)
+                state.eligible = False
+                return None
             release_file_pages(layer.weight)
     return state.packed
 
@@ -157,13 +167,13 @@ _FAST = {nn.Conv2d: FastConv2d, nn.Linear: FastLinear}
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
     """Makes every plain nn.Conv2d / nn.Linear in `model` one of the classes above (same parameters, state
-    dict and isinstance; only forward differs). Subclasses with their own forward are left alone. Networks
-    run once per sampling step (class attribute CALLED_PER_STEP) pack at their first call, which then costs
-    what an unpacked call does; the others (text encoders, VAE) at their second, so a one-off call copies
-    nothing."""
+    dict and isinstance; only forward differs). Subclasses with their own forward are left alone. Only networks
+    run once per sampling step (class attribute CALLED_PER_STEP: UNet, ControlNet) pack, at their first call;
+    the others (text encoders, VAE, adapters) run once per prompt or image, where a reorder per call is cheap
+    next to a packed copy held in process memory (their Winograd convolutions still apply)."""
     if _mode() == "off":
         return model
-    pack_after = 1 if getattr(model, "CALLED_PER_STEP", False) else 2
+    pack_after = 1 if getattr(model, "CALLED_PER_STEP", False) else None
     for module in model.modules():
         fast = _FAST.get(type(module))
         if fast is not None:
