@@ -32,24 +32,15 @@ from machine import describe as describe_machine
 PEAK_SHAPES = [(2, 320, 32), (2, 640, 16), (2, 1280, 16), (2, 1280, 8), (1, 512, 64), (1, 256, 128)]
 
 
-def best_seconds(run, runs: int) -> float:
+def timings(run, runs: int) -> list[float]:
+    """Seconds of `runs` calls of run(), after one untimed call (kernel selection, packing)."""
     run()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def median_seconds(run, runs: int) -> float:
-    run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def convolution_peak(dtype, runs: int) -> float:
@@ -60,8 +51,8 @@ def convolution_peak(dtype, runs: int) -> float:
         x = torch.randn(batch, channels, size, size).to(dtype)
         weight = (torch.randn(channels, channels, 3, 3) * 0.02).to(dtype)
         packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
-        seconds = best_seconds(lambda: torch.ops.mkldnn._convolution_pointwise(
-            x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""), runs)
+        seconds = min(timings(lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""), runs))
         gflops = 2 * batch * channels * channels * 9 * size * size / seconds / 1e9
         print(f"  conv 3x3 {channels}->{channels} at {size}x{size}, batch {batch}: {gflops:.0f} GFLOP/s", flush=True)
         best = max(best, gflops)
@@ -150,7 +141,7 @@ def main() -> int:
             kind = "stock torch layers" if stock else "cpu_kernels"
             for label, run, flops in (("UNet step (cfg batch 2)", run_unet, unet_flops),
                                       (f"VAE decode {args.size}x{args.size}", run_vae, vae_flops)):
-                seconds = median_seconds(run, args.runs)
+                seconds = statistics.median(timings(run, args.runs))
                 rows.append((f"{label}, {kind}", flops, seconds))
                 print(f"  {rows[-1][0]}: {seconds:.2f} s", flush=True)
         stock_layers(False)

@@ -22,6 +22,7 @@ from torch import nn
 from comfy_serverless.models.random_checkpoints import make_test_checkpoint
 from comfy_serverless.networks import cpu_kernels
 from comfy_serverless.networks.cpu_kernels import FastConv2d, FastLinear, use_fast_kernels
+from test_fast_paths import _txt2img as txt2img  # the same tiny txt2img prompt
 
 
 def seeded(*shape, seed=0, scale=1.0):
@@ -162,7 +163,6 @@ def _resident_kb(tensor) -> int:
     raise AssertionError("no mapping holds the tensor")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 def test_pages_of_a_mapped_weight_are_dropped_after_packing_and_come_back(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "auto")  # the default packs file mappings
     cpu_kernels._mode.cache_clear()
@@ -197,20 +197,6 @@ def test_heap_weights_keep_their_pages_and_are_packed_only_when_asked(monkeypatc
     assert torch.equal(out, seeded(4, 1024) @ layer.weight.t())
 
 
-def _txt2img() -> dict:
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "fog", "clip": ["4", 1]}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": 11, "steps": 3, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1,
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "kernels", "images": ["8", 0]}},
-    }
-
-
 @pytest.mark.parametrize("precision", ["--force-fp32", "--bf16-unet"])
 def test_server_image_same_with_and_without(tmp_path, start_server, precision):
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
@@ -219,7 +205,7 @@ def test_server_image_same_with_and_without(tmp_path, start_server, precision):
     for setting in ("0", "all"):
         srv = start_server(precision, env={cpu_kernels.ENV: setting}, base=tmp_path)
         for seed in (11, 12):  # the second prompt runs every network packed
-            prompt = _txt2img()
+            prompt = txt2img()
             prompt["3"]["inputs"]["seed"] = seed
             entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)
             assert entry["status"]["status_str"] == "success", entry["status"]
@@ -296,7 +282,6 @@ def test_a_packed_network_deep_copies_and_pickles():
     assert cpu_kernels.packed_weight(copied[0]) is not None  # the copy packed its own weights
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
 def test_a_stale_mapping_never_makes_heap_memory_look_like_a_file(monkeypatch):
     """An unmapped file range whose addresses the heap reuses: its pages must not be dropped (they would read
     back as zeros)."""
@@ -309,7 +294,6 @@ def test_a_stale_mapping_never_makes_heap_memory_look_like_a_file(monkeypatch):
     assert torch.equal(heap, kept)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
 def test_large_tensors_come_from_the_heap_once_models_load():
     """models/loading.py keeps freed memory for reuse: a 40 MB tensor is heap memory, not a fresh mapping."""
     code = ("import torch\n"
