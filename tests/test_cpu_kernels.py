@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from comfy_serverless.models.random_checkpoints import make_test_checkpoint
-from comfy_serverless.networks import cpu_kernels
+from comfy_serverless.networks import cpu_kernels, winograd
 from comfy_serverless.networks.cpu_kernels import FastConv2d, FastLinear, use_fast_kernels
 from test_fast_paths import _txt2img as txt2img  # the same tiny txt2img prompt
 
@@ -36,12 +36,13 @@ def relative_error(a, b) -> float:
 @pytest.fixture(autouse=True)
 def pack_everything(monkeypatch):
     """COMFY_CPU_KERNELS=all: weights made in memory here are packed too (auto packs only file mappings)."""
+    caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels._transformed_winograd)
     monkeypatch.setenv(cpu_kernels.ENV, "all")
-    cpu_kernels._mode.cache_clear()
-    cpu_kernels._winograd_min_pixels.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     yield
-    cpu_kernels._mode.cache_clear()
-    cpu_kernels._winograd_min_pixels.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 def fast_copy(layer: nn.Module, pack_after: int = 1) -> nn.Module:
@@ -77,7 +78,7 @@ def test_packed_convolution_same_result(kwargs, dtype, tolerance):
 def test_winograd_for_large_images_and_its_error():
     stock, fast = conv(32, 32, padding=1), fast_copy(conv(32, 32, padding=1))
     x = seeded(1, 32, 128, 128, seed=5)  # over both instruction sets' size floor
-    assert fast._winograd(x) and not fast._winograd(x[:, :, :16, :16])
+    assert fast._nnpack_winograd(x) and not fast._nnpack_winograd(x[:, :, :16, :16])
     with torch.inference_mode():
         got = fast(x)
         reference = F.conv2d(x.double(), stock.weight.double(), stock.bias.double(), padding=1)
@@ -148,7 +149,7 @@ def test_packed_only_mode_has_no_winograd(monkeypatch):
     cpu_kernels._mode.cache_clear()
     cpu_kernels._winograd_min_pixels.cache_clear()
     layer = fast_copy(conv(4, 4, padding=1))
-    assert not layer._winograd(seeded(1, 4, 128, 128))
+    assert not layer._nnpack_winograd(seeded(1, 4, 128, 128))
 
 
 def _resident_kb(tensor) -> int:
@@ -229,6 +230,85 @@ def test_a_network_built_from_weights_gets_the_fast_layers():
             "          {x.__dict__.get('_cpu_pack_after') for x in m.modules() if 'Fast' in type(x).__name__})\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split("\n")[:2] == ["True False False {1}", "True False False {None}"]
+
+
+class EveryStep(nn.Sequential):
+    CALLED_PER_STEP = True  # like the UNet: packs, and may keep Winograd-transformed weights
+
+
+@pytest.fixture()
+def avx2_winograd(monkeypatch):
+    """As on an AVX2-only CPU, whatever this one has; a budget no layer here exceeds unless a test lowers it."""
+    monkeypatch.setattr(cpu_kernels, "_transformed_winograd", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_EXTRA_MEMORY", 10.0)
+
+
+def test_every_step_networks_keep_winograd_weights_for_medium_images(avx2_winograd):
+    net = use_fast_kernels(EveryStep(*(conv(8, 8, padding=1, seed=seed) for seed in range(4))))
+    net[3].padding = (2, 2)  # not a "same" 3x3 convolution: packed for oneDNN
+    for layer, size, kind in ((net[0], 32, 4), (net[1], 16, 2), (net[2], 8, None), (net[3], 32, None)):
+        for seed in (1, 2):  # the second call reuses the first call's weight
+            x = seeded(2, 8, size, size, seed=seed)
+            with torch.inference_mode():
+                out = layer(x)
+            assert relative_error(out, F.conv2d(x, layer.weight, layer.bias, padding=layer.padding)) < 2e-5
+            held = cpu_kernels.packed_weight(layer)
+            if seed == 1:
+                first = held
+            assert held is first
+        if kind is None:
+            assert isinstance(held, torch.Tensor)
+        else:
+            assert isinstance(held, winograd.WinogradWeight) and held.m == kind
+
+
+def test_winograd_weights_stay_within_their_memory_budget_and_give_it_back(avx2_winograd, monkeypatch):
+    """1.5x the weights' bytes: room for one F(4x4) weight (3x extra), not two; a replaced weight returns its
+    share, so its successor is transformed again."""
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_EXTRA_MEMORY", 1.5)
+    net = use_fast_kernels(EveryStep(conv(16, 16, padding=1, seed=1), conv(16, 16, padding=1, seed=2)))
+    x = seeded(1, 16, 32, 32, seed=3)
+    for replace in (False, True):
+        if replace:
+            net[0].weight = nn.Parameter(net[0].weight * 0.5, requires_grad=False)
+        with torch.inference_mode():
+            out = net(x)
+        assert isinstance(cpu_kernels.packed_weight(net[0]), winograd.WinogradWeight)
+        assert isinstance(cpu_kernels.packed_weight(net[1]), torch.Tensor)
+        expected = F.conv2d(F.conv2d(x, net[0].weight, net[0].bias, padding=1), net[1].weight, net[1].bias, padding=1)
+        assert relative_error(out, expected) < 2e-5
+
+
+def test_winograd_weights_only_where_torch_runs_avx2_code_and_not_in_packed_mode():
+    code = ("import os\n"
+            "from comfy_serverless.networks import cpu_kernels as k\n"
+            "print(k._transformed_winograd())\n"
+            "os.environ[k.ENV] = 'packed'\n"
+            "k._mode.cache_clear(); k._transformed_winograd.cache_clear()\n"
+            "print(k._transformed_winograd())\n")
+    env = {**os.environ, cpu_kernels.ENV: "auto", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]
+
+
+def test_server_image_same_on_avx2_with_winograd_weights(tmp_path, start_server):
+    """torch and oneDNN capped at AVX2 and a 256 px image: the UNet's 32x32 and 16x16 levels run Winograd."""
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
+    prompt = txt2img()
+    prompt["5"]["inputs"].update(width=256, height=256)
+    images = []
+    for setting in ("0", "all"):
+        env = {cpu_kernels.ENV: setting, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        srv = start_server("--force-fp32", env=env, base=tmp_path)
+        entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+        images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))
+        srv.stop()
+    assert images[0].std() > 0
+    assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def test_bf16_where_onednn_cannot_pack_it_takes_the_stock_path():

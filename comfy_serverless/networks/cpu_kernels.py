@@ -1,5 +1,6 @@
-"""Faster CPU kernels for every Conv2d and Linear of a built network: pre-packed oneDNN weights, and Winograd
-(NNPACK) for large 3x3 fp32 convolutions. Both ship inside torch; nothing is compiled.
+"""Faster CPU kernels for every Conv2d and Linear of a built network: pre-packed oneDNN weights, Winograd
+(NNPACK) for large 3x3 fp32 convolutions, and Winograd with a transformed weight (winograd.py) for medium ones
+where oneDNN has only AVX2. All are torch operations; nothing is compiled.
 
 Why (measured on the project's AMD EPYC, 2 threads, torch 2.13.0, 2026-12-01; "AVX2" = the same CPU with torch
 and oneDNN capped at AVX2 by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, standing in for an AVX2-only CPU):
@@ -22,6 +23,11 @@ packing: the kernel no longer reads them, and anything that does (a LoRA, a stat
 page cache. Weights in process memory (converted at load, patched) run unpacked unless COMFY_CPU_KERNELS=all,
 which packs them too and keeps both.
 
+On AVX2, the every-step networks' 3x3 fp32 convolutions over 16x16 to 32x32 images keep a Winograd-transformed
+weight instead of the packed one (winograd.py: 1.3-2.3x faster there). It is 1.8-4x the weight's size, so those
+of one network may add at most WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them, +380 MB,
+11 % of the fp32 UNet); past that a layer packs as above.
+
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
 COMFY_CPU_KERNELS: auto (default), all (also pack weights in process memory), packed (no Winograd), 0 (off).
@@ -38,6 +44,8 @@ import weakref
 import torch
 from torch import nn
 
+from . import winograd
+
 log = logging.getLogger(__name__)
 
 ENV = "COMFY_CPU_KERNELS"
@@ -49,6 +57,11 @@ WINOGRAD_MIN_PIXELS_AVX512 = 128 * 128
 # small part of the call and oneDNN's own choice of layout was as fast or faster (bf16 at 2x64x64: 1067 stock
 # vs 871 GFLOP/s packed; VAE decode 256 px 0.64 s stock vs 0.71 s all packed).
 PACK_MAX_PIXELS = 4096
+# Transformed Winograd weights (AVX2): F(4x4) from this many output pixels per image on, F(2x2) from the
+# smaller floor; the extra memory they may take, as a fraction of the network's weight bytes.
+WINOGRAD_F4_MIN_PIXELS = 32 * 32
+WINOGRAD_F2_MIN_PIXELS = 16 * 16
+WINOGRAD_EXTRA_MEMORY = 0.15
 
 
 @functools.cache
@@ -68,17 +81,45 @@ def _winograd_min_pixels() -> int | None:
     return WINOGRAD_MIN_PIXELS_AVX512 if capability.startswith("AVX512") else WINOGRAD_MIN_PIXELS_AVX2
 
 
-class _Packed:
-    """A weight packed for oneDNN, valid while the parameter object and its version are unchanged."""
+@functools.cache
+def _transformed_winograd() -> bool:
+    """Only where torch runs AVX2 code: with AVX-512 oneDNN's direct convolution is faster (winograd.py)."""
+    return _mode() in ("auto", "all") and torch.backends.cpu.get_cpu_capability() == "AVX2"
 
-    __slots__ = ("source", "version", "packed", "uses", "eligible")
+
+class _MemoryBudget:
+    """Bytes the transformed Winograd weights of one network may add over its weights."""
+
+    def __init__(self, nbytes: float):
+        self.left = nbytes
+
+    def take(self, nbytes: float) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+
+class _Packed:
+    """A weight packed for oneDNN (or Winograd-transformed), valid while the parameter object and its version are
+    unchanged."""
+
+    __slots__ = ("source", "version", "packed", "uses", "eligible", "charge")
 
     def __init__(self, weight: torch.Tensor):
         self.source = weakref.ref(weight)
         self.version = weight._version
-        self.packed: torch.Tensor | None = None
+        self.packed: torch.Tensor | winograd.WinogradWeight | None = None
         self.uses = 0
         self.eligible: bool | None = None  # decided once, at the call that would pack
+        self.charge: tuple[_MemoryBudget, float] | None = None  # what a transformed weight took from the budget
+
+    def drop(self) -> None:
+        if self.charge is not None:
+            budget, nbytes = self.charge
+            budget.left += nbytes
+            self.charge = None
+        self.packed = None
 
     def matches(self, weight: torch.Tensor) -> bool:
         return self.source() is weight and self.version == weight._version
@@ -89,8 +130,8 @@ class _Packed:
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def packed_weight(layer: nn.Module) -> torch.Tensor | None:
-    """The packed weight `layer` computes with now; None while it takes the stock path."""
+def packed_weight(layer: nn.Module) -> torch.Tensor | winograd.WinogradWeight | None:
+    """The packed (or Winograd-transformed) weight `layer` computes with now; None while it takes the stock path."""
     state = _packs.get(layer)
     return state.packed if state is not None and state.matches(layer.weight) else None
 
@@ -102,7 +143,7 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not weight.is_meta)
 
 
-def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
+def _packed_weight(layer: nn.Module, pack):
     """The packed weight from the layer's packing call on (its _cpu_pack_after-th with this weight); None before,
     for weights that stay unpacked (see module doc), and for weights made under inference_mode (they keep no
     version counter, so an in-place change could not be seen)."""
@@ -110,6 +151,8 @@ def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
         return None
     state = _packs.get(layer)
     if state is None or not state.matches(layer.weight):
+        if state is not None:
+            state.drop()
         state = _packs[layer] = _Packed(layer.weight)
     state.uses += 1
     after = layer.__dict__.get("_cpu_pack_after")
@@ -118,7 +161,7 @@ def _packed_weight(layer: nn.Module, pack) -> torch.Tensor | None:
             state.eligible = _mode() == "all" or in_unwritten_file_mapping(layer.weight)
         if state.eligible:
             try:
-                state.packed = pack()
+                state.packed = pack(state)
             except RuntimeError as error:  # e.g. bf16 forced on a CPU without AVX-512 (oneDNN has no packing)
                 log.debug("%s stays unpacked: %s", type(layer).__name__, error)
                 state.eligible = False
@@ -133,22 +176,45 @@ class FastConv2d(nn.Conv2d):
                 or not _usable(x, self.weight) or (self.bias is not None and self.bias.dtype != x.dtype)):
             return super().forward(x)
         bias = self.bias
-        if self._winograd(x):
+        if self._nnpack_winograd(x):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, bias, list(self.padding))
         if x.shape[0] * x.shape[2] * x.shape[3] > PACK_MAX_PIXELS:
             return super().forward(x)
-        packed = _packed_weight(self, lambda: torch.ops.mkldnn._reorder_convolution_weight(
-            self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
+        packed = _packed_weight(self, lambda state: self._pack(x, state))
         if packed is None:
             return super().forward(x)
+        if isinstance(packed, winograd.WinogradWeight):
+            return winograd.convolve(x, packed, bias)
         return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(self.padding), list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")
 
-    def _winograd(self, x: torch.Tensor) -> bool:
+    def _pack(self, x: torch.Tensor, state: _Packed):
+        tile = self._winograd_tile(x)
+        budget = self.__dict__.get("_winograd_budget")
+        if tile is not None and budget is not None:
+            extra = (winograd.WinogradWeight.size_factor(tile) - 1) * self.weight.numel() * self.weight.element_size()
+            if budget.take(extra):
+                state.charge = (budget, extra)
+                return winograd.WinogradWeight(self.weight, tile)
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+
+    def _plain_3x3(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.float32 and self.kernel_size == (3, 3) and self.stride == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1)
+
+    def _nnpack_winograd(self, x: torch.Tensor) -> bool:
         floor = _winograd_min_pixels()
-        return (floor is not None and x.dtype == torch.float32 and self.kernel_size == (3, 3)
-                and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and x.shape[2] * x.shape[3] >= floor)
+        return floor is not None and self._plain_3x3(x) and x.shape[2] * x.shape[3] >= floor
+
+    def _winograd_tile(self, x: torch.Tensor) -> int | None:
+        """The tile size of a transformed-weight Winograd convolution for this layer at x's size, or None."""
+        if not _transformed_winograd() or not self._plain_3x3(x) or tuple(self.padding) != (1, 1):
+            return None
+        pixels = x.shape[2] * x.shape[3]
+        if pixels >= WINOGRAD_F4_MIN_PIXELS:
+            return 4
+        return 2 if pixels >= WINOGRAD_F2_MIN_PIXELS else None
 
 
 class FastLinear(nn.Linear):
@@ -156,7 +222,7 @@ class FastLinear(nn.Linear):
         if x.dim() < 2 or not _usable(x, self.weight) or (self.bias is not None and self.bias.dtype != x.dtype):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        packed = _packed_weight(self, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
+        packed = _packed_weight(self, lambda _state: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
         if packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
@@ -173,12 +239,18 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
     next to a packed copy held in process memory (their Winograd convolutions still apply)."""
     if _mode() == "off":
         return model
-    pack_after = 1 if getattr(model, "CALLED_PER_STEP", False) else None
+    every_step = getattr(model, "CALLED_PER_STEP", False)
+    pack_after = 1 if every_step else None
+    budget = None
+    if every_step:
+        budget = _MemoryBudget(WINOGRAD_EXTRA_MEMORY * sum(p.numel() * p.element_size() for p in model.parameters()))
     for module in model.modules():
         fast = _FAST.get(type(module))
         if fast is not None:
             module.__class__ = fast
             module.__dict__["_cpu_pack_after"] = pack_after
+            if fast is FastConv2d:
+                module.__dict__["_winograd_budget"] = budget
     return model
 
 
@@ -196,6 +268,14 @@ def release_file_pages(tensor: torch.Tensor) -> None:
         from ..models.loading import release_pages
 
         release_pages(tensor)
+
+
+def release_module_file_pages(module: nn.Module) -> None:
+    """release_file_pages for every parameter of a network used once per prompt (a text encoder after encoding):
+    its file pages leave this process's memory until the next use reads them back from the page cache (SD1.5's
+    fp32 CLIP-L: 0.49 GB less resident while the UNet and VAE run; ~0.03 s to read back)."""
+    for parameter in module.parameters():
+        release_file_pages(parameter)
 
 
 _file_ranges: list[tuple[int, int]] = []
