@@ -234,3 +234,39 @@ def test_part_files_of_unet_and_clip_loaders_are_prepared_too(base):
         network = load_unet(str(unet_file)).handle.get()
         ranges = mapped_ranges(prepared.prepared_path(str(unet_file), folder))
         assert all(in_ranges(p, ranges) for p in network.parameters())
+
+
+def resident_fraction(tensor) -> float:
+    """Share of the whole pages inside `tensor` mapped in this process now (/proc/self/pagemap's present bit;
+    mincore would tell the page cache's state instead)."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    first = -(-tensor.data_ptr() // page)
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page
+    assert last > first
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first}Q", pagemap.read((last - first) * 8))
+    return sum(entry >> 63 for entry in entries) / (last - first)
+
+
+def test_the_text_encoders_file_pages_leave_memory_after_encoding(base):
+    """Encoded once per prompt: its prepared weights' pages are dropped after encoding (the page cache keeps
+    them) and read back unchanged by the next encoding."""
+    from comfy_serverless.models.loading import load_checkpoint
+    from comfy_serverless.networks import cpu_kernels
+
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    with server_context(base_directory=str(base)) as ctx:
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings))
+        _, clip, _ = load_checkpoint(ckpt)
+        embedding = max(clip.handle.get().parameters(), key=torch.Tensor.numel)  # the token table, ~6 MB
+        assert cpu_kernels.in_unwritten_file_mapping(embedding)
+        float(embedding.sum())
+        assert resident_fraction(embedding) == 1.0
+        first = clip.encode("a lighthouse in fog")
+        assert resident_fraction(embedding) == 0.0
+        second = clip.encode("a lighthouse in fog")
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
