@@ -24,9 +24,9 @@ page cache. Weights in process memory (converted at load, patched) run unpacked 
 which packs them too and keeps both.
 
 On AVX2, the every-step networks' 3x3 fp32 convolutions over 16x16 to 32x32 images keep a Winograd-transformed
-weight instead of the packed one (winograd.py: 1.3-2.3x faster there). It is 1.8-4x the weight's size, so those
-of one network may add at most WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them, +380 MB,
-11 % of the fp32 UNet); past that a layer packs as above.
+weight instead of the packed one (winograd.py: 1.3-1.5x faster there). It is 16/9 of the weight's size, so those
+of one network may add at most WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them,
++230 MB, 7 % of the fp32 UNet; at 512 px the first ones called); past that a layer packs as above.
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
@@ -57,11 +57,10 @@ WINOGRAD_MIN_PIXELS_AVX512 = 128 * 128
 # small part of the call and oneDNN's own choice of layout was as fast or faster (bf16 at 2x64x64: 1067 stock
 # vs 871 GFLOP/s packed; VAE decode 256 px 0.64 s stock vs 0.71 s all packed).
 PACK_MAX_PIXELS = 4096
-# Transformed Winograd weights (AVX2): F(4x4) from this many output pixels per image on, F(2x2) from the
-# smaller floor; the extra memory they may take, as a fraction of the network's weight bytes.
-WINOGRAD_F4_MIN_PIXELS = 32 * 32
-WINOGRAD_F2_MIN_PIXELS = 16 * 16
-WINOGRAD_EXTRA_MEMORY = 0.15
+# Transformed Winograd weights (AVX2) from this many pixels per image on (up to NNPACK's floor); the memory they
+# may add, as a fraction of the network's weight bytes.
+WINOGRAD_WEIGHTS_MIN_PIXELS = 16 * 16
+WINOGRAD_EXTRA_MEMORY = 0.10
 
 
 @functools.cache
@@ -189,13 +188,12 @@ class FastConv2d(nn.Conv2d):
                                                        list(self.dilation), self.groups, "none", [], "")
 
     def _pack(self, x: torch.Tensor, state: _Packed):
-        tile = self._winograd_tile(x)
         budget = self.__dict__.get("_winograd_budget")
-        if tile is not None and budget is not None:
-            extra = (winograd.WinogradWeight.size_factor(tile) - 1) * self.weight.numel() * self.weight.element_size()
+        if budget is not None and self._winograd_weights(x):
+            extra = (winograd.SIZE_FACTOR - 1) * self.weight.numel() * self.weight.element_size()
             if budget.take(extra):
                 state.charge = (budget, extra)
-                return winograd.WinogradWeight(self.weight, tile)
+                return winograd.WinogradWeight(self.weight)
         return torch.ops.mkldnn._reorder_convolution_weight(
             self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
 
@@ -207,14 +205,10 @@ class FastConv2d(nn.Conv2d):
         floor = _winograd_min_pixels()
         return floor is not None and self._plain_3x3(x) and x.shape[2] * x.shape[3] >= floor
 
-    def _winograd_tile(self, x: torch.Tensor) -> int | None:
-        """The tile size of a transformed-weight Winograd convolution for this layer at x's size, or None."""
-        if not _transformed_winograd() or not self._plain_3x3(x) or tuple(self.padding) != (1, 1):
-            return None
-        pixels = x.shape[2] * x.shape[3]
-        if pixels >= WINOGRAD_F4_MIN_PIXELS:
-            return 4
-        return 2 if pixels >= WINOGRAD_F2_MIN_PIXELS else None
+    def _winograd_weights(self, x: torch.Tensor) -> bool:
+        """Whether this layer at x's size keeps a Winograd-transformed weight (winograd.py) if the budget allows."""
+        return (_transformed_winograd() and self._plain_3x3(x) and tuple(self.padding) == (1, 1)
+                and x.shape[2] * x.shape[3] >= WINOGRAD_WEIGHTS_MIN_PIXELS)
 
 
 class FastLinear(nn.Linear):
