@@ -35,7 +35,8 @@ dead or stuck, and while shutting down), GET /metrics (Prometheus). Request limi
 ComfyUI as a second backend: --comfyui DIR runs prompts with nodes this server lacks on that checkout
 (a child process on a private loopback port sharing input/output/temp and model folders).
 CPU speed: bf16 or fp32 follows the CPU's instruction set; the UNet's and ControlNet's prepared weights are
-packed once for oneDNN, and large fp32 3x3 convolutions run as Winograd transforms (torch's NNPACK):
+packed once for oneDNN (on AVX2 their 16x16-32x32 fp32 3x3 convolutions keep Winograd-transformed weights instead,
+at most 10 % more memory), and large fp32 3x3 convolutions run as Winograd transforms (torch's NNPACK):
 COMFY_CPU_KERNELS=0 gives torch's stock layers, =packed no Winograd; COMFY_CHANNELS_LAST=auto|all|none|unet|vae.
 SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds; exit status 0,
 or 1 when prompts were dropped (recorded in /history as errors) or interrupted.
