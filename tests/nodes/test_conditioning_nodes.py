@@ -241,4 +241,6 @@ def test_ip2p_workflow_over_http(start_server, tmp_path):
     # LatentApplyOperationCFG: the patched model sampled differently, exactly as the negative prompt alone.
     patched, negative_only = _saved_latent(srv, black, "16"), _saved_latent(srv, black, "18")
     assert float((patched - sampled_black).abs().mean()) > 1e-3
-    assert torch.allclose(patched, negative_only, atol=1e-4)
+    # Equal to fp32 rounding: a batch of two (cond and uncond) and a batch of one may round differently (AVX2
+    # kernels: 4e-4 apart on values up to 300, where the unpatched model is 0.13 away).
+    assert torch.allclose(patched, negative_only, rtol=1e-5, atol=1e-3)
