@@ -11,9 +11,9 @@ with 15 %). The transformed weight is 16/9 of the weight's size.
 
 Not used elsewhere: with AVX-512 the direct convolution is twice as fast and wins (7.3 vs 10.7 ms at
 2x320x32x32); from 64x64 on torch's NNPACK is faster; below 16x16 the weights dominate. Transforming the weight
-at every call instead of once keeps almost none of the gain (12.7 vs 13.6 ms). F(4x4, 3x3) (36 products per 16 outputs) was
-measured faster still at 32x32 (6.9 ms) but its weight is 4x the original: per byte of memory F(2x2) saves
-about twice the time, and at 512 px F(4x4) under the same memory bound gained nothing.
+at every call instead of once keeps almost none of the gain (12.7 vs 13.6 ms). F(4x4, 3x3) (36 products per 16
+outputs) was measured faster still at 32x32 (6.9 ms) but its weight is 4x the original: per byte of memory F(2x2)
+saves about twice the time, and at 512 px F(4x4) under the same memory bound gained nothing.
 
 Results differ from a direct convolution by fp32 rounding (~3e-6 relative; fp64 reference). bf16 would lose too
 much in the transforms and is never transformed.
