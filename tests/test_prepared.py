@@ -73,6 +73,8 @@ def test_prepare_writes_each_network_in_its_dtype_and_the_loader_maps_it(base):
                 expected = weights[name].to(dtype) if weights[name].is_floating_point() else weights[name]
                 assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
                 assert in_ranges(tensor, ranges), f"{name} is a copy, not a view of the prepared file"
+                if tensor.numel() * tensor.element_size() % prepared.DATA_ALIGNMENT == 0:
+                    assert tensor.data_ptr() % prepared.DATA_ALIGNMENT == 0, f"{name} is not cache-line aligned"
 
 
 def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base, monkeypatch):

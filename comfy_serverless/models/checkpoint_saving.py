@@ -42,13 +42,20 @@ MODELSPEC_ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl_refiner"
                            "sdxl_ip2p": "stable-diffusion-xl-v1-edit"}
 
 
-def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file of `tensors` (any devices, dtypes, views), written atomically."""
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None, align: int = 8) -> None:
+    """A safetensors file of `tensors` (any devices, dtypes, views), written atomically. Every tensor whose size is
+    a multiple of `align` bytes starts at a multiple of it in the file, and so in a memory map of it (the header
+    is padded, those tensors come first); the rest follow, each aligned to its element size."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    order = sorted(tensors, key=lambda key: -tensors[key].element_size())  # keeps each tensor aligned
+
+    def placement(key: str) -> tuple[bool, int]:
+        tensor = tensors[key]
+        return tensor.numel() * tensor.element_size() % align != 0, -tensor.element_size()
+
+    order = sorted(tensors, key=placement)
     for key in order:
         tensor = tensors[key]
         if tensor.dtype not in SAFETENSORS_DTYPES:
@@ -58,7 +65,7 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    encoded += b" " * (-(8 + len(encoded)) % align)  # the data starts after the 8-byte length and the header
     with paths.atomic_path(path) as partial, open(partial, "wb") as file:
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
