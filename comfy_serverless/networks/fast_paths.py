@@ -60,7 +60,12 @@ def channels_last_enabled(network: str = "unet") -> bool:
 
 
 def conv_input(x: torch.Tensor, network: str = "unet") -> torch.Tensor:
-    """`x` [B, C, H, W] in the memory format `network`'s convolutions run fastest in (values unchanged)."""
+    """`x` [B, C, H, W] in the memory format `network`'s convolutions run fastest in (values unchanged). Not
+    while torch.compile traces, and decided before anything else there: inductor picks layouts itself, and the
+    policy's CPU-flag lookup broke the traced UNet graph in two, whose AVX2 code then gave NaN everywhere (torch
+    2.13 under ATEN_CPU_CAPABILITY=avx2; the AVX-512 code was right)."""
+    if torch.compiler.is_compiling():
+        return x
     if x.dim() != 4 or x.device.type != "cpu" or not channels_last_enabled(network):
         return x
     return x.contiguous(memory_format=torch.channels_last)
