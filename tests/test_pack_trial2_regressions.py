@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CHECKPOINT = "tiny-sd15.safetensors"
@@ -48,6 +49,8 @@ def _sample(prompt: dict, key: str, guider: dict) -> str:
         "noise": ["6", 0], "guider": [f"{key}g", 0], "sampler": ["7", 0], "sigmas": ["5", 0], "latent_image": ["4", 0]}}
     prompt[f"{key}d"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{key}s", 0], "vae": ["1", 2]}}
     prompt[f"{key}o"] = {"class_type": "SaveImage", "inputs": {"images": [f"{key}d", 0], "filename_prefix": key}}
+    prompt[f"{key}l"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{key}s", 0],
+                                                               "filename_prefix": f"latents/{key}"}}
     return key
 
 
@@ -66,6 +69,14 @@ def _pixels(srv, key: str) -> np.ndarray:
     return np.asarray(Image.open(srv.base / "output" / f"{key}_00001_.png")).astype(np.int16)
 
 
+def _latent(srv, entry: dict, key: str):
+    """The sampled latent (tiny random models: a cfg change can stay under one 8-bit level in fp32 pixels)."""
+    from safetensors.torch import load_file
+
+    [info] = entry["outputs"][f"{key}l"]["latents"]
+    return load_file(srv.base / "output" / info["subfolder"] / info["filename"])["latent_tensor"]
+
+
 def test_cfg_guider_subclass_predict_noise_sets_cfg_per_step(guider_server):
     srv = guider_server
     prompt = _base_prompt()
@@ -80,9 +91,10 @@ def test_cfg_guider_subclass_predict_noise_sets_cfg_per_step(guider_server):
     assert entry["status"]["status_str"] == "success", entry["status"]
     # the override's cfg is the one sampled with (before the fix: the guider's initial cfg of 1.0)
     assert np.array_equal(_pixels(srv, "sched5"), _pixels(srv, "core5"))
-    assert not np.array_equal(_pixels(srv, "sched5"), _pixels(srv, "core1"))
-    ramp = _pixels(srv, "ramp")
-    assert not np.array_equal(ramp, _pixels(srv, "core6")) and not np.array_equal(ramp, _pixels(srv, "core1"))
+    latents = {key: _latent(srv, entry, key) for key in ("sched5", "core5", "core1", "ramp", "core6")}
+    assert torch.equal(latents["sched5"], latents["core5"])
+    assert not torch.equal(latents["sched5"], latents["core1"])
+    assert not torch.equal(latents["ramp"], latents["core6"]) and not torch.equal(latents["ramp"], latents["core1"])
     text, kinds = entry["outputs"]["log"]["text"][0].split("|", 1)
     steps = [step.split(":") for step in text.split(";")]
     # euler: one call per step, at the schedule's first three sigmas, with the noise seed
