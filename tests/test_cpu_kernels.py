@@ -5,7 +5,6 @@ way of gradients, drop only pages a file can give back, and a server gives the s
 from __future__ import annotations
 
 import copy
-import io
 import os
 import pickle
 import subprocess
@@ -15,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from comfy_serverless.models.random_checkpoints import make_test_checkpoint
 from comfy_serverless.networks import cpu_kernels, winograd
 from comfy_serverless.networks.cpu_kernels import FastConv2d, FastLinear, use_fast_kernels
 from test_fast_paths import _txt2img as txt2img  # the same tiny txt2img prompt
+from test_fast_paths import server_images
 
 
 def seeded(*shape, seed=0, scale=1.0):
@@ -200,22 +198,25 @@ def test_heap_weights_keep_their_pages_and_are_packed_only_when_asked(monkeypatc
     assert torch.equal(out, seeded(4, 1024) @ layer.weight.t())
 
 
+KERNELS_OFF_AND_ALL = [{cpu_kernels.ENV: "0"}, {cpu_kernels.ENV: "all"}]
+AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # torch and oneDNN as on an AVX2-only CPU
+
+
+def run_under_avx2_cap(code: str, kernels: str) -> list[str]:
+    """`code` in a fresh interpreter under AVX2_CAP with COMFY_CPU_KERNELS=`kernels`; its printed words."""
+    env = {**os.environ, cpu_kernels.ENV: kernels, **AVX2_CAP}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
 @pytest.mark.parametrize("precision", ["--force-fp32", "--bf16-unet"])
 def test_server_image_same_with_and_without(tmp_path, start_server, precision):
-    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
-    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
-    images = []
-    for setting in ("0", "all"):
-        srv = start_server(precision, env={cpu_kernels.ENV: setting}, base=tmp_path)
-        for seed in (11, 12):  # the second prompt runs every network packed
-            prompt = txt2img()
-            prompt["3"]["inputs"]["seed"] = seed
-            entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)
-            assert entry["status"]["status_str"] == "success", entry["status"]
-        png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
-        images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))
-        srv.stop()
-    assert images[0].std() > 0
+    prompts = []
+    for seed in (11, 12):  # the second prompt runs every network packed
+        prompts.append(txt2img())
+        prompts[-1]["3"]["inputs"]["seed"] = seed
+    images = server_images(start_server, tmp_path, precision, KERNELS_OFF_AND_ALL, prompts)
     assert np.abs(images[0] - images[1]).max() <= (1 if precision == "--force-fp32" else 8)
 
 
@@ -285,29 +286,16 @@ def test_winograd_weights_only_where_torch_runs_avx2_code_and_not_in_packed_mode
             "os.environ[k.ENV] = 'packed'\n"
             "k._mode.cache_clear(); k._transformed_winograd.cache_clear()\n"
             "print(k._transformed_winograd())\n")
-    env = {**os.environ, cpu_kernels.ENV: "auto", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "False"]
+    assert run_under_avx2_cap(code, "auto") == ["True", "False"]
 
 
 def test_server_image_same_on_avx2_with_winograd_weights(tmp_path, start_server):
     """torch and oneDNN capped at AVX2 and a 256 px image: the UNet's 32x32 and 16x16 levels run Winograd with
     transformed weights."""
-    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
-    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
     prompt = txt2img()
     prompt["5"]["inputs"].update(width=256, height=256)
-    images = []
-    for setting in ("0", "all"):
-        env = {cpu_kernels.ENV: setting, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-        srv = start_server("--force-fp32", env=env, base=tmp_path)
-        entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
-        images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))
-        srv.stop()
-    assert images[0].std() > 0
+    environments = [{**setting, **AVX2_CAP} for setting in KERNELS_OFF_AND_ALL]
+    images = server_images(start_server, tmp_path, "--force-fp32", environments, [prompt])
     assert np.abs(images[0] - images[1]).max() <= 1
 
 
@@ -324,10 +312,7 @@ def test_bf16_where_onednn_cannot_pack_it_takes_the_stock_path():
             "    out = layer(x)\n"
             "print(torch.equal(out, nn.functional.linear(x, layer.weight, layer.bias)), "
             "cpu_kernels.packed_weight(layer) is None)\n")
-    env = {**os.environ, cpu_kernels.ENV: "all", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True", "True"]
+    assert run_under_avx2_cap(code, "all") == ["True", "True"]
 
 
 def test_a_lora_on_a_mapped_weight_runs_unpacked_and_the_original_packs_again(tmp_path, monkeypatch):

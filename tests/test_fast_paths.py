@@ -164,16 +164,24 @@ def _txt2img() -> dict:
     }
 
 
-def test_server_image_same_with_and_without(tmp_path, start_server):
-    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
-    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
+def server_images(start_server, base, precision: str, environments: list[dict], prompts: list[dict]) -> list:
+    """For each environment, a server on a tiny SD1.5 checkpoint runs `prompts`; the last one's image."""
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    make_test_checkpoint("sd15", "tiny", base / "models" / "checkpoints" / "tiny.safetensors", seed=4)
     images = []
-    for setting in ("0", "1"):
-        srv = start_server("--force-fp32", env={fast_paths.ENV: setting}, base=tmp_path)
-        entry = srv.wait_history(srv.queue_prompt(_txt2img())["prompt_id"], timeout=300)  # a loaded machine
-        assert entry["status"]["status_str"] == "success", entry["status"]
+    for env in environments:
+        srv = start_server(precision, env=env, base=base)
+        for prompt in prompts:
+            entry = srv.wait_history(srv.queue_prompt(prompt)["prompt_id"], timeout=300)  # a loaded machine
+            assert entry["status"]["status_str"] == "success", entry["status"]
         png = srv.get("/view", params=entry["outputs"]["9"]["images"][0]).content
         images.append(np.asarray(Image.open(io.BytesIO(png))).astype(int))
         srv.stop()
     assert images[0].std() > 0
+    return images
+
+
+def test_server_image_same_with_and_without(tmp_path, start_server):
+    images = server_images(start_server, tmp_path, "--force-fp32", [{fast_paths.ENV: "0"}, {fast_paths.ENV: "1"}],
+                           [_txt2img()])
     assert np.abs(images[0] - images[1]).max() <= 1
