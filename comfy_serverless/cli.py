@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings, argv: list[str], log) -> int:
     import asyncio
 
+    from .heap import share_one_arena
+
+    share_one_arena()  # before any thread starts: the prompt worker's allocations then reuse freed heap memory
     from .server.app import App
 
     app = App(settings, argv)

@@ -8,13 +8,11 @@ only where the compute dtype differs from the file's.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
-import sys
 import threading
 
+from ..heap import keep_freed_memory, release_pages
 from .diffusion_model import DiffusionModel
 from .embeddings import embeddings_from_folders
 from .model_cache import file_stamp, loaded_models
@@ -273,52 +271,7 @@ def _converted(path: str, weights: dict, dtype) -> dict:
     return converted
 
 
-_PAGE_SIZE = mmap.PAGESIZE
-_MADV_DONTNEED = 4  # Linux
-
-
-def release_pages(tensor) -> None:
-    """madvise(DONTNEED) the pages that lie wholly inside a tensor about to be dropped. For a file mapping
-    they are read again from the file if ever touched; for heap memory the allocator gets zero pages back.
-    Linux only; a no-op elsewhere."""
-    if _libc is None:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // _PAGE_SIZE) * _PAGE_SIZE, end // _PAGE_SIZE * _PAGE_SIZE
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
-
-# glibc serves every allocation over 32 MB with its own mmap and unmaps it on free, so each such activation
-# (a 128-channel 256x256 fp32 VAE tensor is 33.5 MB; the UNet's packed weights are allocated on its first call)
-# pays fresh zero-filled page faults. Taking them from the heap, which keeps what is freed, avoids that: under
-# the AVX2 cap (benchmarks/kernel_peak.py conditions, 2026-12-01) the first UNet call went 3.18 -> 2.82 s and a VAE
-# decode at 256 px 1.43 -> 1.22 s, for about 0.35 GB more resident memory after the first image (fp32).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def keep_freed_heap_memory() -> None:
-    """Once models load: large allocations come from the heap and freed memory stays for the next one."""
-    if _libc is not None and hasattr(_libc, "mallopt"):
-        _libc.mallopt(_M_MMAP_MAX, 0)
-        _libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-
-
-keep_freed_heap_memory()
+keep_freed_memory()  # once models load (heap.py)
 
 
 def _build_unet(path: str, arch, dtype):

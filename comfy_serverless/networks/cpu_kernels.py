@@ -44,6 +44,7 @@ import weakref
 import torch
 from torch import nn
 
+from .. import heap
 from . import winograd
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,7 @@ def in_unwritten_file_mapping(tensor: torch.Tensor) -> bool:
 def release_file_pages(tensor: torch.Tensor) -> None:
     """Drops the resident pages of `tensor` when they are the file's (see module doc); heap memory is kept."""
     if in_unwritten_file_mapping(tensor):
-        from ..models.loading import release_pages
-
-        release_pages(tensor)
+        heap.release_pages(tensor)
 
 
 def release_module_file_pages(module: nn.Module) -> None:
