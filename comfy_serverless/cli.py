@@ -38,6 +38,8 @@ CPU speed: bf16 or fp32 follows the CPU's instruction set; the UNet's and Contro
 packed once for oneDNN (on AVX2 their 16x16-32x32 fp32 3x3 convolutions keep Winograd-transformed weights instead,
 at most 10 % more memory), and large fp32 3x3 convolutions run as Winograd transforms (torch's NNPACK):
 COMFY_CPU_KERNELS=0 gives torch's stock layers, =packed no Winograd; COMFY_CHANNELS_LAST=auto|all|none|unet|vae.
+Memory: all threads share one malloc arena and, once models load, freed heap memory is kept for the next
+allocation (fresh pages cost more than the memory kept; README: Memory).
 SIGTERM drains: new prompts get 503, queued ones finish within --shutdown-grace seconds; exit status 0,
 or 1 when prompts were dropped (recorded in /history as errors) or interrupted.
 """
