@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import http.client
 import json
 import logging
@@ -38,11 +37,12 @@ from typing import Callable
 import wsproto
 import wsproto.events
 
+from ..child_process import ends_with_parent
+
 log = logging.getLogger("comfy_serverless.adapters")
 
 LISTENING = re.compile(r"listening on http://[^ ]*:(\d+)")
 DATA_URL_PREFIX = re.compile(r"^data:[^,]*;base64,")
-PR_SET_PDEATHSIG = 1
 HISTORY_WAIT_S = 5.0  # older servers sent execution_success before writing the history entry
 
 
@@ -94,14 +94,6 @@ class WorkflowResult:
 
 
 # -- the server process -----------------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the worker process dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalServer:
     """`comfy-serverless serve` on 127.0.0.1 and a free port; its log lines are passed to this stderr."""
 
@@ -125,7 +117,7 @@ class LocalServer:
         self._port_found.clear()
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=ends_with_parent())
         threading.Thread(target=self._pump_log, name="server-log", daemon=True).start()
         deadline = time.monotonic() + self.start_timeout
         while not self._port_found.wait(0.05):

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 
+from ..child_process import ends_with_parent
 from ..paths import MODEL_FOLDERS
 
 log = logging.getLogger("comfy_serverless.backend")
@@ -113,7 +114,8 @@ class ComfyUIProcess:
         command = self.command(config_path)
         log.info("starting ComfyUI: %s", shlex.join(command))
         self.proc = subprocess.Popen(command, cwd=os.path.abspath(self.settings.comfyui), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=ends_with_parent())  # SIGTERM if the front is killed
         threading.Thread(target=self._watch, name="comfyui-log", daemon=True).start()
 
     @property

@@ -89,6 +89,25 @@ def test_sigterm_drains_prompts_on_both_engines_then_stops_the_backend(start_ser
     assert "Exception in callback" not in srv.log() and "CancelledError" not in srv.log()
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a child whose parent was killed waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_backend_ends_when_the_front_is_killed(start_server, comfyui_dir):
+    """SIGKILL (the OOM killer, a platform's hard stop) runs nothing of ours: the kernel must end the child."""
+    srv = start_server(*backend_flags(comfyui_dir))
+    assert srv.run(backend_prompt(1.0))["status"]["status_str"] == "success"  # backend up
+    backend_pid = backend_state(srv)["pid"]
+    srv.proc.kill()
+    srv.proc.wait(10)
+    wait_until(lambda: not running(backend_pid), 15, "the backend to end with the front")
+
+
 def test_a_backend_that_cannot_start_fails_its_prompt_with_its_log(start_server, tmp_path, comfyui_dir):
     broken = broken_comfyui(tmp_path / "BrokenComfyUI", """
         import sys
