@@ -8,7 +8,8 @@ SD1.5-architecture checkpoint with random weights (benchmarks/first_image.py mak
 spawns a fresh process as a user would: ComfyUI with plain `--cpu` (its best configuration, BENCHMARKS.md),
 comfy-serverless with its defaults, runs alternating A, B, A, B. Build-time steps are done before the clock
 starts and not counted, as an image build would: comfy-serverless `snapshot` and `prepare` (the prepared
-weights, once per checkpoint and CPU class, under benchmarks/.cache/prepared). Figures per run: spawn to the
+weights, once per checkpoint and CPU class, under benchmarks/.cache/prepared, with the UNet's weights packed for
+--size). Figures per run: spawn to the
 first HTTP answer, spawn to the image file (cold), POST to done of that first prompt, POST to done of a second
 prompt with a new seed (warm), peak RSS (VmHWM). The table shows medians and the ratio ours / ComfyUI.
 
@@ -118,14 +119,15 @@ def base_with_checkpoint(checkpoint: Path, prefix: str) -> Path:
     return base
 
 
-def ours_build(checkpoint: Path) -> tuple[list[str], dict, Path]:
-    """comfy-serverless's build steps (not timed), then its serve command line."""
+def ours_build(checkpoint: Path, size: int) -> tuple[list[str], dict, Path]:
+    """comfy-serverless's build steps (not timed), then its serve command line. `prepare` packs the UNet's weights
+    for the size served (--pack-size), as a deployment serving that size would."""
     base = base_with_checkpoint(checkpoint, "compare-ours-")
     env = {**os.environ, "COMFY_PREPARED_DIR": str(PREPARED)}
     quiet = ["--base-directory", str(base), "--verbose", "WARNING"]
     subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", *quiet], check=True, cwd=base, env=env)
-    subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet], check=True,
-                   cwd=base, env=env)
+    subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet,
+                    "--pack-size", str(size)], check=True, cwd=base, env=env)
     return [str(VENV_BIN / "comfy-serverless"), "serve", "--base-directory", str(base), "--dont-print-server",
             "--port"], env, base
 
@@ -227,7 +229,7 @@ def main() -> int:
     for index in range(args.runs):
         for name in ("comfyui", "ours"):
             if name == "ours":
-                command, env, base = ours_build(checkpoint)
+                command, env, base = ours_build(checkpoint, args.size)
             else:
                 command, env, base = comfyui_build(checkpoint, args.comfyui, args.comfyui_python, stand_in)
             try:

@@ -173,8 +173,8 @@ def one_run(checkpoint: Path, size: int, steps: int, seed: int, prepared: bool =
     quiet = ["--base-directory", str(base), "--verbose", "WARNING"]
     subprocess.run([str(VENV_BIN / "comfy-serverless"), "snapshot", *quiet], check=True, cwd=base, env=env)
     if prepared:  # build steps, as an image build would run them
-        subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet], check=True,
-                       cwd=base, env=env)
+        subprocess.run([str(VENV_BIN / "python"), "-m", "comfy_serverless.prepare_command", *quiet,
+                        "--pack-size", str(size)], check=True, cwd=base, env=env)  # packed for the size served
     port = free_port()
     spawned = time.perf_counter()
     wall_start = time.time()

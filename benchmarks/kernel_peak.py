@@ -111,7 +111,7 @@ def main() -> int:
     if any(os.environ.get(key) != value for key, value in caps.items()):
         return subprocess.call([sys.executable, *sys.argv], env={**os.environ, **caps})
     os.environ["COMFY_PREPARED_DIR"] = str(PREPARED)
-    shutil.rmtree(ours_build(ensure_checkpoint())[2], ignore_errors=True)  # snapshot + prepare, as a build does
+    shutil.rmtree(ours_build(ensure_checkpoint(), args.size)[2], ignore_errors=True)  # snapshot + prepare
     import torch
 
     from comfy_serverless.models import precision

@@ -28,11 +28,16 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--prepared-dir", help=f"where to write (default: ${'{'}COMFY_PREPARED_DIR{'}'} or "
                                                "<base>/.comfy-serverless/prepared)")
     parser.add_argument("--check", action="store_true", help="only say which files are prepared and current")
+    parser.add_argument("--pack-size", type=int, default=None, metavar="PIXELS",
+                        help="also write each UNet's weights packed as its CPU kernels compute with them, after one "
+                             "step at PIXELS x PIXELS (default 512; 0: do not)")
     parser.add_argument("--help", "-h", action="store_true")
     known, rest = parser.parse_known_args(argv)
     if known.help:
         parser.print_help()
         raise SystemExit(0)
+    if known.pack_size is not None and known.pack_size < 0:
+        parser.error("--pack-size must be 0 or more")
     return known, rest
 
 
@@ -83,11 +88,12 @@ def _wanted_dtypes_present(metadata: dict, networks: dict) -> bool:
                for weights, dtype in networks.values())
 
 
-def prepare(settings, folder: str, only_check: bool = False) -> int:
+def prepare(settings, folder: str, only_check: bool = False, pack_size: int | None = None) -> int:
     """Prepares every checkpoint and VAE; returns 1 when a file failed (or, with --check, is not current)."""
     from . import paths
     from .models.checkpoint_files import CheckpointError
     from .models.prepared import check, write_prepared
+    from .models.prepared_packs import DEFAULT_PACK_SIZE
 
     folders = paths.configure(settings)
     status, described = 0, cpu_class()
@@ -102,22 +108,64 @@ def prepare(settings, folder: str, only_check: bool = False) -> int:
                 metadata, why = check(path, folder)
                 if metadata is not None and _wanted_dtypes_present(metadata, networks):
                     log.info("prepare: %s/%s is current", kind, relative)
-                    continue
-                why = why or "prepared in other dtypes"
-                if only_check:
-                    log.warning("prepare: %s/%s is not prepared: %s", kind, relative, why)
+                elif only_check:
+                    log.warning("prepare: %s/%s is not prepared: %s", kind, relative, why or "prepared in other dtypes")
                     status = 1
                     continue
-                start = time.perf_counter()
-                target = write_prepared(path, folder, networks, described)
-                log.info("prepare: %s/%s (%s) -> %s in %.1f s (%s)", kind, relative, why, target,
-                         time.perf_counter() - start,
-                         ", ".join(f"{label} {str(dtype).replace('torch.', '')}"
-                                   for label, (_, dtype) in networks.items()))
+                else:
+                    start = time.perf_counter()
+                    target = write_prepared(path, folder, networks, described)
+                    log.info("prepare: %s/%s (%s) -> %s in %.1f s (%s)", kind, relative,
+                             why or "prepared in other dtypes", target, time.perf_counter() - start,
+                             ", ".join(f"{label} {str(dtype).replace('torch.', '')}"
+                                       for label, (_, dtype) in networks.items()))
+                if "unet" in networks and pack_size != 0:
+                    status |= _prepare_packs(path, kind, relative, folder, networks["unet"],
+                                             pack_size or DEFAULT_PACK_SIZE, only_check, described)
             except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
                 log.error("prepare: %s/%s failed: %s", kind, relative, exc)
                 status = 1
     return status
+
+
+def _prepare_packs(path: str, kind: str, relative: str, folder: str, unet: tuple[dict, object], pack_size: int,
+                   only_check: bool, described: str) -> int:
+    """Writes the UNet's packed weights (models/prepared_packs.py) unless current; 1 when --check finds them not."""
+    from .models.prepared_packs import check as check_packs
+    from .models.prepared_packs import write_packs
+
+    weights, dtype = unet
+    name = f"{kind}/{relative}"
+    metadata, why = check_packs(path, folder, weights, dtype)
+    if metadata is not None and metadata.get("pack_size") == str(pack_size):
+        log.info("prepare: %s packed weights are current", name)
+        return 0
+    if only_check:
+        log.warning("prepare: %s has no current packed weights: %s", name, why or "made at another --pack-size")
+        return 1
+    start = time.perf_counter()
+    layers = write_packs(path, folder, _prepared_unet(path, kind, weights, dtype), weights, dtype, pack_size, described)
+    log.info("prepare: %s packed weights of %d layers (one step at %d px) in %.1f s", name, layers, pack_size,
+             time.perf_counter() - start)
+    return 0
+
+
+def _prepared_unet(path: str, kind: str, weights: dict, dtype):
+    """The UNet built from the prepared file, as the server builds it (cpu_kernels' classes and all)."""
+    from .models.checkpoint_files import CheckpointError, detect_architecture, open_state_dict, read_metadata
+    from .models.component_files import open_unet
+    from .models.prepared import prepared_weights
+    from .networks.build import build_from_state_dict
+    from .networks.unet import UNetModel
+
+    prepared = prepared_weights(path, weights, dtype)
+    if prepared is None:
+        raise CheckpointError(f"{path}: its prepared UNet weights cannot be read back")
+    if kind == "diffusion_models":
+        config = open_unet(path)[0].unet_config
+    else:
+        config = detect_architecture(open_state_dict(path), read_metadata(path)).unet_config
+    return build_from_state_dict(lambda: UNetModel(config), prepared, dtype)
 
 
 def prepare_command(argv: list[str]) -> int:
@@ -130,7 +178,8 @@ def prepare_command(argv: list[str]) -> int:
     logs.configure(settings)
     if known.prepared_dir:
         os.environ[DIR_ENV] = os.path.abspath(known.prepared_dir)  # read by prepared_dir() in this process
-    return prepare(settings, prepared_dir(settings), known.check)
+    os.environ[DIR_ENV] = prepared_dir(settings)  # the loader's prepared_dir() in this process (packed weights)
+    return prepare(settings, prepared_dir(settings), known.check, known.pack_size)
 
 
 if __name__ == "__main__":

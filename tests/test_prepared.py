@@ -20,6 +20,10 @@ from conftest import REPO, server_context
 
 @pytest.fixture
 def base(tmp_path, monkeypatch):
+    yield from tiny_models_base(tmp_path, monkeypatch)
+
+
+def tiny_models_base(tmp_path, monkeypatch):
     """A base directory with a tiny SD1.5 checkpoint, a VAE and a LoRA; prepared files under base/prepared."""
     models = tmp_path / "models"
     for folder in ("checkpoints", "vae", "loras"):

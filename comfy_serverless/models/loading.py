@@ -193,7 +193,8 @@ def load_unet(path: str, weight_dtype: str = "default") -> DiffusionModel:
         from .checkpoint_files import open_state_dict
 
         weights = _converted(path, unet_weights(open_state_dict(path)), dtype)
-        return build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype)
+        return _with_packed_weights(path, build_from_state_dict(lambda: UNetModel(arch.unet_config), weights,
+                                                                dtype), weights, dtype)
 
     from ..networks.build import build_on_meta  # shapes only: the size estimate without reading the file
     from ..networks.unet import UNetModel
@@ -279,7 +280,16 @@ def _build_unet(path: str, arch, dtype):
     from ..networks.unet import UNetModel
 
     weights = _converted(path, _parts(path, arch)[0], dtype)
-    return build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype)
+    return _with_packed_weights(path, build_from_state_dict(lambda: UNetModel(arch.unet_config), weights, dtype),
+                                weights, dtype)
+
+
+def _with_packed_weights(path: str, unet, weights: dict, dtype):
+    """The UNet with the packed weights `prepare` wrote for it, where there are (prepared_packs.py)."""
+    from .prepared_packs import adopt
+
+    adopt(path, unet, weights, dtype)
+    return unet
 
 
 def _build_text_encoder(path: str, arch, dtype):

@@ -159,7 +159,7 @@ def _open_now(source: str, stamp: tuple):
                  metadata.get("cpu_class", "?"))
         log.info("%s: using prepared weights %s (%s)", os.path.basename(source), prepared_path(source, folder),
                  found[2])
-        threading.Thread(target=_read_ahead, args=(prepared_path(source, folder),), daemon=True).start()
+        threading.Thread(target=read_ahead, args=(prepared_path(source, folder),), daemon=True).start()
     elif os.path.isfile(prepared_path(source, folder)):
         log.warning("%s: prepared weights not used: %s; loading the original (run `comfy-serverless prepare`)",
                     os.path.basename(source), why)
@@ -168,7 +168,7 @@ def _open_now(source: str, stamp: tuple):
     return found
 
 
-def _read_ahead(path: str) -> None:
+def read_ahead(path: str) -> None:
     """Asks the kernel to read the whole file into the page cache in the background: with a cold cache (a fresh
     serverless host) the disk reads then overlap text encoding and the first steps instead of stalling each
     page fault of the first forward pass. Where the file is cached already this returns at once."""

@@ -23,6 +23,11 @@ packing: the kernel no longer reads them, and anything that does (a LoRA, a stat
 page cache. Weights in process memory (converted at load, patched) run unpacked unless COMFY_CPU_KERNELS=all,
 which packs them too and keeps both.
 
+`comfy-serverless prepare` writes what a UNet's layers packed at one step (packed_weights_of) and the loader
+hands the mapped bytes back to the layers (adopt_packed_weights, models/prepared_packs.py): the first step then
+packs nothing, except layers whose layout oneDNN picks by input shape, called at a shape the prepared one does
+not fit (they pack at that first call, as without the file).
+
 On AVX2, the every-step networks' 3x3 fp32 convolutions over 16x16 to 32x32 images keep a Winograd-transformed
 weight instead of the packed one (winograd.py: 1.3-1.5x faster there). It is 16/9 of the weight's size, so those
 of one network may add at most WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them,
@@ -45,7 +50,7 @@ import torch
 from torch import nn
 
 from .. import heap
-from . import winograd
+from . import onednn_blobs, winograd
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +109,7 @@ class _Packed:
     """A weight packed for oneDNN (or Winograd-transformed), valid while the parameter object and its version are
     unchanged."""
 
-    __slots__ = ("source", "version", "packed", "uses", "eligible", "charge")
+    __slots__ = ("source", "version", "packed", "uses", "eligible", "charge", "backing", "shape", "fits")
 
     def __init__(self, weight: torch.Tensor):
         self.source = weakref.ref(weight)
@@ -113,6 +118,9 @@ class _Packed:
         self.uses = 0
         self.eligible: bool | None = None  # decided once, at the call that would pack
         self.charge: tuple[_MemoryBudget, float] | None = None  # what a transformed weight took from the budget
+        self.backing: torch.Tensor | None = None  # the mapped bytes a prepared packed weight lies in
+        self.shape: tuple[int, ...] | None = None  # the input shape (rows for a linear) it was packed for
+        self.fits: frozenset[tuple[int, ...]] | None = None  # a prepared one: input shapes its layout is right for
 
     def drop(self) -> None:
         if self.charge is not None:
@@ -120,6 +128,9 @@ class _Packed:
             budget.left += nbytes
             self.charge = None
         self.packed = None
+        self.backing = None
+        self.shape = None
+        self.fits = None
 
     def matches(self, weight: torch.Tensor) -> bool:
         return self.source() is weight and self.version == weight._version
@@ -143,10 +154,11 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not weight.is_meta)
 
 
-def _packed_weight(layer: nn.Module, pack):
+def _packed_weight(layer: nn.Module, pack, shape: tuple[int, ...]):
     """The packed weight from the layer's packing call on (its _cpu_pack_after-th with this weight); None before,
     for weights that stay unpacked (see module doc), and for weights made under inference_mode (they keep no
-    version counter, so an in-place change could not be seen)."""
+    version counter, so an in-place change could not be seen). `shape` is the input's (rows for a linear): a
+    prepared weight packed for another one, in a layout that depends on it, is packed again at its first call."""
     if layer.weight.is_inference():
         return None
     state = _packs.get(layer)
@@ -155,6 +167,8 @@ def _packed_weight(layer: nn.Module, pack):
             state.drop()
         state = _packs[layer] = _Packed(layer.weight)
     state.uses += 1
+    if state.uses == 1 and state.fits is not None and shape not in state.fits:
+        state.drop()
     after = layer.__dict__.get("_cpu_pack_after")
     if state.packed is None and after is not None and state.uses >= after:
         if state.eligible is None:
@@ -162,6 +176,7 @@ def _packed_weight(layer: nn.Module, pack):
         if state.eligible:
             try:
                 state.packed = pack(state)
+                state.shape = shape
             except RuntimeError as error:  # e.g. bf16 forced on a CPU without AVX-512 (oneDNN has no packing)
                 log.debug("%s stays unpacked: %s", type(layer).__name__, error)
                 state.eligible = False
@@ -180,7 +195,7 @@ class FastConv2d(nn.Conv2d):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, bias, list(self.padding))
         if x.shape[0] * x.shape[2] * x.shape[3] > PACK_MAX_PIXELS:
             return super().forward(x)
-        packed = _packed_weight(self, lambda state: self._pack(x, state))
+        packed = _packed_weight(self, lambda state: self._pack(x, state), tuple(x.shape))
         if packed is None:
             return super().forward(x)
         if isinstance(packed, winograd.WinogradWeight):
@@ -195,8 +210,7 @@ class FastConv2d(nn.Conv2d):
             if budget.take(extra):
                 state.charge = (budget, extra)
                 return winograd.WinogradWeight(self.weight)
-        return torch.ops.mkldnn._reorder_convolution_weight(
-            self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+        return _pack_convolution(self, tuple(x.shape))
 
     def _plain_3x3(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.float32 and self.kernel_size == (3, 3) and self.stride == (1, 1)
@@ -217,10 +231,19 @@ class FastLinear(nn.Linear):
         if x.dim() < 2 or not _usable(x, self.weight) or (self.bias is not None and self.bias.dtype != x.dtype):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        packed = _packed_weight(self, lambda _state: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
+        packed = _packed_weight(self, lambda _state: _pack_linear(self.weight, rows), (rows,))
         if packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+
+def _pack_convolution(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_convolution_weight(layer.weight, list(layer.padding), list(layer.stride),
+                                                        list(layer.dilation), layer.groups, list(shape))
+
+
+def _pack_linear(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
 _FAST = {nn.Conv2d: FastConv2d, nn.Linear: FastLinear}
@@ -249,6 +272,122 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
+
+
+def packed_weights_of(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """What `model`'s layers compute with now, for `prepare` to write (models/prepared_packs.py): {weight's
+    parameter name: {"winograd": transformed weight} or {"onednn": bytes, "descriptor": bytes[, "fits": the input
+    shapes this layout is right for, where oneDNN packs the weight differently for some other batch size or
+    resolution]}}. Run once per image build: each packed weight is packed again at nearby input shapes (batch 1,
+    2, 4 at half, the same and twice the resolution) to find those."""
+    found = {}
+    for name, layer in model.named_modules():
+        state = _packs.get(layer)
+        packed = packed_weight(layer)
+        if isinstance(packed, winograd.WinogradWeight):
+            found[f"{name}.weight"] = {"winograd": packed.transformed}
+        elif packed is not None and state is not None and state.shape is not None:
+            data, descriptor = onednn_blobs.to_bytes(packed)
+            parts = {"onednn": data, "descriptor": descriptor}
+            others = _other_shapes(state.shape)
+            fits = [state.shape] + [other for other in others if torch.equal(_packed_bytes(layer, other), data)]
+            if len(fits) <= len(others):
+                parts["fits"] = torch.tensor(fits, dtype=torch.int64)
+            found[f"{name}.weight"] = parts
+    return found
+
+
+def _other_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Batch 1, 2 and 4 at half, the same and twice the resolution; for a linear a quarter, half, twice and 4x the
+    rows (and 1 to 4 rows for one that sees a row per image: oneDNN packs for a single row differently)."""
+    if len(shape) == 1:
+        rows = shape[0]
+        others = {max(2, rows // 4), max(2, rows // 2), rows * 2, rows * 4} | ({1, 2, 3, 4} if rows <= 4 else set())
+        return sorted((other,) for other in others - {rows})
+    _, channels, height, width = shape
+    shapes = {(batch, channels, max(1, int(height * scale)), max(1, int(width * scale)))
+              for batch in (1, 2, 4) for scale in (0.5, 1, 2)}
+    return sorted(shapes - {tuple(shape)})
+
+
+def _packed_bytes(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    if isinstance(layer, FastLinear):
+        return onednn_blobs.to_bytes(_pack_linear(layer.weight, shape[0]))[0]
+    return onednn_blobs.to_bytes(_pack_convolution(layer, shape))[0]
+
+
+def layout_probe(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> str | None:
+    """The smallest oneDNN-packed weight of `packed` whose layout holds for any input shape (it is packed again at
+    load to tell whether this CPU packs like the one `prepare` ran on; adopt_packed_weights)."""
+    layers = dict(model.named_modules())
+    candidates = sorted((parts["onednn"].numel(), name) for name, parts in packed.items()
+                        if "onednn" in parts and "fits" not in parts)
+    for _, name in candidates:
+        layer = layers.get(name.removesuffix(".weight"))
+        if layer is not None and torch.equal(_packed_bytes(layer, _probe_shape(layer)), packed[name]["onednn"]):
+            return name
+    return None
+
+
+def _probe_shape(layer: nn.Module) -> tuple[int, ...]:
+    return (2,) if isinstance(layer, FastLinear) else (2, layer.weight.shape[1] * layer.groups, 8, 8)
+
+
+def adopt_packed_weights(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], probe: str) -> int:
+    """Gives `model`'s every-step layers the packed weights of packed_weights_of, mapped from a file and not copied,
+    so that their first call packs nothing; returns how many layers took one. Only layers whose weight is still
+    the unwritten file mapping take one (a patched weight is another tensor and drops it, like a lazily packed
+    one). `probe` (layout_probe) is packed again now and compared byte for byte: oneDNN's layout follows the CPU
+    (8-wide blocks with AVX2, 16 with AVX-512), and weights packed on another CPU class would be reordered at
+    every call; then nothing is adopted (0) and the layers pack at their first call as without the file."""
+    if _mode() == "off" or not onednn_blobs.available():
+        return 0
+    layers = {f"{name}.weight": layer for name, layer in model.named_modules()
+              if isinstance(layer, (FastConv2d, FastLinear)) and layer.__dict__.get("_cpu_pack_after") is not None}
+    probe_layer = layers.get(probe)
+    if probe_layer is None or "onednn" not in packed.get(probe, {}):
+        return 0
+    same = torch.equal(_packed_bytes(probe_layer, _probe_shape(probe_layer)), packed[probe]["onednn"])
+    release_file_pages(probe_layer.weight)
+    if not same:
+        log.warning("prepared packed weights were made on another CPU class (oneDNN packs them differently "
+                    "here): packing at the first call instead; run `comfy-serverless prepare` on this CPU class")
+        return 0
+    adopted = 0
+    for name, parts in packed.items():
+        layer = layers.get(name)
+        if layer is None or layer.weight.is_inference() or not in_unwritten_file_mapping(layer.weight):
+            continue
+        state = _Packed(layer.weight)
+        state.eligible = True
+        if "winograd" in parts:
+            if not _adopt_winograd(layer, parts["winograd"], state):
+                continue
+        else:
+            state.packed = onednn_blobs.from_bytes(parts["onednn"], parts["descriptor"], layer.weight.shape,
+                                                   layer.weight.dtype)
+            state.backing = parts["onednn"]
+            if "fits" in parts:
+                state.fits = frozenset(tuple(shape) for shape in parts["fits"].tolist())
+        _packs[layer] = state
+        adopted += 1
+    return adopted
+
+
+def _adopt_winograd(layer: nn.Module, transformed: torch.Tensor, state: _Packed) -> bool:
+    """A prepared Winograd weight, where this server would transform one (AVX2, not `packed`) and the network's
+    memory bound still allows it."""
+    budget = layer.__dict__.get("_winograd_budget")
+    out_channels, in_channels = layer.weight.shape[:2]
+    if (not _transformed_winograd() or budget is None or transformed.dtype != layer.weight.dtype
+            or tuple(transformed.shape) != (winograd.TRANSFORMED_ROWS, out_channels, in_channels)):
+        return False
+    extra = (winograd.SIZE_FACTOR - 1) * layer.weight.numel() * layer.weight.element_size()
+    if not budget.take(extra):
+        return False
+    state.charge = (budget, extra)
+    state.packed = winograd.WinogradWeight.from_transformed(transformed)
+    return True
 
 
 def in_unwritten_file_mapping(tensor: torch.Tensor) -> bool:

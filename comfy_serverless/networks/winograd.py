@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 TILE = 2  # output tile 2x2, input tile 4x4
-SIZE_FACTOR = (TILE + 2) ** 2 / 9  # transformed weight bytes / weight bytes
+TRANSFORMED_ROWS = (TILE + 2) ** 2  # one matrix per position in the 4x4 input tile
+SIZE_FACTOR = TRANSFORMED_ROWS / 9  # transformed weight bytes / weight bytes
 
 
 @functools.cache
@@ -55,6 +56,13 @@ class WinogradWeight:
         _, weight_transform, _ = _transforms()
         flat = weight.detach().reshape(out_channels * in_channels, 9)
         self.transformed = torch.mm(weight_transform, flat.t()).view(-1, out_channels, in_channels)
+
+    @classmethod
+    def from_transformed(cls, transformed: torch.Tensor) -> WinogradWeight:
+        """One transformed before (`prepare` writes them; models/prepared_packs.py)."""
+        weight = cls.__new__(cls)
+        weight.transformed = transformed
+        return weight
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,159 @@
+"""Prepared packed weights: the UNet's weights written once, at build time, in the layout its CPU kernels compute
+with, so that a cold start maps them instead of packing at the first step.
+
+`comfy-serverless prepare` (prepare_command.py) builds each prepared UNet as the server does, runs one step at
+--pack-size (default 512 px, batch 2: cfg), and writes beside the prepared file "<prepared>.packed.safetensors":
+for every layer the oneDNN-packed bytes and descriptor (networks/onednn_blobs.py) or the Winograd-transformed
+weight (networks/winograd.py) that cpu_kernels chose. At load, cpu_kernels.adopt_packed_weights hands them to the
+layers as views of a memory map; the prepared plain weights then stay on disk unless something reads them (a
+LoRA, a layer called at another input shape whose layout depends on it).
+
+Why (AMD EPYC, 2 cores, under the AVX2 cap, full-size SD1.5, files in the page cache, 2026-12-01): the first UNet
+call at 256 px took 2.9-3.1 s against 1.3-1.4 s warm, as it packed 3.3 GB (reorders 0.73 s, fresh memory at
+~0.3 s/GB, page release); with the packed file mapped it took 1.36-1.45 s.
+
+The file is used only when it belongs to the current prepared file (its size and mtime), the same torch
+version, the same network and dtype, the same CPU class (the vector instruction flags and the ISA caps torch and
+oneDNN run under), and when this CPU packs like the one it was written on: one small weight (the probe) is
+packed again at load and compared byte for byte (a few milliseconds). Otherwise the layers pack
+at their first call as before, with a warning. Resident memory is the same either way (the packed bytes are
+file pages instead of process memory, and the plain weights' pages are not read); the page cache holds both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
+
+FORMAT = "comfy-serverless-packed-1"
+DEFAULT_PACK_SIZE = 512
+
+
+def cpu_layout_class() -> str:
+    """What decides oneDNN's layouts here: the instruction set torch and oneDNN may use (the CPU's vector flags,
+    capped by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)."""
+    import torch
+
+    from .precision import cpu_facts
+
+    flags = sorted(flag for flag in cpu_facts().flags if flag.startswith(("avx", "amx", "fma", "f16c")))
+    return (f"ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN up to "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'the CPU')}: {' '.join(flags)}")
+
+
+def packs_path(prepared_file: str) -> str:
+    return prepared_file.removesuffix(".safetensors") + ".packed.safetensors"
+
+
+def _prepared_stamp(prepared_file: str) -> dict[str, str]:
+    st = os.stat(prepared_file)
+    return {"prepared_size": str(st.st_size), "prepared_mtime_ns": str(st.st_mtime_ns)}
+
+
+def _expected(prepared_file: str, weights: dict, dtype) -> dict[str, str]:
+    import torch
+
+    from .prepared import dtype_tag, group_id
+
+    return {"format": FORMAT, "torch": torch.__version__, "group": group_id(weights), "dtype": dtype_tag(dtype),
+            **_prepared_stamp(prepared_file)}
+
+
+def check(source: str, folder: str, weights: dict, dtype) -> tuple[dict | None, str]:
+    """(metadata, "") when `folder` holds packed weights for the current prepared file of `source`, its network
+    `weights` and `dtype`, else (None, why not). The CPU class is checked at load (the probe)."""
+    from .checkpoint_files import CheckpointError, read_metadata
+    from .prepared import prepared_path
+
+    prepared_file = prepared_path(source, folder)
+    path = packs_path(prepared_file)
+    if not os.path.isfile(path) or not os.path.isfile(prepared_file):
+        return None, "no packed weights"
+    try:
+        metadata = read_metadata(path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        return None, f"{path} is unreadable ({exc})"
+    differ = [key for key, value in _expected(prepared_file, weights, dtype).items() if metadata.get(key) != value]
+    if differ:
+        return None, f"{path} was written for another prepared file, network or torch ({', '.join(differ)} differ)"
+    if metadata.get("cpu_layout") != cpu_layout_class():
+        return None, (f"{path} was made on another CPU class ({metadata.get('cpu_layout')}; here "
+                      f"{cpu_layout_class()}): run `comfy-serverless prepare` on this one")
+    return metadata, ""
+
+
+def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size: int, cpu_class: str) -> int:
+    """Runs `model` (a UNet built from the prepared weights) once at `pack_size` px and writes what its layers
+    packed; returns how many layers were written."""
+    from ..networks import cpu_kernels
+    from .checkpoint_saving import write_safetensors
+    from .prepared import DATA_ALIGNMENT, prepared_path
+
+    warm_up(model, pack_size)
+    packed = cpu_kernels.packed_weights_of(model)
+    probe = cpu_kernels.layout_probe(model, packed)
+    if probe is None:
+        raise RuntimeError("no packed weight to recognise this CPU's layout by")
+    tensors = {f"{part}/{name}": value for name, parts in packed.items() for part, value in parts.items()}
+    prepared_file = prepared_path(source, folder)
+    metadata = {**_expected(prepared_file, weights, dtype), "probe": probe, "pack_size": str(pack_size),
+                "cpu_class": cpu_class, "cpu_layout": cpu_layout_class()}
+    path = packs_path(prepared_file)
+    write_safetensors(path, tensors, metadata, align=DATA_ALIGNMENT)
+    os.chmod(path, 0o644)
+    return len(packed)
+
+
+def warm_up(model, pack_size: int) -> None:
+    """One UNet call at pack_size x pack_size pixels with a cfg batch of 2, as sampling's first step."""
+    import torch
+
+    config = model.config
+    side = max(1, pack_size // 8)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, side, side, generator=generator)
+    context = torch.randn(2, 77, config.context_dim, generator=generator)
+    y = None
+    if config.adm_in_channels is not None:
+        y = torch.randn(2, config.adm_in_channels, generator=generator)
+    elif config.num_classes is not None:
+        y = torch.zeros(2)
+    with torch.inference_mode():
+        model(x, torch.tensor([500.0, 500.0]), context, y=y)
+
+
+def adopt(source: str, model, weights: dict, dtype) -> int:
+    """Gives a UNet just built from the prepared weights of `source` its prepared packed weights; returns how many
+    layers took one (0: none usable, they pack at the first call)."""
+    from ..networks import cpu_kernels
+    from .checkpoint_files import open_state_dict
+    from .prepared import prepared_dir, prepared_path, prepared_weights, read_ahead
+
+    folder = prepared_dir()
+    metadata, why = check(source, folder, weights, dtype)
+    if metadata is None:
+        if why != "no packed weights":
+            log.warning("%s: packed weights not used: %s", os.path.basename(source), why)
+        return 0
+    path = packs_path(prepared_path(source, folder))
+    threading.Thread(target=read_ahead, args=(path,), daemon=True).start()
+    # only for weights that are the prepared file's tensors (not a fallback conversion of a changed source)
+    prepared = prepared_weights(source, weights, dtype) or {}
+    parameters = dict(model.named_parameters())
+    packed: dict[str, dict] = {}
+    for key, tensor in open_state_dict(path).items():
+        part, _, name = key.partition("/")
+        if name in prepared and name in parameters and parameters[name].data_ptr() == prepared[name].data_ptr():
+            packed.setdefault(name, {})[part] = tensor
+    try:
+        adopted = cpu_kernels.adopt_packed_weights(model, packed, metadata.get("probe", ""))
+    except ValueError as exc:  # a descriptor this oneDNN rejects
+        log.warning("%s: packed weights not used: %s", os.path.basename(source), exc)
+        return 0
+    log.info("%s: %d layers use packed weights from %s (made at %s px; %s)", os.path.basename(source), adopted,
+             path, metadata.get("pack_size", "?"), json.dumps(metadata.get("cpu_class", "?")))
+    return adopted

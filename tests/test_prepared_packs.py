@@ -1,0 +1,245 @@
+"""Prepared packed weights (models/prepared_packs.py, networks/onednn_blobs.py): `prepare` writes the UNet's
+weights in the layout its CPU kernels compute with; the loader maps them, so the first step packs nothing, and
+gives the same results as packing at the first call; stale files or another CPU class fall back to packing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_serverless.models import prepared, prepared_packs
+from comfy_serverless.models.checkpoint_files import read_metadata
+from comfy_serverless.models.checkpoint_saving import write_safetensors
+from comfy_serverless.networks import cpu_kernels, onednn_blobs
+from comfy_serverless.prepare_command import prepare
+from conftest import REPO, server_context
+from test_cpu_kernels import AVX2_CAP
+from test_prepared import _image, _run, _txt2img_with_lora, mapped_ranges, tiny_models_base
+
+PACK_SIZE = 64  # px: latents 8x8, every level of the tiny UNet packed
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    yield from tiny_models_base(tmp_path, monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def default_kernels(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    cpu_kernels._mode.cache_clear()
+    yield
+    cpu_kernels._mode.cache_clear()
+
+
+def packs_file(base) -> str:
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    return prepared_packs.packs_path(prepared.prepared_path(ckpt, str(base / "prepared")))
+
+
+def load_unet(base, **flags):
+    from comfy_serverless.models.loading import load_checkpoint
+
+    prepared.forget()
+    with server_context(base_directory=str(base), **flags):
+        return load_checkpoint(str(base / "models" / "checkpoints" / "tiny.safetensors"))[0].handle.get()
+
+
+def unet_inputs(unet, side: int):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, generator=generator)
+    return x, torch.tensor([500.0, 300.0]), torch.randn(2, 77, unet.config.context_dim, generator=generator)
+
+
+def counting_packs(monkeypatch) -> list[str]:
+    """Records every pack made at a call (oneDNN reorders of convolutions and linears)."""
+    made: list[str] = []
+    for name in ("_pack_convolution", "_pack_linear"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, _o=original, _n=name: made.append(_n) or _o(*args))
+    return made
+
+
+def packed_layers(unet) -> dict[str, object]:
+    return {name: cpu_kernels.packed_weight(layer) for name, layer in unet.named_modules()
+            if cpu_kernels.packed_weight(layer) is not None}
+
+
+def test_packed_bytes_round_trip_through_a_file_without_a_copy(tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 24, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(40, 24, 3, 3, generator=generator), torch.randn(40, generator=generator)
+    linear = torch.randn(48, 24, generator=generator)
+    conv_packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+    linear_packed = torch.ops.mkldnn._reorder_linear_weight(linear, 16)
+    tensors = {}
+    for name, packed in (("conv", conv_packed), ("linear", linear_packed)):
+        tensors[f"{name}.data"], tensors[f"{name}.descriptor"] = onednn_blobs.to_bytes(packed)
+    write_safetensors(str(tmp_path / "packs.safetensors"), tensors, align=64)
+    mapped = load_file(str(tmp_path / "packs.safetensors"))
+
+    conv = onednn_blobs.from_bytes(mapped["conv.data"], mapped["conv.descriptor"], weight.shape, torch.float32)
+    assert torch.ops.mkldnn.data_ptr(conv) == mapped["conv.data"].data_ptr()  # the file's memory, not a copy
+    arguments = ([1, 1], [1, 1], [1, 1], 1, "none", [], "")
+    assert torch.equal(torch.ops.mkldnn._convolution_pointwise(x, conv, bias, *arguments),
+                       torch.ops.mkldnn._convolution_pointwise(x, conv_packed, bias, *arguments))
+    rows = torch.randn(16, 24, generator=generator)
+    lin = onednn_blobs.from_bytes(mapped["linear.data"], mapped["linear.descriptor"], linear.shape, torch.float32)
+    assert torch.equal(torch.ops.mkldnn._linear_pointwise(rows, lin, None, "none", [], ""),
+                       torch.ops.mkldnn._linear_pointwise(rows, linear_packed, None, "none", [], ""))
+
+    with pytest.raises(ValueError, match="does not match"):  # the descriptor describes more bytes than there are
+        onednn_blobs.from_bytes(mapped["conv.data"][:-64], mapped["conv.descriptor"], weight.shape, torch.float32)
+    with pytest.raises(ValueError):
+        onednn_blobs.from_bytes(mapped["conv.data"], torch.zeros(8, dtype=torch.uint8), weight.shape, torch.float32)
+
+
+def test_prepare_writes_packed_weights_and_the_first_call_packs_nothing(base, monkeypatch):
+    with server_context(base_directory=str(base)) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), only_check=True, pack_size=PACK_SIZE) == 0
+        # a build for another size is not current
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), only_check=True, pack_size=128) == 1
+    path = packs_file(base)
+    metadata = read_metadata(path)
+    assert metadata["pack_size"] == str(PACK_SIZE) and metadata["torch"] == torch.__version__
+
+    unet = load_unet(base)
+    adopted = packed_layers(unet)
+    assert adopted, "no layer took a prepared packed weight"
+    ranges = mapped_ranges(path)
+    for name, packed in adopted.items():
+        pointer = packed.transformed.data_ptr() if hasattr(packed, "transformed") else torch.ops.mkldnn.data_ptr(packed)
+        assert any(start <= pointer < end for start, end in ranges), f"{name}: not in the packed file's mapping"
+    made = counting_packs(monkeypatch)
+    with torch.inference_mode():
+        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
+    assert made == [], "the first call at the prepared size packed again"
+
+    os.rename(path, path + ".away")  # the same network packing at its first call, as without the build step
+    lazily = load_unet(base)
+    assert packed_layers(lazily) == {}
+    with torch.inference_mode():
+        reference = lazily(*unet_inputs(lazily, PACK_SIZE // 8))
+    assert made, "the network without the file packed nothing"
+    assert torch.equal(first, reference)  # the same bytes in the same layout: the same result, bit for bit
+
+
+def test_another_input_size_repacks_only_layers_whose_layout_depends_on_it(base, monkeypatch):
+    with server_context(base_directory=str(base)) as ctx:
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE)
+    fits = {key.partition("/")[2] for key in load_file(packs_file(base)) if key.startswith("fits/")}
+    unet = load_unet(base)
+    made = counting_packs(monkeypatch)
+    with torch.inference_mode():
+        bigger = unet(*unet_inputs(unet, 4 * PACK_SIZE // 8))  # 4x the resolution: outside every tested shape
+    assert len(made) <= len(fits)  # only layers whose layout oneDNN picks by shape were packed again
+    os.rename(packs_file(base), packs_file(base) + ".away")
+    lazily = load_unet(base)
+    with torch.inference_mode():
+        reference = lazily(*unet_inputs(lazily, 4 * PACK_SIZE // 8))
+    assert float((bigger - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+def rewrite_packs(path: str, change) -> None:
+    tensors = {key: value.clone() for key, value in load_file(path).items()}
+    metadata = read_metadata(path)
+    change(tensors, metadata)
+    write_safetensors(path, tensors, metadata, align=64)
+
+
+def test_packed_weights_from_another_cpu_torch_or_prepared_file_are_not_used(base, caplog):
+    with server_context(base_directory=str(base)) as ctx:
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE)
+    path = packs_file(base)
+    pristine = {key: value.clone() for key, value in load_file(path).items()}
+
+    def other_cpu(tensors, metadata):  # the probe packs differently here, as on a CPU with other block sizes
+        tensors["onednn/" + metadata["probe"]][:64] += 1
+
+    def other_torch(tensors, metadata):
+        metadata["torch"] = "1.0.0"
+
+    for change, message in ((other_cpu, "made on another CPU class"),
+                            (other_torch, "another prepared file, network or torch")):
+        rewrite_packs(path, change)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            unet = load_unet(base)
+        assert packed_layers(unet) == {}
+        assert message in caplog.text
+        write_safetensors(path, pristine, read_metadata(path), align=64)
+
+    prepared_file = prepared.prepared_path(str(base / "models" / "checkpoints" / "tiny.safetensors"),
+                                           str(base / "prepared"))
+    os.utime(prepared_file, ns=(os.stat(prepared_file).st_atime_ns, os.stat(prepared_file).st_mtime_ns + 10**9))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert packed_layers(load_unet(base)) == {}  # rewritten prepared weights: these packs may not match them
+    assert "another prepared file" in caplog.text
+
+
+def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lora(base, start_server):
+    """`prepare` as a build step, then servers on the same files with and without the packed file (--pack-size 0):
+    the same images; a LoRA replaces the weights, so the packed ones are dropped with them."""
+    env = {prepared.DIR_ENV: str(base / "prepared")}
+    images: dict[str, list[bytes]] = {}
+    for pack_size in ("64", "0"):
+        if os.path.exists(packs_file(base)):
+            os.remove(packs_file(base))
+        done = subprocess.run([sys.executable, "-m", "comfy_serverless.prepare_command", "--base-directory",
+                               str(base), "--pack-size", pack_size], cwd=REPO, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert os.path.exists(packs_file(base)) == (pack_size != "0")
+        server = start_server(env=env, base=base)
+        with_lora = _txt2img_with_lora("tiny.safetensors", "tiny-lora.safetensors")
+        without_lora = json.loads(json.dumps(with_lora))
+        without_lora["3"]["inputs"]["model"] = ["4", 0]
+        images[pack_size] = [_image(server, _run(server, prompt)) for prompt in (without_lora, with_lora)]
+        assert ("layers use packed weights" in server.log()) == (pack_size != "0")
+        server.stop()
+    assert images["64"] == images["0"]
+
+
+def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_checked(base):
+    """Under the AVX2 cap (as on an AVX2-only CPU) the packed file holds the Winograd-transformed weights too; a
+    file packed without the cap is another CPU class there and is not used (AVX-512 packs 16-wide blocks)."""
+    code = ("import os, sys, torch\n"
+            "from comfy_serverless.models import prepared\n"
+            "from comfy_serverless.prepare_command import prepare\n"
+            "from comfy_serverless.networks import cpu_kernels\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from conftest import server_context\n"
+            "from test_prepared_packs import load_unet, packed_layers, unet_inputs\n"
+            "import pathlib\n"
+            "base = pathlib.Path(sys.argv[1])\n"
+            "if sys.argv[2] == 'prepare':\n"
+            "    with server_context(base_directory=str(base), force_fp32=True) as ctx:\n"
+            "        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=256)\n"
+            "unet = load_unet(base, force_fp32=True)\n"
+            "kinds = sorted({type(p).__name__ for p in packed_layers(unet).values()})\n"
+            "print(torch.backends.cpu.get_cpu_capability(), len(packed_layers(unet)), *kinds)\n")
+    with server_context(base_directory=str(base), force_fp32=True) as ctx:  # fp32 here and under the cap
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=256)
+    native_adopted = len(packed_layers(load_unet(base, force_fp32=True)))
+    env = {**os.environ, prepared.DIR_ENV: str(base / "prepared"), **AVX2_CAP}
+
+    def capped(step: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", code, str(base), step], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert native_adopted > 0
+    words = capped("load")  # the natively packed file under the cap: another CPU class, nothing adopted
+    assert words[0] == "AVX2" and words[1] == "0"
+    words = capped("prepare")  # prepared under the cap: oneDNN packs and Winograd weights, all adopted
+    assert words[0] == "AVX2" and int(words[1]) > 0 and words[2:] == ["Tensor", "WinogradWeight"]
