@@ -23,7 +23,9 @@ commands:
              bf16 or fp32 for this CPU, caching a timing where its flags leave it open); with
              --comfyui DIR (or --comfyui-url URL) also start that ComfyUI once and store its /object_info
   prepare    write each model file once in the dtype and layout this CPU computes in (an image build step;
-             --prepared-dir DIR or COMFY_PREPARED_DIR, default .comfy-serverless/prepared); a cold start maps it
+             --prepared-dir DIR or COMFY_PREPARED_DIR, default .comfy-serverless/prepared); a cold start maps it.
+             Each UNet also runs one step at --pack-size PIXELS (default 512; 0: not) and its weights are
+             written packed as the CPU kernels compute with them, so the first step packs nothing
   make-test-checkpoint --arch {sd15,sd2,sd2-v,sdxl,...} --size {tiny,full} OUT.safetensors
              write a checkpoint with random weights in the original single-file layout (tests, benchmarks)
 

@@ -119,7 +119,9 @@ def prepare(settings, folder: str, only_check: bool = False, pack_size: int | No
                              why or "prepared in other dtypes", target, time.perf_counter() - start,
                              ", ".join(f"{label} {str(dtype).replace('torch.', '')}"
                                        for label, (_, dtype) in networks.items()))
-                if "unet" in networks and pack_size != 0:
+                if "unet" in networks and pack_size == 0:
+                    _remove_packs(path, folder, only_check)
+                elif "unet" in networks:
                     status |= _prepare_packs(path, kind, relative, folder, networks["unet"],
                                              pack_size or DEFAULT_PACK_SIZE, only_check, described)
             except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
@@ -148,6 +150,17 @@ def _prepare_packs(path: str, kind: str, relative: str, folder: str, unet: tuple
     log.info("prepare: %s packed weights of %d layers (one step at %d px) in %.1f s", name, layers, pack_size,
              time.perf_counter() - start)
     return 0
+
+
+def _remove_packs(path: str, folder: str, only_check: bool) -> None:
+    """--pack-size 0: no packed weights, so none from an earlier build either."""
+    from .models.prepared import prepared_path
+    from .models.prepared_packs import packs_path
+
+    target = packs_path(prepared_path(path, folder))
+    if os.path.exists(target) and not only_check:
+        os.remove(target)
+        log.info("prepare: removed %s (--pack-size 0)", target)
 
 
 def _prepared_unet(path: str, kind: str, weights: dict, dtype):
