@@ -241,3 +241,29 @@ def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_c
     assert words[0] == "AVX2" and words[1] == "0"
     words = capped("prepare")  # prepared under the cap: oneDNN packs and Winograd weights, all adopted
     assert words[0] == "AVX2" and int(words[1]) > 0 and words[2:] == ["Tensor", "WinogradWeight"]
+
+
+def test_the_read_ahead_leaves_out_the_plain_unet_weights_the_packed_file_replaces(base, monkeypatch):
+    from comfy_serverless.models.checkpoint_files import tensor_spans
+
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    with server_context(base_directory=str(base)) as ctx:
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE)
+    target = prepared.prepared_path(ckpt, str(base / "prepared"))
+    groups = json.loads(read_metadata(target)["groups"])
+    unet_groups = {group for group, info in groups.items() if info["network"] == "unet"}
+    ranges = prepared._wanted_ranges(target, groups)
+    assert ranges
+    for name, (start, end) in tensor_spans(target).items():
+        covered = any(low <= start and end <= high for low, high in ranges)
+        assert covered == (name.split(".", 1)[0] not in unet_groups), name  # text encoder and VAE only
+
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append((offset, length)))
+    prepared.read_ahead(target, ranges)
+    assert asked == [(start, end - start) for start, end in ranges]
+    os.remove(packs_file(base))
+    assert prepared._wanted_ranges(target, groups) is None  # no packed file: the whole prepared file
+    asked.clear()
+    prepared.read_ahead(target, None)
+    assert asked == [(0, 0)]

@@ -107,6 +107,17 @@ def _open(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
                           f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
 
 
+def tensor_spans(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{tensor name: (first byte, end byte)} of a safetensors file's data, as offsets in the file."""
+    path = _existing_file(path)
+    entries, _ = _safetensors_header(path)
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+    start = 8 + header_size
+    return {name: (start + int(entry["data_offsets"][0]), start + int(entry["data_offsets"][1]))
+            for name, entry in entries.items()}
+
+
 def _existing_file(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -159,7 +159,8 @@ def _open_now(source: str, stamp: tuple):
                  metadata.get("cpu_class", "?"))
         log.info("%s: using prepared weights %s (%s)", os.path.basename(source), prepared_path(source, folder),
                  found[2])
-        threading.Thread(target=read_ahead, args=(prepared_path(source, folder),), daemon=True).start()
+        target = prepared_path(source, folder)
+        threading.Thread(target=read_ahead, args=(target, _wanted_ranges(target, found[1])), daemon=True).start()
     elif os.path.isfile(prepared_path(source, folder)):
         log.warning("%s: prepared weights not used: %s; loading the original (run `comfy-serverless prepare`)",
                     os.path.basename(source), why)
@@ -168,18 +169,38 @@ def _open_now(source: str, stamp: tuple):
     return found
 
 
-def read_ahead(path: str) -> None:
-    """Asks the kernel to read the whole file into the page cache in the background: with a cold cache (a fresh
-    serverless host) the disk reads then overlap text encoding and the first steps instead of stalling each
-    page fault of the first forward pass. Where the file is cached already this returns at once."""
+def read_ahead(path: str, ranges: list[tuple[int, int]] | None = None) -> None:
+    """Asks the kernel to read the file (or its byte `ranges`) into the page cache in the background: with a cold
+    cache (a fresh serverless host) the disk reads then overlap text encoding and the first steps instead of
+    stalling each page fault of the first forward pass. Where the file is cached already this returns at once."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            for start, end in ranges if ranges is not None else [(0, 0)]:  # length 0: to the end of the file
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
     except (OSError, AttributeError):  # AttributeError: no posix_fadvise (macOS)
         pass
+
+
+def _wanted_ranges(path: str, groups: dict) -> list[tuple[int, int]] | None:
+    """The byte ranges of a prepared file a cold start reads: all of it (None), except the UNet's plain weights
+    where `prepare` also wrote them packed (prepared_packs.py): the server reads the packed file instead, and on a
+    cold disk reading both would put 3.4 GB (SD1.5 in fp32) before the weights the first step needs."""
+    from .checkpoint_files import tensor_spans
+    from .prepared_packs import packs_path
+
+    if not os.path.isfile(packs_path(path)):
+        return None
+    unets = {group for group, info in groups.items() if info.get("network") == "unet"}
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(span for name, span in tensor_spans(path).items() if name.split(".", 1)[0] not in unets):
+        if merged and start <= merged[-1][1]:  # touching: one range (never over a UNet tensor between)
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def prepared_weights(source: str, weights: dict, dtype) -> dict | None:
