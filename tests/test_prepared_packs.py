@@ -267,3 +267,17 @@ def test_the_read_ahead_leaves_out_the_plain_unet_weights_the_packed_file_replac
     asked.clear()
     prepared.read_ahead(target, None)
     assert asked == [(0, 0)]
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sdxl_refiner", "sd2_unclip"])
+def test_other_families_unets_are_packed_at_build_time_too(tmp_path, monkeypatch, arch):
+    """The build step's one step feeds each family's extra conditioning (SDXL's vector, unCLIP's noise level)."""
+    from comfy_serverless.models.random_checkpoints import make_test_checkpoint
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    make_test_checkpoint(arch, "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=4)
+    monkeypatch.setenv(prepared.DIR_ENV, str(tmp_path / "prepared"))
+    with server_context(base_directory=str(tmp_path)) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+    assert packed_layers(load_unet(tmp_path))
+    prepared.forget()
