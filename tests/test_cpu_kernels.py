@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from comfy_serverless.networks import cpu_kernels, winograd
+from comfy_serverless.networks import cpu_kernels, file_pages, winograd
 from comfy_serverless.networks.cpu_kernels import FastConv2d, FastLinear, use_fast_kernels
 from test_fast_paths import _txt2img as txt2img  # the same tiny txt2img prompt
 from test_fast_paths import server_images
@@ -352,8 +352,8 @@ def test_a_stale_mapping_never_makes_heap_memory_look_like_a_file(monkeypatch):
     back as zeros)."""
     heap = seeded(512, 512)
     start = heap.data_ptr()
-    monkeypatch.setattr(cpu_kernels, "_file_ranges", [(start - 4096, start + heap.numel() * 4 + 4096)])
-    assert not cpu_kernels.in_unwritten_file_mapping(heap)
+    monkeypatch.setattr(file_pages, "_file_ranges", [(start - 4096, start + heap.numel() * 4 + 4096)])
+    assert not file_pages.in_unwritten_file_mapping(heap)
     kept = heap.clone()
-    cpu_kernels.release_file_pages(heap)
+    file_pages.release_file_pages(heap)
     assert torch.equal(heap, kept)

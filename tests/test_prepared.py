@@ -262,14 +262,14 @@ def test_the_text_encoders_file_pages_leave_memory_after_encoding(base):
     """Encoded once per prompt: its prepared weights' pages are dropped after encoding (the page cache keeps
     them) and read back unchanged by the next encoding."""
     from comfy_serverless.models.loading import load_checkpoint
-    from comfy_serverless.networks import cpu_kernels
+    from comfy_serverless.networks import file_pages
 
     ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
     with server_context(base_directory=str(base)) as ctx:
         prepare(ctx.settings, prepared.prepared_dir(ctx.settings))
         _, clip, _ = load_checkpoint(ckpt)
         embedding = max(clip.handle.get().parameters(), key=torch.Tensor.numel)  # the token table, ~6 MB
-        assert cpu_kernels.in_unwritten_file_mapping(embedding)
+        assert file_pages.in_unwritten_file_mapping(embedding)
         float(embedding.sum())
         assert resident_fraction(embedding) == 1.0
         first = clip.encode("a lighthouse in fog")

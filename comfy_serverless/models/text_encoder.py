@@ -96,7 +96,7 @@ class TextEncoder:
                                  "(were they made by another CLIP's tokenize?)")
             tokens = [tokens[TOKEN_KEYS[key]] for key in EMBEDDING_KEYS[self.family]]
         tokens = [[[entry[:2] for entry in window] for window in windows] for windows in tokens]
-        from ..networks.cpu_kernels import release_module_file_pages
+        from ..networks.file_pages import release_module_file_pages
 
         encoder = patched_module(self.handle, self.patches + clip_patches(self.hooks, self, hook_multipliers))
         with torch.no_grad():
