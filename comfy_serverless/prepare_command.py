@@ -147,8 +147,12 @@ def _prepare_packs(path: str, kind: str, relative: str, folder: str, unet: tuple
         return 1
     start = time.perf_counter()
     layers = write_packs(path, folder, _prepared_unet(path, kind, weights, dtype), weights, dtype, pack_size, described)
-    log.info("prepare: %s packed weights of %d layers (one step at %d px) in %.1f s", name, layers, pack_size,
-             time.perf_counter() - start)
+    if layers:
+        log.info("prepare: %s packed weights of %d layers (one step at %d px) in %.1f s", name, layers, pack_size,
+                 time.perf_counter() - start)
+    else:
+        log.warning("prepare: %s: no layer packed its weights here (COMFY_CPU_KERNELS=0, or a dtype oneDNN cannot "
+                    "pack on this CPU); the server computes without packed weights", name)
     return 0
 
 

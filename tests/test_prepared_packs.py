@@ -209,9 +209,10 @@ def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lor
 
 def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_checked(base):
     """Under the AVX2 cap (as on an AVX2-only CPU) the packed file holds the Winograd-transformed weights too; a
-    file packed without the cap is another CPU class there and is not used (AVX-512 packs 16-wide blocks)."""
+    file packed in this process is used there only if it is the same CPU class (it is not when this process is
+    not capped: AVX-512 packs 16-wide blocks, and the cap is part of the class)."""
     code = ("import os, sys, torch\n"
-            "from comfy_serverless.models import prepared\n"
+            "from comfy_serverless.models import prepared, prepared_packs\n"
             "from comfy_serverless.prepare_command import prepare\n"
             "from comfy_serverless.networks import cpu_kernels\n"
             "sys.path.insert(0, 'tests')\n"
@@ -224,11 +225,13 @@ def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_c
             "        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=256)\n"
             "unet = load_unet(base, force_fp32=True)\n"
             "kinds = sorted({type(p).__name__ for p in packed_layers(unet).values()})\n"
-            "print(torch.backends.cpu.get_cpu_capability(), len(packed_layers(unet)), *kinds)\n")
+            "same = prepared_packs.cpu_layout_class() == os.environ['PARENT_CLASS']\n"
+            "print(torch.backends.cpu.get_cpu_capability(), same, len(packed_layers(unet)), *kinds)\n")
     with server_context(base_directory=str(base), force_fp32=True) as ctx:  # fp32 here and under the cap
         prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=256)
     native_adopted = len(packed_layers(load_unet(base, force_fp32=True)))
-    env = {**os.environ, prepared.DIR_ENV: str(base / "prepared"), **AVX2_CAP}
+    env = {**os.environ, prepared.DIR_ENV: str(base / "prepared"), **AVX2_CAP,
+           "PARENT_CLASS": prepared_packs.cpu_layout_class()}
 
     def capped(step: str) -> list[str]:
         done = subprocess.run([sys.executable, "-c", code, str(base), step], cwd=REPO, env=env,
@@ -237,10 +240,10 @@ def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_c
         return done.stdout.split()
 
     assert native_adopted > 0
-    words = capped("load")  # the natively packed file under the cap: another CPU class, nothing adopted
-    assert words[0] == "AVX2" and words[1] == "0"
+    words = capped("load")  # this process's file under the cap: used only by the same class
+    assert words[0] == "AVX2" and int(words[2]) == (native_adopted if words[1] == "True" else 0)
     words = capped("prepare")  # prepared under the cap: oneDNN packs and Winograd weights, all adopted
-    assert words[0] == "AVX2" and int(words[1]) > 0 and words[2:] == ["Tensor", "WinogradWeight"]
+    assert words[0] == "AVX2" and int(words[2]) > 0 and words[3:] == ["Tensor", "WinogradWeight"]
 
 
 def test_the_read_ahead_leaves_out_the_plain_unet_weights_the_packed_file_replaces(base, monkeypatch):
@@ -281,3 +284,12 @@ def test_other_families_unets_are_packed_at_build_time_too(tmp_path, monkeypatch
         assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
     assert packed_layers(load_unet(tmp_path))
     prepared.forget()
+
+
+def test_where_nothing_packs_prepare_writes_no_packed_file_and_succeeds(base, monkeypatch, caplog):
+    monkeypatch.setenv(cpu_kernels.ENV, "0")  # stock layers: nothing is packed
+    cpu_kernels._mode.cache_clear()
+    with server_context(base_directory=str(base)) as ctx, caplog.at_level(logging.WARNING):
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+    assert not os.path.exists(packs_file(base))
+    assert "no layer packed its weights" in caplog.text

@@ -88,7 +88,8 @@ def check(source: str, folder: str, weights: dict, dtype) -> tuple[dict | None, 
 
 def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size: int, cpu_class: str) -> int:
     """Runs `model` (a UNet built from the prepared weights) once at `pack_size` px and writes what its layers
-    packed; returns how many layers were written."""
+    packed; returns how many layers were written (0, and no file, where nothing packs: COMFY_CPU_KERNELS=0, or
+    bf16 forced on a CPU whose oneDNN cannot pack it)."""
     from ..networks import cpu_kernels
     from .checkpoint_saving import write_safetensors
     from .prepared import DATA_ALIGNMENT, prepared_path
@@ -96,8 +97,8 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
     warm_up(model, pack_size)
     packed = cpu_kernels.packed_weights_of(model)
     probe = cpu_kernels.layout_probe(model, packed)
-    if probe is None:
-        raise RuntimeError("no packed weight to recognise this CPU's layout by")
+    if probe is None:  # nothing packed, or nothing to recognise this CPU's layouts by
+        return 0
     tensors = {f"{part}/{name}": value for name, parts in packed.items() for part, value in parts.items()}
     prepared_file = prepared_path(source, folder)
     metadata = {**_expected(prepared_file, weights, dtype), "probe": probe, "pack_size": str(pack_size),
