@@ -274,7 +274,8 @@ def use_fast_kernels(model: nn.Module) -> nn.Module:
 
 
 def packed_weights_of(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """What `model`'s layers compute with now, for `prepare` to write (models/prepared_packs.py): {weight's
+    """What `model`'s layers compute with now (views of their packed weights, valid while `model` lives), for
+    `prepare` to write (models/prepared_packs.py): {weight's
     parameter name: {"winograd": transformed weight} or {"onednn": bytes, "descriptor": bytes[, "fits": the input
     shapes this layout is right for, where oneDNN packs the weight differently for some other batch size or
     resolution]}}. Run once per image build: each packed weight is packed again at nearby input shapes (batch 1,
@@ -289,7 +290,7 @@ def packed_weights_of(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
             data, descriptor = onednn_blobs.to_bytes(packed)
             parts = {"onednn": data, "descriptor": descriptor}
             others = _other_shapes(state.shape)
-            fits = [state.shape] + [other for other in others if torch.equal(_packed_bytes(layer, other), data)]
+            fits = [state.shape] + [other for other in others if _packs_the_same(layer, other, data)]
             if len(fits) <= len(others):
                 parts["fits"] = torch.tensor(fits, dtype=torch.int64)
             found[f"{name}.weight"] = parts
@@ -309,10 +310,13 @@ def _other_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return sorted(shapes - {tuple(shape)})
 
 
-def _packed_bytes(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+def _packs_the_same(layer: nn.Module, shape: tuple[int, ...], data: torch.Tensor) -> bool:
+    """Whether the layer's weight packed now for input `shape` is byte for byte `data`."""
     if isinstance(layer, FastLinear):
-        return onednn_blobs.to_bytes(_pack_linear(layer.weight, shape[0]))[0]
-    return onednn_blobs.to_bytes(_pack_convolution(layer, shape))[0]
+        packed = _pack_linear(layer.weight, shape[0])
+    else:
+        packed = _pack_convolution(layer, shape)
+    return torch.equal(onednn_blobs.to_bytes(packed)[0], data)  # while `packed` lives
 
 
 def layout_probe(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> str | None:
@@ -323,7 +327,7 @@ def layout_probe(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -
                         if "onednn" in parts and "fits" not in parts)
     for _, name in candidates:
         layer = layers.get(name.removesuffix(".weight"))
-        if layer is not None and torch.equal(_packed_bytes(layer, _probe_shape(layer)), packed[name]["onednn"]):
+        if layer is not None and _packs_the_same(layer, _probe_shape(layer), packed[name]["onednn"]):
             return name
     return None
 
@@ -346,7 +350,7 @@ def adopt_packed_weights(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     probe_layer = layers.get(probe)
     if probe_layer is None or "onednn" not in packed.get(probe, {}):
         return 0
-    same = torch.equal(_packed_bytes(probe_layer, _probe_shape(probe_layer)), packed[probe]["onednn"])
+    same = _packs_the_same(probe_layer, _probe_shape(probe_layer), packed[probe]["onednn"])
     release_file_pages(probe_layer.weight)
     if not same:
         log.warning("prepared packed weights were made on another CPU class (oneDNN packs them differently "
