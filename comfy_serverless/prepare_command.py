@@ -4,7 +4,9 @@ Covers checkpoints, VAEs, and the part files of UNETLoader (diffusion_models) an
 
 Run it at image build time, after the models are in place and with the same flags the server will get
 (--force-fp32 and friends change the dtype). A cold start then memory-maps the prepared file instead of
-converting (models/prepared.py). Files already prepared and unchanged are skipped; `--check` only reports.
+converting (models/prepared.py). Each UNet (checkpoints, diffusion_models) then runs one step at --pack-size and
+its weights are written packed as the CPU kernels compute with them (models/prepared_packs.py), so a cold start's
+first step packs nothing. Files already prepared and unchanged are skipped; `--check` only reports.
 Also runnable as `python -m comfy_serverless.prepare_command`.
 """
 
