@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +21,11 @@ import requests
 import websocket
 
 REPO = Path(__file__).resolve().parent.parent
+# Inductor's cache key leaves out ATen's CPU capability: a kernel compiled under ATEN_CPU_CAPABILITY=avx2 aborted a
+# later uncapped run on this machine (TorchCompileModel tests). One cache per capability, for this run and the
+# servers it starts.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 PACKS = Path(__file__).resolve().parent / "packs"
 COMMAND = [sys.executable, "-m", "comfy_serverless"]
 LISTENING = re.compile(r"listening on http://[^ ]*:(\d+)")
