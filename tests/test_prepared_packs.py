@@ -293,3 +293,24 @@ def test_where_nothing_packs_prepare_writes_no_packed_file_and_succeeds(base, mo
         assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
     assert not os.path.exists(packs_file(base))
     assert "no layer packed its weights" in caplog.text
+
+
+def test_the_build_step_does_not_keep_the_plain_weights_it_packed_resident(base):
+    """Packing at the warm-up drops the prepared file's pages of each packed weight, and so does packing it again at
+    other shapes to find the layouts that depend on them (without that, `prepare` held SD1.5's fp32 UNet twice)."""
+    from comfy_serverless.prepare_command import _prepared_unet, networks_of
+    from test_prepared import resident_fraction
+
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    with server_context(base_directory=str(base)) as ctx:
+        prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=0)  # prepared weights only
+        weights, dtype = networks_of(ckpt, "checkpoints")["unet"]
+        unet = _prepared_unet(ckpt, "checkpoints", weights, dtype)
+        prepared_packs.warm_up(unet, PACK_SIZE)
+        packed = cpu_kernels.packed_weights_of(unet)
+        assert cpu_kernels.layout_probe(unet, packed) is not None
+    layers = dict(unet.named_modules())
+    large = [name for name in packed if layers[name.removesuffix(".weight")].weight.numel() * 2 >= 4 * 4096]
+    assert large
+    for name in large:
+        assert resident_fraction(layers[name.removesuffix(".weight")].weight) == 0, name
