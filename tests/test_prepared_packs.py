@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from comfy_serverless.networks import cpu_kernels, onednn_blobs
 from comfy_serverless.prepare_command import prepare
 from conftest import REPO, server_context
 from test_cpu_kernels import AVX2_CAP
-from test_prepared import _image, _run, _txt2img_with_lora, mapped_ranges, tiny_models_base
+from test_prepared import _image, _run, _txt2img_with_lora, in_ranges, mapped_ranges, tiny_models_base
 
 PACK_SIZE = 64  # px: latents 8x8, every level of the tiny UNet packed
 
@@ -72,6 +73,22 @@ def packed_layers(unet) -> dict[str, object]:
             if cpu_kernels.packed_weight(layer) is not None}
 
 
+def weight_pointer(layer) -> int:
+    """Where the layer's prepared weight lies: its packed bytes, Winograd weight, or the fp16 copy of either."""
+    state = cpu_kernels._packs[layer]
+    if state.held is not None:
+        return state.held.half.data_ptr()
+    packed = state.packed
+    return packed.transformed.data_ptr() if hasattr(packed, "transformed") else torch.ops.mkldnn.data_ptr(packed)
+
+
+def stored_dtypes(path) -> dict[str, str]:
+    """The safetensors dtype of every weight in a packed file ("onednn/...", "winograd/..." or "taps/...")."""
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    return {key: info["dtype"] for key, info in header.items() if key.startswith(("onednn/", "winograd/", "taps/"))}
+
+
 def test_packed_bytes_round_trip_through_a_file_without_a_copy(tmp_path):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 24, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)
@@ -112,12 +129,12 @@ def test_prepare_writes_packed_weights_and_the_first_call_packs_nothing(base, mo
     assert metadata["pack_size"] == str(PACK_SIZE) and metadata["torch"] == torch.__version__
 
     unet = load_unet(base)
-    adopted = packed_layers(unet)
-    assert adopted, "no layer took a prepared packed weight"
+    assert packed_layers(unet), "no layer took a prepared packed weight"
     ranges = mapped_ranges(path)
-    for name, packed in adopted.items():
-        pointer = packed.transformed.data_ptr() if hasattr(packed, "transformed") else torch.ops.mkldnn.data_ptr(packed)
-        assert any(start <= pointer < end for start, end in ranges), f"{name}: not in the packed file's mapping"
+    for name, layer in unet.named_modules():
+        if cpu_kernels.packed_weight(layer) is not None:
+            pointer = weight_pointer(layer)
+            assert any(start <= pointer < end for start, end in ranges), f"{name}: not in the packed file's mapping"
     made = counting_packs(monkeypatch)
     with torch.inference_mode():
         first = unet(*unet_inputs(unet, PACK_SIZE // 8))
@@ -130,6 +147,71 @@ def test_prepare_writes_packed_weights_and_the_first_call_packs_nothing(base, mo
         reference = lazily(*unet_inputs(lazily, PACK_SIZE // 8))
     assert made, "the network without the file packed nothing"
     assert torch.equal(first, reference)  # the same bytes in the same layout: the same result, bit for bit
+
+
+def test_fp32_packs_of_an_fp16_checkpoint_are_held_as_fp16_and_compute_the_same(base, monkeypatch):
+    """fp32 compute (an AVX2-only CPU, --force-fp32) from an fp16 checkpoint: every packed value is an fp16 value,
+    so the file holds them as fp16 (half the memory) and each call expands its layer's into one fp32 buffer shared
+    by the network; the results equal those of fp32 weights packed at the first call, bit for bit."""
+    with server_context(base_directory=str(base), force_fp32=True) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+    path = packs_file(base)
+    dtypes = stored_dtypes(path)
+    assert dtypes and set(dtypes.values()) == {"F16"}
+
+    unet = load_unet(base, force_fp32=True)
+    held = [cpu_kernels._packs[layer].held for layer in unet.modules() if cpu_kernels.packed_weight(layer) is not None]
+    assert len(held) == len(dtypes) and None not in held
+    ranges = mapped_ranges(path)
+    assert all(in_ranges(weight.half, ranges) for weight in held)  # the file's pages, not a copy
+    assert len({weight.into.untyped_storage().data_ptr() for weight in held}) == 1  # one shared fp32 buffer
+    assert held[0].into.untyped_storage().nbytes() == 4 * max(weight.half.numel() for weight in held)
+
+    made = counting_packs(monkeypatch)
+    inputs = unet_inputs(unet, PACK_SIZE // 8)
+    with torch.inference_mode():
+        first, again = unet(*inputs), unet(*inputs)
+    assert made == [] and torch.equal(first, again)
+    os.rename(path, path + ".away")
+    lazily = load_unet(base, force_fp32=True)
+    assert packed_layers(lazily) == {}
+    with torch.inference_mode():
+        reference = lazily(*unet_inputs(lazily, PACK_SIZE // 8))
+    assert torch.equal(first, reference)
+
+
+def test_packs_fp16_cannot_hold_exactly_stay_fp32(tmp_path, monkeypatch):
+    """An fp32 checkpoint's weights are not fp16 values: its packs keep their fp32 bytes."""
+    from comfy_serverless.models.random_checkpoints import make_test_checkpoint
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    make_test_checkpoint("sd15", "tiny", tmp_path / "models" / "checkpoints" / "tiny.safetensors", seed=5,
+                         dtype=torch.float32)
+    monkeypatch.setenv(prepared.DIR_ENV, str(tmp_path / "prepared"))
+    with server_context(base_directory=str(tmp_path), force_fp32=True) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+    dtypes = stored_dtypes(packs_file(tmp_path))
+    assert dtypes and set(dtypes.values()) == {"U8"}
+    unet = load_unet(tmp_path, force_fp32=True)
+    layers = [layer for layer in unet.modules() if cpu_kernels.packed_weight(layer) is not None]
+    assert layers and all(cpu_kernels._packs[layer].held is None for layer in layers)
+    with torch.inference_mode():
+        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
+    os.rename(packs_file(tmp_path), packs_file(tmp_path) + ".away")
+    lazily = load_unet(tmp_path, force_fp32=True)
+    with torch.inference_mode():
+        assert torch.equal(first, lazily(*unet_inputs(lazily, PACK_SIZE // 8)))
+    prepared.forget()
+
+
+def test_exact_in_half_accepts_only_fp16_values():
+    values = torch.randn(4096, generator=torch.Generator().manual_seed(3)).to(torch.float16).to(torch.float32)
+    assert cpu_kernels.exact_in_half(values) and cpu_kernels.exact_in_half(values.view(64, 64).t())
+    for change in (lambda v: v.add_(1e-6 * v.sign()), lambda v: v.__setitem__(7, 70000.0),
+                   lambda v: v.__setitem__(9, float("nan"))):
+        changed = values.clone()
+        change(changed)
+        assert not cpu_kernels.exact_in_half(changed)
 
 
 def test_another_input_size_repacks_only_layers_whose_layout_depends_on_it(base, monkeypatch):
@@ -186,18 +268,22 @@ def test_packed_weights_from_another_cpu_torch_or_prepared_file_are_not_used(bas
     assert "another prepared file" in caplog.text
 
 
-def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lora(base, start_server):
+@pytest.mark.parametrize("flags", [(), ("--force-fp32",)], ids=["default", "fp32"])
+def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lora(base, start_server, flags):
     """`prepare` as a build step, then servers on the same files with and without the packed file (--pack-size 0):
-    the same images; a LoRA replaces the weights, so the packed ones are dropped with them."""
+    the same images; a LoRA replaces the weights, so the packed ones are dropped with them. In fp32 the packed
+    file holds the fp16 checkpoint's weights as fp16."""
     env = {prepared.DIR_ENV: str(base / "prepared")}
     images: dict[str, list[bytes]] = {}
     for pack_size in ("64", "0"):  # 0 also removes the file the first build wrote
         done = subprocess.run([sys.executable, "-m", "comfy_serverless.prepare_command", "--base-directory",
-                               str(base), "--pack-size", pack_size], cwd=REPO, env={**os.environ, **env},
+                               str(base), "--pack-size", pack_size, *flags], cwd=REPO, env={**os.environ, **env},
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert os.path.exists(packs_file(base)) == (pack_size != "0")
-        server = start_server(env=env, base=base)
+        if flags and pack_size != "0":
+            assert set(stored_dtypes(packs_file(base)).values()) == {"F16"}
+        server = start_server(*flags, env=env, base=base)
         with_lora = _txt2img_with_lora("tiny.safetensors", "tiny-lora.safetensors")
         without_lora = json.loads(json.dumps(with_lora))
         without_lora["3"]["inputs"]["model"] = ["4", 0]
@@ -244,6 +330,35 @@ def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_c
     assert words[0] == "AVX2" and int(words[2]) == (native_adopted if words[1] == "True" else 0)
     words = capped("prepare")  # prepared under the cap: oneDNN packs and Winograd weights, all adopted
     assert words[0] == "AVX2" and int(words[2]) > 0 and words[3:] == ["Tensor", "WinogradWeight"]
+
+
+def test_under_the_avx2_cap_fp16_held_winograd_taps_and_packs_compute_as_weights_packed_at_the_first_call(base):
+    """Under the AVX2 cap an fp16 checkpoint's packed file holds the Winograd layers' taps and the oneDNN bytes as
+    fp16; every call expands them (the taps through the same transform as at a first call): the results equal
+    those of a network packing and transforming its fp32 weights at its first call, bit for bit."""
+    code = ("import os, pathlib, sys, torch\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from comfy_serverless.models import prepared\n"
+            "from comfy_serverless.prepare_command import prepare\n"
+            "from conftest import server_context\n"
+            "from test_prepared_packs import load_unet, packs_file, stored_dtypes, unet_inputs\n"
+            "base = pathlib.Path(sys.argv[1])\n"
+            "with server_context(base_directory=str(base), force_fp32=True) as ctx:\n"
+            "    prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=256)\n"
+            "dtypes = stored_dtypes(packs_file(base))\n"
+            "kinds = sorted({key.partition('/')[0] + ':' + dtype for key, dtype in dtypes.items()})\n"
+            "unet = load_unet(base, force_fp32=True)\n"
+            "with torch.inference_mode():\n"
+            "    held, again = unet(*unet_inputs(unet, 32)), unet(*unet_inputs(unet, 32))\n"
+            "os.rename(packs_file(base), packs_file(base) + '.away')\n"
+            "lazily = load_unet(base, force_fp32=True)\n"
+            "with torch.inference_mode():\n"
+            "    reference = lazily(*unet_inputs(lazily, 32))\n"
+            "print(*kinds, torch.equal(held, reference), torch.equal(held, again))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(base)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, prepared.DIR_ENV: str(base / "prepared"), **AVX2_CAP}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["onednn:F16", "taps:F16", "True", "True"]
 
 
 def test_the_read_ahead_leaves_out_the_plain_unet_weights_the_packed_file_replaces(base, monkeypatch):

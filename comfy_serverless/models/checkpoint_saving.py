@@ -42,26 +42,33 @@ MODELSPEC_ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sdxl_refiner"
                            "sdxl_ip2p": "stable-diffusion-xl-v1-edit"}
 
 
-def write_safetensors(path: str, tensors: dict, metadata: dict | None = None, align: int = 8) -> None:
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None, align: int = 8,
+                      stored_as: dict | None = None) -> None:
     """A safetensors file of `tensors` (any devices, dtypes, views), written atomically. Every tensor whose size is
     a multiple of `align` bytes starts at a multiple of it in the file, and so in a memory map of it (the header
-    is padded, those tensors come first); the rest follow, each aligned to its element size."""
+    is padded, those tensors come first); the rest follow, each aligned to its element size. `stored_as`: {key:
+    dtype} for tensors converted as they are written (one at a time, not all held converted at once)."""
+    stored_as = stored_as or {}
+
+    def dtype_of(key: str) -> torch.dtype:
+        return stored_as.get(key, tensors[key].dtype)
+
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
 
     def placement(key: str) -> tuple[bool, int]:
-        tensor = tensors[key]
-        return tensor.numel() * tensor.element_size() % align != 0, -tensor.element_size()
+        tensor, itemsize = tensors[key], dtype_of(key).itemsize
+        return tensor.numel() * itemsize % align != 0, -itemsize
 
     order = sorted(tensors, key=placement)
     for key in order:
-        tensor = tensors[key]
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"cannot save {key}: dtype {tensor.dtype} has no safetensors name")
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        tensor, dtype = tensors[key], dtype_of(key)
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot save {key}: dtype {dtype} has no safetensors name")
+        size = tensor.numel() * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -70,7 +77,7 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None, al
         file.write(struct.pack("<Q", len(encoded)))
         file.write(encoded)
         for key in order:
-            data = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+            data = tensors[key].detach().to("cpu", dtype_of(key)).contiguous().reshape(-1)
             if data.numel():
                 file.write(data.view(torch.uint8).numpy().data)
 

@@ -12,12 +12,16 @@ Why (AMD EPYC, 2 cores, under the AVX2 cap, full-size SD1.5, files in the page c
 call at 256 px took 2.9-3.1 s against 1.3-1.4 s warm, as it packed 3.3 GB (reorders 0.73 s, fresh memory at
 ~0.3 s/GB, page release); with the packed file mapped it took 1.36-1.45 s.
 
+An fp32 UNet from an fp16 checkpoint (AVX2-only CPUs, --force-fp32) is written as fp16 where fp16 holds every value
+exactly (checked per weight; an fp32 checkpoint's stay fp32): the oneDNN bytes, and for Winograd layers the taps
+instead of the transform; cpu_kernels expands them at each call (why, and what it costs: its module doc).
+
 The file is used only when it belongs to the current prepared file (its size and mtime), the same torch
 version, the same network and dtype, the same CPU class (the vector instruction flags and the ISA caps torch and
 oneDNN run under), and when this CPU packs like the one it was written on: one small weight (the probe) is
 packed again at load and compared byte for byte (a few milliseconds). Otherwise the layers pack
-at their first call as before, with a warning. Resident memory is the same either way (the packed bytes are
-file pages instead of process memory, and the plain weights' pages are not read); the page cache holds both.
+at their first call as before, with a warning. Resident memory is the same either way, or half for fp16-held
+weights (the packed bytes are file pages instead of process memory, and the plain weights' pages are not read).
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
     """Runs `model` (a UNet built from the prepared weights) once at `pack_size` px and writes what its layers
     packed; returns how many layers were written (0, and no file, where nothing packs: COMFY_CPU_KERNELS=0, or
     bf16 forced on a CPU whose oneDNN cannot pack it)."""
+    import torch
+
     from ..networks import cpu_kernels
     from .checkpoint_saving import write_safetensors
     from .prepared import DATA_ALIGNMENT, prepared_path
@@ -99,14 +105,36 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
     probe = cpu_kernels.layout_probe(model, packed)
     if probe is None:  # nothing packed, or nothing to recognise this CPU's layouts by
         return 0
-    tensors = {f"{part}/{name}": value for name, parts in packed.items() for part, value in parts.items()}
+    tensors, stored_as = {}, {}
+    for name, parts in packed.items():
+        for part, value in _parts_to_write(parts, dtype == torch.float32).items():
+            tensors[f"{part}/{name}"] = value
+            if value.dtype == torch.float32 and part in ("onednn", "taps"):
+                stored_as[f"{part}/{name}"] = torch.float16
     prepared_file = prepared_path(source, folder)
     metadata = {**_expected(prepared_file, weights, dtype), "probe": probe, "pack_size": str(pack_size),
                 "cpu_class": cpu_class, "cpu_layout": cpu_layout_class()}
     path = packs_path(prepared_file)
-    write_safetensors(path, tensors, metadata, align=DATA_ALIGNMENT)
+    write_safetensors(path, tensors, metadata, align=DATA_ALIGNMENT, stored_as=stored_as)
     os.chmod(path, 0o644)
     return len(packed)
+
+
+def _parts_to_write(parts: dict, fp32: bool) -> dict:
+    """What to write of one layer's packed weight: fp32 values that fp16 holds exactly (an fp16 checkpoint's) are
+    returned as fp32 tensors to write as fp16 (oneDNN bytes viewed as fp32; for a Winograd weight its taps instead of
+    the 16/9 larger transform); the rest as they are."""
+    import torch
+
+    from ..networks import cpu_kernels
+
+    parts = dict(parts)
+    taps = parts.pop("taps", None)
+    if fp32 and taps is not None and cpu_kernels.exact_in_half(taps):
+        return {"taps": taps}
+    if fp32 and "onednn" in parts and cpu_kernels.exact_in_half(parts["onednn"].view(torch.float32)):
+        parts["onednn"] = parts["onednn"].view(torch.float32)
+    return parts
 
 
 def warm_up(model, pack_size: int) -> None:
