@@ -6,7 +6,8 @@ Run it at image build time, after the models are in place and with the same flag
 (--force-fp32 and friends change the dtype). A cold start then memory-maps the prepared file instead of
 converting (models/prepared.py). Each UNet (checkpoints, diffusion_models) then runs one step at --pack-size and
 its weights are written packed as the CPU kernels compute with them (models/prepared_packs.py), so a cold start's
-first step packs nothing. Files already prepared and unchanged are skipped; `--check` only reports.
+first step packs nothing (an fp32 UNet from an fp16 checkpoint: held as fp16, half the memory, expanded at each
+call). Files already prepared and unchanged are skipped; `--check` only reports.
 Also runnable as `python -m comfy_serverless.prepare_command`.
 """
 
@@ -32,7 +33,8 @@ def _arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--check", action="store_true", help="only say which files are prepared and current")
     parser.add_argument("--pack-size", type=int, default=None, metavar="PIXELS",
                         help="also write each UNet's weights packed as its CPU kernels compute with them, after one "
-                             "step at PIXELS x PIXELS (default 512; 0: do not)")
+                             "step at PIXELS x PIXELS (default 512; 0: do not); fp32 weights that are all fp16 "
+                             "values (an fp16 checkpoint's) are written as fp16")
     parser.add_argument("--help", "-h", action="store_true")
     known, rest = parser.parse_known_args(argv)
     if known.help:
