@@ -321,8 +321,11 @@ def test_perp_neg_guider_samples_as_cfg_and_as_the_old_patch(sd15):
     (old_patch,) = PerpNeg().patch(model, empty, 0.8)
     (old,) = cs.CFGGuider().get_guider(old_patch, pos, neg, 6.0)
     result = run_guider(model, guider)
-    torch.testing.assert_close(result, run_guider(old_patch, old), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(result, run_guider(model, no_negative), atol=1e-3)
+    # The two run the UNet at different batch sizes, for which oneDNN may sum in another order (AMX CPUs: 4e-4
+    # apart on latents up to 240 after three steps): fp32 rounding, so the tolerance follows the latents' scale.
+    tolerance = 1e-5 * result.abs().max().item()
+    torch.testing.assert_close(result, run_guider(old_patch, old), rtol=1e-4, atol=tolerance)
+    assert (result - run_guider(model, no_negative)).abs().max() > 10 * tolerance
 
 
 # -- through the server ------------------------------------------------------------------------------------------
