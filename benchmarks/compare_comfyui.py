@@ -18,6 +18,11 @@ build that fails to import beside the CPU torch. For this benchmark only, ComfyU
 `torchvision` package on PYTHONPATH (written to a temporary folder, see TORCHVISION_STAND_IN): any attribute
 imports, any call raises. Nothing in the SD1.5 txt2img path calls torchvision, so the workflow runs as usual;
 the model files and nodes that would call it are simply never used here.
+
+ComfyUI's environment, as set up for the README's figures: a venv, `pip install torch==2.13.0`, then its
+requirements.txt without torch, torchvision and torchaudio; its other requirements (kornia, spandrel) pull
+torchvision and a CUDA torch 2.14.1 back in, so end with `pip install torch==2.13.0 requests` (0.3.64 imports
+requests without listing it) and `pip uninstall torchvision`.
 """
 
 from __future__ import annotations
