@@ -107,10 +107,10 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
         return 0
     tensors, stored_as = {}, {}
     for name, parts in packed.items():
-        for part, value in _parts_to_write(parts, dtype == torch.float32).items():
+        for part, (value, stored_dtype) in _parts_to_write(parts, dtype == torch.float32).items():
             tensors[f"{part}/{name}"] = value
-            if value.dtype == torch.float32 and part in ("onednn", "taps"):
-                stored_as[f"{part}/{name}"] = torch.float16
+            if stored_dtype is not None:
+                stored_as[f"{part}/{name}"] = stored_dtype
     prepared_file = prepared_path(source, folder)
     metadata = {**_expected(prepared_file, weights, dtype), "probe": probe, "pack_size": str(pack_size),
                 "cpu_class": cpu_class, "cpu_layout": cpu_layout_class()}
@@ -121,9 +121,9 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
 
 
 def _parts_to_write(parts: dict, fp32: bool) -> dict:
-    """What to write of one layer's packed weight: fp32 values that fp16 holds exactly (an fp16 checkpoint's) are
-    returned as fp32 tensors to write as fp16 (oneDNN bytes viewed as fp32; for a Winograd weight its taps instead of
-    the 16/9 larger transform); the rest as they are."""
+    """What to write of one layer's packed weight, each part with the dtype to store it as (None: as it is). fp32
+    values that fp16 holds exactly (an fp16 checkpoint's) are stored as fp16: the oneDNN bytes viewed as fp32, and
+    for a Winograd weight its taps instead of the 16/9 larger transform."""
     import torch
 
     from ..networks import cpu_kernels
@@ -131,10 +131,11 @@ def _parts_to_write(parts: dict, fp32: bool) -> dict:
     parts = dict(parts)
     taps = parts.pop("taps", None)
     if fp32 and taps is not None and cpu_kernels.exact_in_half(taps):
-        return {"taps": taps}
+        return {"taps": (taps, torch.float16)}
+    written: dict = {part: (value, None) for part, value in parts.items()}
     if fp32 and "onednn" in parts and cpu_kernels.exact_in_half(parts["onednn"].view(torch.float32)):
-        parts["onednn"] = parts["onednn"].view(torch.float32)
-    return parts
+        written["onednn"] = (parts["onednn"].view(torch.float32), torch.float16)
+    return written
 
 
 def warm_up(model, pack_size: int) -> None:
