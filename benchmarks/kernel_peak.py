@@ -13,6 +13,9 @@
    The table gives the median and the best run: the peak is a best run too, and where the machine's speed
    drifts (an AMX Xeon here ran a bf16 matmul at 1950 GFLOP/s for seconds, then at 750, with no steal time)
    best against best compares the same machine state.
+3. Where the time goes (layer_breakdown.py): the UNet step's and the VAE decode's seconds in convolutions,
+   linears, attention and the rest, and the share of the peak they would reach with every convolution and
+   linear at the peak: how far kernels alone could take them.
 
 --isa avx2 caps torch and oneDNN at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; must be set before torch is
 imported, so the script re-runs itself with them), standing in for an AVX2-only CPU.
@@ -31,6 +34,7 @@ import time
 
 from compare_comfyui import ISA_CAPS, PREPARED, ours_build  # run as a script: benchmarks/ is on sys.path
 from first_image import CACHE, CHECKPOINT, ensure_checkpoint
+from layer_breakdown import measure as measure_parts
 from machine import describe as describe_machine
 
 PEAK_SHAPES = [(2, 320, 32), (2, 640, 16), (2, 1280, 16), (2, 1280, 8), (1, 512, 64), (1, 256, 128)]
@@ -159,6 +163,8 @@ def main() -> int:
                 rows.append((f"{label}, {kind}", flops, statistics.median(times), min(times)))
                 print(f"  {rows[-1][0]}: median {rows[-1][2]:.2f} s, best {rows[-1][3]:.2f} s", flush=True)
         stock_layers(False)
+        parts = [measure_parts(model, run, args.runs, peak * 1e9).table(label)
+                 for label, model, run in (("UNet step", unet, run_unet), ("VAE decode", vae, run_vae))]
     print(f"\npeak {peak:.0f} GFLOP/s ({dtype_name}, fastest direct 3x3 convolution); {args.size}x{args.size}, "
           f"medians of {args.runs}\n")
     print("| network | GFLOP | median | GFLOP/s | of peak | best run | of peak |\n|---|---|---|---|---|---|---|")
@@ -166,6 +172,8 @@ def main() -> int:
         rate, best_rate = flops / median / 1e9, flops / best / 1e9
         print(f"| {label} | {flops / 1e9:.0f} | {median:.2f} s | {rate:.0f} | {100 * rate / peak:.0f} % | "
               f"{best:.2f} s | {100 * best_rate / peak:.0f} % |")
+    print("\nWhere the time goes (cpu_kernels; the mean of --runs calls, each layer call timed):")
+    print("\n".join(parts))
     return 0
 
 
