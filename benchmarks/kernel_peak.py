@@ -13,9 +13,10 @@
    The table gives the median and the best run: the peak is a best run too, and where the machine's speed
    drifts (an AMX Xeon here ran a bf16 matmul at 1950 GFLOP/s for seconds, then at 750, with no steal time)
    best against best compares the same machine state.
-3. Where the time goes (layer_breakdown.py): the UNet step's and the VAE decode's seconds in convolutions,
-   linears, attention and the rest, and the share of the peak they would reach with every convolution and
-   linear at the peak: how far kernels alone could take them.
+3. Where the time goes (layer_breakdown.py): --runs rounds of the peak re-measured (best of 2 calls), then
+   one UNet step (or VAE decode) with each layer call timed; medians of the step's share of that round's peak,
+   of its seconds in convolutions, linears, attention and the rest, and of the share it would reach with every
+   convolution and linear at the peak: how far kernels alone could take it.
 
 --isa avx2 caps torch and oneDNN at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; must be set before torch is
 imported, so the script re-runs itself with them), standing in for an AVX2-only CPU.
@@ -35,6 +36,7 @@ import time
 from compare_comfyui import ISA_CAPS, PREPARED, ours_build  # run as a script: benchmarks/ is on sys.path
 from first_image import CACHE, CHECKPOINT, ensure_checkpoint
 from layer_breakdown import measure as measure_parts
+from layer_breakdown import table as parts_table
 from machine import describe as describe_machine
 
 PEAK_SHAPES = [(2, 320, 32), (2, 640, 16), (2, 1280, 16), (2, 1280, 8), (1, 512, 64), (1, 256, 128)]
@@ -51,30 +53,46 @@ def timings(run, runs: int) -> list[float]:
     return times
 
 
-def convolution_peak(dtype, runs: int) -> float:
+def convolution_variants(x, weight) -> dict:
+    """The ways torch runs a direct 3x3 convolution of x with weight, as calls with everything prepared."""
     import torch
     import torch.nn.functional as F
 
-    best = 0.0
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    weight_last = weight.contiguous(memory_format=torch.channels_last)
+    return {
+        "packed": lambda: torch.ops.mkldnn._convolution_pointwise(
+            x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
+        "packed, channels_last": lambda: torch.ops.mkldnn._convolution_pointwise(
+            x_last, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
+        "stock, channels_last": lambda: F.conv2d(x_last, weight_last, None, 1, 1),
+    }
+
+
+def convolution_peak(dtype, runs: int):
+    """The best GFLOP/s of any shape and variant, and a probe that re-measures it (best of 2 calls each): on a
+    machine whose speed drifts, a figure compared with the peak is compared with the probe's reading next to it."""
+    import torch
+
+    calls = []
     for batch, channels, size in PEAK_SHAPES:
         x = torch.randn(batch, channels, size, size).to(dtype)
         weight = (torch.randn(channels, channels, 3, 3) * 0.02).to(dtype)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
-        x_last = x.contiguous(memory_format=torch.channels_last)
-        weight_last = weight.contiguous(memory_format=torch.channels_last)
-        variants = {
-            "packed": lambda: torch.ops.mkldnn._convolution_pointwise(
-                x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
-            "packed, channels_last": lambda: torch.ops.mkldnn._convolution_pointwise(
-                x_last, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
-            "stock, channels_last": lambda: F.conv2d(x_last, weight_last, None, 1, 1),
-        }
-        flops = 2 * batch * channels * channels * 9 * size * size
-        rates = {name: flops / min(timings(run, runs)) / 1e9 for name, run in variants.items()}
-        print(f"  conv 3x3 {channels}->{channels} at {size}x{size}, batch {batch}: "
-              + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()) + " GFLOP/s", flush=True)
-        best = max(best, *rates.values())
-    return best
+        label = f"conv 3x3 {channels}->{channels} at {size}x{size}, batch {batch}"
+        calls.append((label, convolution_variants(x, weight), 2 * batch * channels * channels * 9 * size * size))
+
+    def measure(tries: int, report: bool) -> float:
+        best = 0.0
+        for label, variants, flops in calls:
+            rates = {name: flops / min(timings(run, tries)) / 1e9 for name, run in variants.items()}
+            if report:
+                print(f"  {label}: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()) + " GFLOP/s",
+                      flush=True)
+            best = max(best, *rates.values())
+        return best
+
+    return measure(runs, True), lambda: measure(2, False)
 
 
 def networks(dtype_name: str):
@@ -144,7 +162,7 @@ def main() -> int:
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     print(f"dtype {dtype_name}; measured convolution peak:", flush=True)
     with torch.inference_mode():
-        peak = convolution_peak(dtype, args.runs)
+        peak, peak_now = convolution_peak(dtype, args.runs)
         unet, vae = networks(dtype_name)
         latent = args.size // 8
         generator = torch.Generator().manual_seed(0)
@@ -163,7 +181,7 @@ def main() -> int:
                 rows.append((f"{label}, {kind}", flops, statistics.median(times), min(times)))
                 print(f"  {rows[-1][0]}: median {rows[-1][2]:.2f} s, best {rows[-1][3]:.2f} s", flush=True)
         stock_layers(False)
-        parts = [measure_parts(model, run, args.runs, peak * 1e9).table(label)
+        parts = [parts_table(label, measure_parts(model, run, args.runs, peak_now))
                  for label, model, run in (("UNet step", unet, run_unet), ("VAE decode", vae, run_vae))]
     print(f"\npeak {peak:.0f} GFLOP/s ({dtype_name}, fastest direct 3x3 convolution); {args.size}x{args.size}, "
           f"medians of {args.runs}\n")
@@ -172,7 +190,8 @@ def main() -> int:
         rate, best_rate = flops / median / 1e9, flops / best / 1e9
         print(f"| {label} | {flops / 1e9:.0f} | {median:.2f} s | {rate:.0f} | {100 * rate / peak:.0f} % | "
               f"{best:.2f} s | {100 * best_rate / peak:.0f} % |")
-    print("\nWhere the time goes (cpu_kernels; the mean of --runs calls, each layer call timed):")
+    print("\nWhere the time goes (cpu_kernels; --runs rounds of the peak re-measured, then one call with each layer"
+          " call timed):")
     print("\n".join(parts))
     return 0
 

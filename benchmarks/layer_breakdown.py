@@ -2,12 +2,15 @@
 
 Used by kernel_peak.py: it answers how close the step could come to the convolution peak at all, by pricing every
 convolution and linear at the peak and keeping the measured attention and other time (norms, activations,
-additions, layout copies). Timing each call adds a perf_counter pair per layer (about 350 in SD1.5's UNet), well
-under 1 % of a step.
+additions, layout copies). Each round re-measures the peak (its fastest convolution, best of 3 calls) right
+before the timed call and sets the call against that reading: a machine whose speed drifts 3x within a minute
+(the AMX Xeon) otherwise compares a fast phase's peak with a slow phase's step. Timing each call adds a
+perf_counter pair per layer (about 350 in SD1.5's UNet), well under 1 % of a step.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +20,8 @@ PARTS = ("convolutions", "linears", "attention")
 
 @dataclass
 class Breakdown:
+    """One call's seconds and FLOPs by part, and the peak measured just before it."""
+
     peak_flops: float  # FLOP/s
     total: float = 0.0
     layers_at_peak: float = 0.0  # seconds of the convolutions and linears, each call at most flops / peak
@@ -27,25 +32,38 @@ class Breakdown:
     def other(self) -> float:
         return self.total - sum(self.seconds.values())
 
-    def bound_at_peak(self) -> float:
-        """The call's time with every convolution and linear at the peak (or as measured where faster: Winograd
-        layers) and attention and the rest as measured."""
-        return self.layers_at_peak + self.seconds["attention"] + self.other
+    @property
+    def layer_flops(self) -> float:
+        """FLOPs as kernel_peak's table counts them (torch's FlopCounterMode counts no attention on the CPU)."""
+        return self.flops["convolutions"] + self.flops["linears"]
 
-    def table(self, label: str) -> str:
-        lines = [f"{label}: {self.total:.3f} s"]
-        for part in (part for part in PARTS if self.seconds[part]):
-            rate = self.flops[part] / self.seconds[part] / 1e9
-            lines.append(f"  {part}: {self.seconds[part]:.3f} s ({100 * self.seconds[part] / self.total:.0f} %), "
-                         f"{self.flops[part] / 1e9:.0f} GFLOP at {rate:.0f} GFLOP/s")
-        lines.append(f"  other (norms, activations, additions, copies): {self.other:.3f} s "
-                     f"({100 * self.other / self.total:.0f} %)")
-        # FLOPs as kernel_peak's table counts them (torch's FlopCounterMode counts no attention on the CPU)
-        layer_flops = self.flops["convolutions"] + self.flops["linears"]
-        bound = self.bound_at_peak()
-        lines.append(f"  with every convolution and linear at the peak: {bound:.3f} s, "
-                     f"{100 * layer_flops / bound / self.peak_flops:.0f} % of peak")
-        return "\n".join(lines)
+    def of_peak(self) -> float:
+        return self.layer_flops / self.total / self.peak_flops
+
+    def bound_of_peak(self) -> float:
+        """The share of the peak with every convolution and linear at the peak (or as measured where faster:
+        Winograd layers), attention and the rest as measured."""
+        return self.layer_flops / (self.layers_at_peak + self.seconds["attention"] + self.other) / self.peak_flops
+
+
+def table(label: str, rounds: list[Breakdown]) -> str:
+    """Medians over the rounds: each figure against the peak measured next to it, so drift cancels."""
+    def median(value) -> float:
+        return statistics.median(value(one) for one in rounds)
+
+    total = median(lambda one: one.total)
+    lines = [f"{label}: {total:.3f} s at {100 * median(Breakdown.of_peak):.0f} % of a peak of "
+             f"{median(lambda one: one.peak_flops) / 1e9:.0f} GFLOP/s (medians of {len(rounds)} rounds)"]
+    for part in (part for part in PARTS if rounds[0].seconds[part]):
+        seconds = median(lambda one: one.seconds[part])
+        rate = median(lambda one: one.flops[part] / one.seconds[part]) / 1e9
+        lines.append(f"  {part}: {seconds:.3f} s ({100 * seconds / total:.0f} %), "
+                     f"{rounds[0].flops[part] / 1e9:.0f} GFLOP at {rate:.0f} GFLOP/s")
+    other = median(lambda one: one.other)
+    lines.append(f"  other (norms, activations, additions, copies): {other:.3f} s ({100 * other / total:.0f} %)")
+    lines.append(f"  with every convolution and linear at the peak: {100 * median(Breakdown.bound_of_peak):.0f} % "
+                 "of peak")
+    return "\n".join(lines)
 
 
 def _part_of(module) -> str | None:
@@ -107,18 +125,16 @@ def timed_parts(model, breakdown: Breakdown):
             handle.remove()
 
 
-def measure(model, run, runs: int, peak_flops: float) -> Breakdown:
-    """The per-call average over `runs` calls of run() (after one untimed call); peak_flops in FLOP/s."""
+def measure(model, run, rounds: int, current_peak) -> list[Breakdown]:
+    """`rounds` calls of run() (after one untimed call), each right after current_peak() (GFLOP/s) re-measures
+    the peak."""
     run()
-    total = Breakdown(peak_flops)
-    with timed_parts(model, total):
-        start = time.perf_counter()
-        for _ in range(runs):
+    measured = []
+    for _ in range(rounds):
+        breakdown = Breakdown(current_peak() * 1e9)
+        with timed_parts(model, breakdown):
+            start = time.perf_counter()
             run()
-        total.total = time.perf_counter() - start
-    total.total /= runs
-    total.layers_at_peak /= runs
-    for part in PARTS:
-        total.seconds[part] /= runs
-        total.flops[part] /= runs
-    return total
+            breakdown.total = time.perf_counter() - start
+        measured.append(breakdown)
+    return measured
