@@ -95,6 +95,18 @@ def convolution_peak(dtype, runs: int):
     return measure(runs, True), lambda: measure(2, False)
 
 
+def compute_dtype(choice: str):
+    """--dtype's name ("auto": what the server would choose on this CPU) and torch dtype."""
+    import torch
+
+    from comfy_serverless.models import precision
+
+    if choice == "auto":
+        decision = precision.decide_from_capabilities(precision.cpu_facts())
+        choice = "bf16" if decision is None or decision.bf16 else "fp32"
+    return choice, torch.bfloat16 if choice == "bf16" else torch.float32
+
+
 def networks(dtype_name: str):
     from comfy_serverless import context
     from comfy_serverless.models.loading import load_checkpoint
@@ -150,16 +162,10 @@ def main() -> int:
     shutil.rmtree(ours_build(ensure_checkpoint(), args.size)[2], ignore_errors=True)  # snapshot + prepare
     import torch
 
-    from comfy_serverless.models import precision
-
     print(describe_machine(), flush=True)
     print(f"torch {torch.__version__}, ATen capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        decision = precision.decide_from_capabilities(precision.cpu_facts())
-        dtype_name = "bf16" if decision is None or decision.bf16 else "fp32"
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    dtype_name, dtype = compute_dtype(args.dtype)
     print(f"dtype {dtype_name}; measured convolution peak:", flush=True)
     with torch.inference_mode():
         peak, peak_now = convolution_peak(dtype, args.runs)

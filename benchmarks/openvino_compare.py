@@ -22,7 +22,7 @@ import time
 
 from compare_comfyui import PREPARED, ours_build  # run as a script: benchmarks/ is on sys.path
 from first_image import ensure_checkpoint
-from kernel_peak import networks, stock_layers
+from kernel_peak import compute_dtype, networks, stock_layers
 from machine import describe as describe_machine
 
 
@@ -30,28 +30,22 @@ def openvino_networks(unet, vae, x, timestep, context, precision: str):
     import openvino as ov
     import torch
 
-    class UNetCall(torch.nn.Module):
-        def __init__(self):
+    class Call(torch.nn.Module):
+        """A network's call as a module's forward, the network a submodule (its weights traced as constants)."""
+
+        def __init__(self, network, call):
             super().__init__()
-            self.unet = unet
+            self.network, self.call = network, call
 
-        def forward(self, x, timestep, context):
-            return self.unet(x, timestep, context)
-
-    class Decode(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent):
-            return self.vae.decode(latent)
+        def forward(self, *inputs):
+            return self.call(*inputs)
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": "1",
               "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
     with torch.no_grad():
-        unet_model = ov.convert_model(UNetCall(), example_input=(x, timestep, context))
-        vae_model = ov.convert_model(Decode(), example_input=(x[:1],))
+        unet_model = ov.convert_model(Call(unet, unet), example_input=(x, timestep, context))
+        vae_model = ov.convert_model(Call(vae, vae.decode), example_input=(x[:1],))
     return (core.compile_model(unet_model, "CPU", config).create_infer_request(),
             core.compile_model(vae_model, "CPU", config).create_infer_request())
 
@@ -66,13 +60,7 @@ def main() -> int:
     import openvino
     import torch
 
-    from comfy_serverless.models import precision
-
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        decision = precision.decide_from_capabilities(precision.cpu_facts())
-        dtype_name = "bf16" if decision is None or decision.bf16 else "fp32"
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    dtype_name, dtype = compute_dtype(args.dtype)
     print(describe_machine(), flush=True)
     print(f"torch {torch.__version__}, OpenVINO {openvino.__version__}, {torch.get_num_threads()} threads, "
           f"{dtype_name}", flush=True)
