@@ -46,9 +46,11 @@ from machine import describe as describe_machine
 from machine import precision_line
 
 PREPARED = CACHE / "prepared"
-# An AVX2-only CPU stood in for by capping the instruction set both torch (ATen kernels) and oneDNN
-# (convolutions, matmuls) may use; bf16 is then emulated exactly as on such a CPU (1.5 GFLOP/s here).
-ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+# Other CPU classes stood in for by capping the instruction set both torch (ATen kernels) and oneDNN
+# (convolutions, matmuls) may use; bf16 is then emulated exactly as on such a CPU: "avx2" an AVX2-only one (bf16
+# at 1.5 GFLOP/s here), "avx512" one with AVX-512 and VNNI but no bf16 (Cascade Lake, as in many cloud VMs).
+ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+            "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}}
 
 TORCHVISION_STAND_IN = '''"""Stand-in torchvision (benchmarks/compare_comfyui.py only): imports succeed, use raises."""
 import importlib.abc
@@ -216,9 +218,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json")
-    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
-                        help="avx2: cap torch and oneDNN at AVX2 in both servers (ATEN_CPU_CAPABILITY, "
-                             "ONEDNN_MAX_CPU_ISA), standing in for an AVX2-only CPU on an AVX-512 one")
+    parser.add_argument("--isa", choices=tuple(ISA_CAPS), default="native",
+                        help="cap torch and oneDNN in both servers (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): avx2 "
+                             "stands in for an AVX2-only CPU, avx512 for one with AVX-512 but no bf16")
     args = parser.parse_args()
     os.environ.update(ISA_CAPS[args.isa])  # inherited by every process started below
     print(describe_machine(), flush=True)

@@ -1,6 +1,7 @@
 """How close the UNet step and the VAE decode come to this machine's convolution peak (issue 12).
 
-    .venv/bin/python benchmarks/kernel_peak.py [--size 256] [--runs 5] [--dtype auto|fp32|bf16] [--isa native|avx2]
+    .venv/bin/python benchmarks/kernel_peak.py [--size 256] [--runs 5] [--dtype auto|fp32|bf16]
+        [--isa native|avx2|avx512]
 
 1. The peak: 3x3 convolutions of the shapes SD1.5's UNet and VAE use, each the fastest way torch can run a direct
    convolution: one oneDNN primitive with its weight packed once, on an NCHW or a channels_last input, or the
@@ -19,7 +20,8 @@
    convolution and linear at the peak: how far kernels alone could take it.
 
 --isa avx2 caps torch and oneDNN at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; must be set before torch is
-imported, so the script re-runs itself with them), standing in for an AVX2-only CPU.
+imported, so the script re-runs itself with them), standing in for an AVX2-only CPU; --isa avx512 at AVX-512 with
+VNNI but no bf16 (compare_comfyui.ISA_CAPS).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 from compare_comfyui import ISA_CAPS, PREPARED, ours_build  # run as a script: benchmarks/ is on sys.path
 from first_image import CACHE, CHECKPOINT, ensure_checkpoint
@@ -101,9 +104,8 @@ def compute_dtype(choice: str):
 
     from comfy_serverless.models import precision
 
-    if choice == "auto":
-        decision = precision.decide_from_capabilities(precision.cpu_facts())
-        choice = "bf16" if decision is None or decision.bf16 else "fp32"
+    if choice == "auto":  # the flags, else the server's timed probe (no cache: measured in this process)
+        choice = "bf16" if precision.decide(SimpleNamespace(catalog_file=None)).bf16 else "fp32"
     return choice, torch.bfloat16 if choice == "bf16" else torch.float32
 
 

@@ -52,6 +52,31 @@ def test_capabilities_settle_what_they_can(flags, machine, mkldnn, expected):
         assert found.reason and found.measurement is None
 
 
+@pytest.mark.parametrize("cap, left", [
+    (None, "avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16"),
+    ("AVX512_CORE_AMX", "avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16"),
+    ("AVX512_CORE_BF16", "avx2 avx512f avx512bw avx512_vnni avx512_bf16"),
+    ("avx512_core_vnni", "avx2 avx512f avx512bw avx512_vnni"),
+    ("AVX2", "avx2"),
+])
+def test_flags_follow_onednns_instruction_set_cap(cap, left):
+    """ONEDNN_MAX_CPU_ISA keeps oneDNN off the instructions above it: their flags no longer count, so an AMX CPU
+    capped below bf16 is timed (its bf16 is emulated) instead of taking bf16 from its flags."""
+    flags = frozenset("avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16".split())
+    usable = precision.usable_cpu_flags(flags, {"ONEDNN_MAX_CPU_ISA": cap} if cap else {})
+    assert usable == frozenset(left.split())
+    assert precision.usable_cpu_flags(flags, {"DNNL_MAX_CPU_ISA": "AVX2"}) == {"avx2"}
+    assert precision.usable_cpu_flags(flags, {"ONEDNN_MAX_CPU_ISA": "ALL"}) == flags
+    found = precision.decide_from_capabilities(facts(" ".join(usable)))
+    expected = {"avx2": False, "avx512_core_vnni": None}.get((cap or "").lower(), True)
+    assert (None if found is None else found.bf16) is expected
+
+
+def test_capped_cpu_facts_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not any(flag.startswith(("avx512", "amx")) for flag in precision.cpu_facts().flags)
+
+
 def _no_measuring():
     raise AssertionError("measured although the answer was known")
 

@@ -10,6 +10,7 @@ AVX2-only CPUs (its bf16 matmul and convolution are that slow) for an answer the
 - anything else (AVX-512 without bf16, ARM, ...) -> timed once, and the result cached in a small JSON file
   next to the catalogue snapshot (cpu_precision.json), keyed by CPU model + flags + torch version, so a later
   start on the same machine class reads it instead of timing again.
+The flags count only as far as ONEDNN_MAX_CPU_ISA lets oneDNN use them (usable_cpu_flags).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Bf16Measurement:
 @dataclass(frozen=True)
 class CpuFacts:
     model: str
-    flags: frozenset
+    flags: frozenset  # those oneDNN may use (usable_cpu_flags)
     machine: str
     torch_version: str
     mkldnn_bf16: bool  # torch's oneDNN reports bf16 kernels (native or emulated)
@@ -90,10 +91,31 @@ def read_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
     return model, flags
 
 
+# oneDNN runs no instruction above ONEDNN_MAX_CPU_ISA (DNNL_MAX_CPU_ISA before oneDNN 2.0), whatever the CPU has:
+# the flags of instructions each cap leaves out. Capped at AVX512_CORE on an AMX Xeon (a stand-in for the many cloud
+# CPUs with AVX-512 but no bf16), bf16 is emulated: the probe's workload took 18.4 ms in bf16 against 4.7 in fp32
+# (2026-12-02), while the CPU's own flags still said amx_bf16 and so bf16.
+_ABOVE_AVX2 = ("avx512", "amx")
+_ABOVE_AVX512_CORE = ("avx512_bf16", "avx512_fp16", "amx")
+_FLAGS_ABOVE_CAP = {
+    **dict.fromkeys(("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2"), _ABOVE_AVX2),
+    **dict.fromkeys(("avx512_core", "avx512_core_vnni"), _ABOVE_AVX512_CORE),
+    **dict.fromkeys(("avx512_core_bf16", "avx512_core_fp16", "avx10_1_512"), ("amx",)),
+}
+
+
+def usable_cpu_flags(flags: frozenset, environ=os.environ) -> frozenset:
+    """The CPU flags whose instructions oneDNN may use under the process's ONEDNN_MAX_CPU_ISA, if any."""
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
+    left_out = _FLAGS_ABOVE_CAP.get(cap, ())
+    return frozenset(flag for flag in flags if not flag.startswith(left_out))
+
+
 def cpu_facts() -> CpuFacts:
     import torch
 
     model, flags = read_cpu_flags()
+    flags = usable_cpu_flags(flags)
     try:
         mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
