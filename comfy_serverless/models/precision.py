@@ -193,21 +193,22 @@ def cache_path(settings=None) -> str | None:
     return os.path.join(os.path.dirname(os.path.abspath(catalog)), CACHE_FILE_NAME) if catalog else None
 
 
-def read_cached(path: str | None, facts: CpuFacts) -> Bf16Measurement | None:
+def read_cached_entry(path: str | None, section: str, key: str) -> dict | None:
+    """One machine class's entry of a measurement kept in the cache file (None if absent or unreadable)."""
     if not path:
         return None
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-        entry = data["entries"][facts.key] if data.get("format") == _CACHE_FORMAT else None
-        return Bf16Measurement(float(entry["fp32_ms"]), float(entry["bf16_ms"])) if entry else None
-    except (OSError, ValueError, KeyError, TypeError):
+        entry = data[section].get(key) if data.get("format") == _CACHE_FORMAT else None
+        return entry if isinstance(entry, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def write_cached(path: str | None, facts: CpuFacts, measurement: Bf16Measurement) -> None:
-    """Adds this machine class's measurement (atomic replace; a read-only folder only costs the next start
-    another measurement)."""
+def write_cached_entry(path: str | None, section: str, key: str, entry: dict) -> None:
+    """Adds a machine class's entry to the cache file (atomic replace; a read-only folder only costs the next
+    start another measurement)."""
     if not path:
         return
     try:
@@ -216,9 +217,10 @@ def write_cached(path: str | None, facts: CpuFacts, measurement: Bf16Measurement
         if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
             raise ValueError
     except (OSError, ValueError):
-        data = {"format": _CACHE_FORMAT, "entries": {}}
-    data["entries"][facts.key] = {"fp32_ms": measurement.fp32_ms, "bf16_ms": measurement.bf16_ms,
-                                  "cpu": facts.model, "torch": facts.torch_version, "measured_at": time.time()}
+        data = {"format": _CACHE_FORMAT}
+    if not isinstance(data.get(section), dict):
+        data[section] = {}
+    data[section][key] = {**entry, "measured_at": time.time()}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu_precision.")
@@ -226,7 +228,20 @@ def write_cached(path: str | None, facts: CpuFacts, measurement: Bf16Measurement
             json.dump(data, fh, indent=1)
         os.replace(tmp, path)
     except OSError as exc:
-        log.info("precision: could not cache the bf16 measurement in %s (%s)", path, exc)
+        log.info("could not cache a CPU measurement in %s (%s)", path, exc)
+
+
+def read_cached(path: str | None, facts: CpuFacts) -> Bf16Measurement | None:
+    entry = read_cached_entry(path, "entries", facts.key)
+    try:
+        return Bf16Measurement(float(entry["fp32_ms"]), float(entry["bf16_ms"])) if entry else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def write_cached(path: str | None, facts: CpuFacts, measurement: Bf16Measurement) -> None:
+    write_cached_entry(path, "entries", facts.key, {"fp32_ms": measurement.fp32_ms, "bf16_ms": measurement.bf16_ms,
+                                                    "cpu": facts.model, "torch": facts.torch_version})
 
 
 def decide(settings=None, facts: CpuFacts | None = None) -> Decision:

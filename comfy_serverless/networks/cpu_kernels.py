@@ -36,10 +36,11 @@ at half the resident memory. Measured under the AVX2 cap (SD1.5, 256 px, 2026-12
 peak RSS 4.65 -> 2.91 GB (packed file 3.7 -> 1.7 GB), for about 0.1 s per UNet step (expanding 1.6 GB of oneDNN
 bytes 0.06 s, the Winograd transforms 0.03 s).
 
-On AVX2, the every-step networks' 3x3 fp32 convolutions over 16x16 to 32x32 images keep a Winograd-transformed
-weight instead of the packed one (winograd.py: 1.3-1.5x faster there). It is 16/9 of the weight's size, so those
-of one network may add at most WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them,
-+230 MB, 7 % of the fp32 UNet; at 512 px the first ones called); past that a layer packs as above.
+On AVX2, and with AVX-512 where a timing says so (winograd_choice.py), the every-step networks' 3x3 fp32
+convolutions over 16x16 to 32x32 images keep a Winograd-transformed weight instead of the packed one (winograd.py:
+1.3-1.5x faster on AVX2). It is 16/9 of the weight's size, so those of one network may add at most
+WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them, +230 MB, 7 % of the fp32 UNet; at
+512 px the first ones called); past that a layer packs as above.
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
@@ -56,7 +57,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import onednn_blobs, winograd
+from . import onednn_blobs, winograd, winograd_choice
 from .file_pages import in_unwritten_file_mapping, release_file_pages
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ def _winograd_min_pixels() -> int | None:
 
 @functools.cache
 def _transformed_winograd() -> bool:
-    """Only where torch runs AVX2 code: with AVX-512 oneDNN's direct convolution is faster (winograd.py)."""
-    return _mode() in ("auto", "all") and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    """Where torch runs AVX2 code, and with AVX-512 where a timing says so (winograd_choice.py)."""
+    return _mode() in ("auto", "all") and winograd_choice.transformed_weights_pay()
 
 
 class _MemoryBudget:

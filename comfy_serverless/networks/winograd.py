@@ -9,8 +9,10 @@ weight packed: 2x320->320 at 32x32 13.0 -> 9.8 ms, 2x640->640 at 32x32 52 -> 35 
 256 px, 7.7 -> 7.4 s at 512 px (where cpu_kernels' 10 % memory bound leaves part of the layers packed; 6.9 s
 with 15 %). The transformed weight is 16/9 of the weight's size.
 
-Not used elsewhere: with AVX-512 the direct convolution is twice as fast and wins (7.3 vs 10.7 ms at
-2x320x32x32); from 64x64 on torch's NNPACK is faster; below 16x16 the weights dominate. Transforming the weight
+With AVX-512 it is used where a timing at the first need (or at `prepare`) says so (winograd_choice.py): on the
+project's AMD EPYC the direct convolution was faster (7.3 vs 10.7 ms at 2x320x32x32), on an Intel Xeon capped at
+AVX-512 + VNNI Winograd was (1.35-2.2x on the UNet's shapes). From 64x64 on torch's NNPACK is faster; below 16x16
+the weights dominate. Transforming the weight
 at every call from the plain fp32 weight keeps almost none of the gain (12.7 vs 13.6 ms); from contiguous fp16
 taps (cpu_kernels' fp16-held weights) it costs about 0.03 s per SD1.5 step at 256 px, all layers together.
 F(4x4, 3x3) (36 products per 16 outputs) was measured faster still at 32x32 (6.9 ms) but its weight is 4x the

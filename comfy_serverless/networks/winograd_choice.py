@@ -1,0 +1,75 @@
+"""Whether the UNet's fp32 3x3 convolutions keep Winograd-transformed weights (winograd.py) on this CPU.
+
+Where torch runs AVX2 code they always do (1.3-1.5x faster than oneDNN's direct convolution, winograd.py). With
+AVX-512 the answer follows the microarchitecture, not the instruction set: on the project's AMD EPYC the direct
+convolution was 1.5x faster (2x320->320 at 32x32: 7.3 vs 10.7 ms), while an Intel Xeon (model 207) capped at
+AVX-512 + VNNI, a stand-in for the many cloud CPUs with AVX-512 but no bf16, ran the UNet's shapes 1.35-2.2x faster
+as Winograd products (2x640->640 at 16x16: 18.7 vs 11.1 ms; 2x1280->1280 at 16x16: 75 vs 35 ms; 2026-12-02).
+So there both are timed once, on two of the UNet's shapes, and the answer is cached per CPU class beside the
+catalogue snapshot (models/precision.py's file); `comfy-serverless prepare` settles it at build time, since it
+runs a UNet step. Only fp32 networks ask (bf16 is never transformed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from . import winograd
+
+log = logging.getLogger(__name__)
+
+CACHE_SECTION = "winograd"
+# Winograd must take at most this fraction of the direct convolutions' time: its weights take 16/9 the memory.
+MAX_TIME_RATIO = 0.9
+TIMED_SHAPES = ((2, 320, 32), (2, 640, 16))  # batch, channels, size: the UNet's 32x32 and 16x16 levels at 256 px
+_ROUNDS = 5
+
+
+def transformed_weights_pay() -> bool:
+    """True where Winograd-transformed weights beat oneDNN's packed direct convolution (see module doc)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2":
+        return True
+    from ..models import precision
+
+    key = f"{precision.cpu_facts().key}:{capability}"
+    path = precision.cache_path()
+    entry = precision.read_cached_entry(path, CACHE_SECTION, key)
+    try:
+        direct_ms, winograd_ms = float(entry["direct_ms"]), float(entry["winograd_ms"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        direct_ms, winograd_ms = measure()
+        precision.write_cached_entry(path, CACHE_SECTION, key, {"direct_ms": direct_ms, "winograd_ms": winograd_ms})
+    chosen = winograd_ms <= MAX_TIME_RATIO * direct_ms
+    log.info("fp32 3x3 convolutions: direct %.1f ms, Winograd %.1f ms -> %s", direct_ms, winograd_ms,
+             "Winograd-transformed weights" if chosen else "oneDNN packed weights")
+    return chosen
+
+
+def measure() -> tuple[float, float]:
+    """Milliseconds of TIMED_SHAPES as oneDNN packed direct convolutions and as Winograd products (best of a few
+    interleaved rounds, after one untimed call of each)."""
+    generator = torch.Generator().manual_seed(0)
+    calls = []
+    with torch.inference_mode():
+        for batch, channels, size in TIMED_SHAPES:
+            x = torch.randn(batch, channels, size, size, generator=generator)
+            weight = torch.randn(channels, channels, 3, 3, generator=generator) * 0.02
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, list(x.shape))
+            transformed = winograd.WinogradWeight(weight)
+            calls.append((
+                lambda x=x, packed=packed: torch.ops.mkldnn._convolution_pointwise(
+                    x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
+                lambda x=x, transformed=transformed: winograd.convolve(x, transformed, None)))
+        best = [float("inf"), float("inf")]
+        for round_ in range(_ROUNDS + 1):
+            for variant in (0, 1):
+                start = time.perf_counter()
+                for call in calls:
+                    call[variant]()
+                if round_:  # the first round selects kernels and takes fresh pages
+                    best[variant] = min(best[variant], time.perf_counter() - start)
+    return best[0] * 1000, best[1] * 1000
