@@ -86,3 +86,21 @@ def test_cpu_kernels_follow_the_timing(avx512_with_cache, monkeypatch, winograd_
         assert cpu_kernels._transformed_winograd() is chosen
     finally:
         cpu_kernels._transformed_winograd.cache_clear()
+
+
+@pytest.mark.parametrize("winograd_ms, floor", [(20.0, 64 * 64), (40.0, 128 * 128)])
+def test_nnpack_from_64x64_where_winograd_pays(avx512_with_cache, monkeypatch, winograd_ms, floor):
+    """NNPACK's Winograd takes the VAE's 64x64 level where Winograd products beat the direct convolution (the
+    capped Xeon: 512->512 at 64x64 61 ms against 91), else only from 128x128 as before."""
+    from comfy_serverless.networks import cpu_kernels
+
+    monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    caches = (cpu_kernels._mode, cpu_kernels._transformed_winograd, cpu_kernels._winograd_min_pixels)
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        assert cpu_kernels._winograd_min_pixels() == (floor if torch._nnpack_available() else None)
+    finally:
+        for cache in caches:
+            cache.cache_clear()

@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 
 ENV = "COMFY_CPU_KERNELS"
 _DTYPES = (torch.float32, torch.bfloat16)
-# Winograd from this many output pixels on (64x64 where oneDNN has only AVX2, 128x128 with AVX-512).
+# NNPACK Winograd from this many output pixels on: 64x64 where oneDNN has only AVX2 or its AVX-512 direct
+# convolution is no faster (winograd_choice.py), else 128x128.
 WINOGRAD_MIN_PIXELS_AVX2 = 64 * 64
 WINOGRAD_MIN_PIXELS_AVX512 = 128 * 128
 # Packed convolutions up to this many input pixels (batch x height x width); over it the weight reorder is a
@@ -87,11 +88,11 @@ def _mode() -> str:
 
 @functools.cache
 def _winograd_min_pixels() -> int | None:
-    """None where Winograd is off or NNPACK is missing; else the size floor for this instruction set."""
+    """None where Winograd is off or NNPACK is missing; else the size floor: AVX2's where oneDNN's direct
+    convolution is no faster than Winograd products (AVX2, and AVX-512 CPUs where the timing says so)."""
     if _mode() not in ("auto", "all") or not torch._nnpack_available():  # the call also initialises NNPACK
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    return WINOGRAD_MIN_PIXELS_AVX512 if capability.startswith("AVX512") else WINOGRAD_MIN_PIXELS_AVX2
+    return WINOGRAD_MIN_PIXELS_AVX2 if _transformed_winograd() else WINOGRAD_MIN_PIXELS_AVX512
 
 
 @functools.cache
@@ -247,8 +248,10 @@ class FastConv2d(nn.Conv2d):
                 and self.dilation == (1, 1) and self.groups == 1)
 
     def _nnpack_winograd(self, x: torch.Tensor) -> bool:
+        if not self._plain_3x3(x):  # first: bf16 networks never ask for the floor (nor time its choice)
+            return False
         floor = _winograd_min_pixels()
-        return floor is not None and self._plain_3x3(x) and x.shape[2] * x.shape[3] >= floor
+        return floor is not None and x.shape[2] * x.shape[3] >= floor
 
     def _winograd_weights(self, x: torch.Tensor) -> bool:
         """Whether this layer at x's size keeps a Winograd-transformed weight (winograd.py) if the budget allows."""
