@@ -34,7 +34,7 @@ def relative_error(a, b) -> float:
 @pytest.fixture(autouse=True)
 def pack_everything(monkeypatch):
     """COMFY_CPU_KERNELS=all: weights made in memory here are packed too (auto packs only file mappings)."""
-    caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels._transformed_winograd)
+    caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels.transformed_winograd)
     monkeypatch.setenv(cpu_kernels.ENV, "all")
     for cache in caches:
         cache.cache_clear()
@@ -242,7 +242,7 @@ class EveryStep(nn.Sequential):
 @pytest.fixture()
 def avx2_winograd(monkeypatch):
     """As on an AVX2-only CPU, whatever this one has; a budget no layer here exceeds unless a test lowers it."""
-    monkeypatch.setattr(cpu_kernels, "_transformed_winograd", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "transformed_winograd", lambda: True)
     monkeypatch.setattr(cpu_kernels, "WINOGRAD_EXTRA_MEMORY", 10.0)
 
 
@@ -282,10 +282,10 @@ def test_winograd_weights_stay_within_their_memory_budget_and_give_it_back(avx2_
 def test_winograd_weights_only_where_torch_runs_avx2_code_and_not_in_packed_mode():
     code = ("import os\n"
             "from comfy_serverless.networks import cpu_kernels as k\n"
-            "print(k._transformed_winograd())\n"
+            "print(k.transformed_winograd())\n"
             "os.environ[k.ENV] = 'packed'\n"
-            "k._mode.cache_clear(); k._transformed_winograd.cache_clear()\n"
-            "print(k._transformed_winograd())\n")
+            "k._mode.cache_clear(); k.transformed_winograd.cache_clear()\n"
+            "print(k.transformed_winograd())\n")
     assert run_under_avx2_cap(code, "auto") == ["True", "False"]
 
 

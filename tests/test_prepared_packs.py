@@ -429,3 +429,24 @@ def test_the_build_step_does_not_keep_the_plain_weights_it_packed_resident(base)
     assert large
     for name in large:
         assert resident_fraction(layers[name.removesuffix(".weight")].weight) == 0, name
+
+
+def test_fp32_packs_follow_the_winograd_choice_they_were_made_with(base, monkeypatch, caplog):
+    """Whether the fp32 3x3 layers keep Winograd weights can follow a timing (networks/winograd_choice.py): packs
+    made under the other answer are not current, so prepare makes them again and the server packs lazily."""
+    monkeypatch.setattr(cpu_kernels, "transformed_winograd", lambda: False)
+    with server_context(base_directory=str(base), force_fp32=True) as ctx:
+        folder = prepared.prepared_dir(ctx.settings)
+        assert prepare(ctx.settings, folder, pack_size=PACK_SIZE) == 0
+        assert read_metadata(packs_file(base))["winograd_weights"] == "no"
+        monkeypatch.setattr(cpu_kernels, "transformed_winograd", lambda: True)
+        with caplog.at_level(logging.WARNING):
+            assert prepare(ctx.settings, folder, only_check=True, pack_size=PACK_SIZE) == 1
+        assert "winograd_weights" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert packed_layers(load_unet(base, force_fp32=True)) == {}
+        assert "winograd_weights" in caplog.text
+        assert prepare(ctx.settings, folder, pack_size=PACK_SIZE) == 0
+    assert read_metadata(packs_file(base))["winograd_weights"] == "yes"
+    assert packed_layers(load_unet(base, force_fp32=True))

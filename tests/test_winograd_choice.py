@@ -80,12 +80,12 @@ def test_cpu_kernels_follow_the_timing(avx512_with_cache, monkeypatch, winograd_
 
     monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    for cache in (cpu_kernels._mode, cpu_kernels._transformed_winograd):
+    for cache in (cpu_kernels._mode, cpu_kernels.transformed_winograd):
         cache.cache_clear()
     try:
-        assert cpu_kernels._transformed_winograd() is chosen
+        assert cpu_kernels.transformed_winograd() is chosen
     finally:
-        cpu_kernels._transformed_winograd.cache_clear()
+        cpu_kernels.transformed_winograd.cache_clear()
 
 
 @pytest.mark.parametrize("winograd_ms, floor", [(20.0, 64 * 64), (40.0, 128 * 128)])
@@ -96,7 +96,7 @@ def test_nnpack_from_64x64_where_winograd_pays(avx512_with_cache, monkeypatch, w
 
     monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    caches = (cpu_kernels._mode, cpu_kernels._transformed_winograd, cpu_kernels._winograd_min_pixels)
+    caches = (cpu_kernels._mode, cpu_kernels.transformed_winograd, cpu_kernels._winograd_min_pixels)
     for cache in caches:
         cache.cache_clear()
     try:

@@ -16,11 +16,11 @@ An fp32 UNet from an fp16 checkpoint (AVX2-only CPUs, --force-fp32) is written a
 exactly (checked per weight; an fp32 checkpoint's stay fp32): the oneDNN bytes, and for Winograd layers the taps
 instead of the transform; cpu_kernels expands them at each call (why, and what it costs: its module doc).
 
-The file is used only when it belongs to the current prepared file (its size and mtime), the same torch
-version, the same network and dtype, the same CPU class (the vector instruction flags and the ISA caps torch and
-oneDNN run under), and when this CPU packs like the one it was written on: one small weight (the probe) is
-packed again at load and compared byte for byte (a few milliseconds). Otherwise the layers pack
-at their first call as before, with a warning. Resident memory is the same either way, or half for fp16-held
+The file is used only when it belongs to the current prepared file (its size and mtime), the same torch version, the
+same network and dtype, the same choice of Winograd weights (fp32), the same CPU class (the vector instruction flags
+and the ISA caps torch and oneDNN run under), and when this CPU packs like the one it was written on: one small
+weight (the probe) is packed again at load and compared byte for byte (a few milliseconds). Otherwise the layers
+pack at their first call as before, with a warning. Resident memory is the same either way, or half for fp16-held
 weights (the packed bytes are file pages instead of process memory, and the plain weights' pages are not read).
 """
 
@@ -63,8 +63,13 @@ def _expected(prepared_file: str, weights: dict, dtype) -> dict[str, str]:
 
     from .prepared import dtype_tag, group_id
 
-    return {"format": FORMAT, "torch": torch.__version__, "group": group_id(weights), "dtype": dtype_tag(dtype),
-            **_prepared_stamp(prepared_file)}
+    expected = {"format": FORMAT, "torch": torch.__version__, "group": group_id(weights), "dtype": dtype_tag(dtype),
+                **_prepared_stamp(prepared_file)}
+    if dtype == torch.float32:  # which 3x3 layers keep Winograd weights can follow a timing (winograd_choice.py)
+        from ..networks import cpu_kernels
+
+        expected["winograd_weights"] = "yes" if cpu_kernels.transformed_winograd() else "no"
+    return expected
 
 
 def check(source: str, folder: str, weights: dict, dtype) -> tuple[dict | None, str]:

@@ -92,11 +92,11 @@ def _winograd_min_pixels() -> int | None:
     convolution is no faster than Winograd products (AVX2, and AVX-512 CPUs where the timing says so)."""
     if _mode() not in ("auto", "all") or not torch._nnpack_available():  # the call also initialises NNPACK
         return None
-    return WINOGRAD_MIN_PIXELS_AVX2 if _transformed_winograd() else WINOGRAD_MIN_PIXELS_AVX512
+    return WINOGRAD_MIN_PIXELS_AVX2 if transformed_winograd() else WINOGRAD_MIN_PIXELS_AVX512
 
 
 @functools.cache
-def _transformed_winograd() -> bool:
+def transformed_winograd() -> bool:
     """Where torch runs AVX2 code, and with AVX-512 where a timing says so (winograd_choice.py)."""
     return _mode() in ("auto", "all") and winograd_choice.transformed_weights_pay()
 
@@ -255,7 +255,7 @@ class FastConv2d(nn.Conv2d):
 
     def _winograd_weights(self, x: torch.Tensor) -> bool:
         """Whether this layer at x's size keeps a Winograd-transformed weight (winograd.py) if the budget allows."""
-        return (_transformed_winograd() and self._plain_3x3(x) and tuple(self.padding) == (1, 1)
+        return (transformed_winograd() and self._plain_3x3(x) and tuple(self.padding) == (1, 1)
                 and x.shape[2] * x.shape[3] >= WINOGRAD_WEIGHTS_MIN_PIXELS)
 
 
@@ -447,7 +447,7 @@ def _adopt_winograd(layer: nn.Module, parts: dict[str, torch.Tensor], state: _Pa
     the transformed weight."""
     budget = layer.__dict__.get("_winograd_budget")
     out_channels, in_channels = layer.weight.shape[:2]
-    if not _transformed_winograd() or budget is None or layer.weight.dtype != torch.float32:
+    if not transformed_winograd() or budget is None or layer.weight.dtype != torch.float32:
         return False
     if "taps" in parts:
         taps, count = parts["taps"], out_channels * in_channels
