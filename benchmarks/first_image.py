@@ -205,7 +205,7 @@ def one_run(checkpoint: Path, size: int, steps: int, seed: int, prepared: bool =
                 "peak_rss_mb": peak_rss_mb(proc.pid), "server_stages": stages,
                 "health_p50_ms": percentile(health, 0.5) * 1000, "health_p99_ms": percentile(health, 0.99) * 1000,
                 "health_max_ms": max(health) * 1000,
-                "cold_node_start": cold["node_start"], "cold_done": cold["done"],
+                "cold_node_start": cold["node_start"], "cold_done": cold["done"], "cold_steps": cold["steps"],
                 "precision": chosen_precision(log_path.read_text(errors="replace"))}
     finally:
         proc.terminate()
@@ -226,6 +226,11 @@ def split(run: dict) -> list[tuple[str, float]]:
                         ("save started", "9")):
         if node in n:
             rows.append((label, n[node]))
+        if node == "3" and run.get("cold_steps"):  # the first step against the others: what the cold path adds
+            steps = run["cold_steps"]
+            rows.append(("first step done", steps[0]))
+            if len(steps) > 1:
+                rows.append((f"last step done ({len(steps) - 1} more)", steps[-1]))
     rows.append(("image file written", run["cold_image_s"]))
     return rows
 
