@@ -12,15 +12,16 @@ with 15 %). The transformed weight is 16/9 of the weight's size.
 With AVX-512 it is used where a timing at the first need (or at `prepare`) says so (winograd_choice.py): on the
 project's AMD EPYC the direct convolution was faster (7.3 vs 10.7 ms at 2x320x32x32), on an Intel Xeon capped at
 AVX-512 + VNNI Winograd was (1.35-2.2x on the UNet's shapes). From 64x64 on torch's NNPACK is faster; below 16x16
-the weights dominate. Transforming the weight
-at every call from the plain fp32 weight keeps almost none of the gain (12.7 vs 13.6 ms); from contiguous fp16
-taps (cpu_kernels' fp16-held weights) it costs about 0.03 s per SD1.5 step at 256 px, all layers together.
-F(4x4, 3x3) (36 products per 16 outputs) was measured faster still at 32x32 (6.9 ms) but its weight is 4x the
-original: per byte of memory F(2x2) saves about twice the time, and at 512 px F(4x4) under the same memory bound
-gained nothing.
+the weights dominate. Transforming the weight at every call from the plain fp32 weight keeps almost none of the gain
+(12.7 vs 13.6 ms); from contiguous fp16 taps (cpu_kernels' fp16-held weights) it costs about 0.03 s per SD1.5 step
+at 256 px, all layers together. F(4x4, 3x3) (36 products per 16 outputs) was measured faster still at 32x32 (6.9 ms)
+but its weight is 4x the original: per byte of memory F(2x2) saves about twice the time, and at 512 px F(4x4) under
+the same memory bound gained nothing.
 
-Results differ from a direct convolution by fp32 rounding (~3e-6 relative; fp64 reference). bf16 would lose too
-much in the transforms and is never transformed.
+Results differ from a direct convolution by fp32 rounding (~3e-6 relative; fp64 reference). bf16 is never
+transformed: on the AMX Xeon (2026-12-02) F(2x2) in bf16 from these torch operations had twice the direct
+convolution's error (5.5e-3 vs 2.9e-3 relative) and was slower at every VAE shape (512->512 at 64x64: 32.5 vs
+27.3 ms; 128->128 at 256x256: 63 vs 27 ms), its 4x-sized tile transforms bound by memory next to AMX products.
 """
 
 from __future__ import annotations
