@@ -74,33 +74,34 @@ def test_unwritable_cache_still_answers(monkeypatch, tmp_path):
     assert winograd_choice.transformed_weights_pay()
 
 
-@pytest.mark.parametrize("winograd_ms, chosen", [(20.0, True), (40.0, False)])
-def test_cpu_kernels_follow_the_timing(avx512_with_cache, monkeypatch, winograd_ms, chosen):
+@pytest.fixture()
+def kernels_timed_at(avx512_with_cache, monkeypatch):
+    """cpu_kernels in its default mode, deciding afresh from a timing that says Winograd took `winograd_ms`
+    against 30 ms direct."""
     from comfy_serverless.networks import cpu_kernels
 
-    monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
+    caches = (cpu_kernels._mode, cpu_kernels.transformed_winograd, cpu_kernels._winograd_min_pixels)
     monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    for cache in (cpu_kernels._mode, cpu_kernels.transformed_winograd):
+
+    def timed_at(winograd_ms: float):
+        monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
+        for cache in caches:
+            cache.cache_clear()
+        return cpu_kernels
+
+    yield timed_at
+    for cache in caches:
         cache.cache_clear()
-    try:
-        assert cpu_kernels.transformed_winograd() is chosen
-    finally:
-        cpu_kernels.transformed_winograd.cache_clear()
+
+
+@pytest.mark.parametrize("winograd_ms, chosen", [(20.0, True), (40.0, False)])
+def test_cpu_kernels_follow_the_timing(kernels_timed_at, winograd_ms, chosen):
+    assert kernels_timed_at(winograd_ms).transformed_winograd() is chosen
 
 
 @pytest.mark.parametrize("winograd_ms, floor", [(20.0, 64 * 64), (40.0, 128 * 128)])
-def test_nnpack_from_64x64_where_winograd_pays(avx512_with_cache, monkeypatch, winograd_ms, floor):
+def test_nnpack_from_64x64_where_winograd_pays(kernels_timed_at, winograd_ms, floor):
     """NNPACK's Winograd takes the VAE's 64x64 level where Winograd products beat the direct convolution (the
     capped Xeon: 512->512 at 64x64 61 ms against 91), else only from 128x128 as before."""
-    from comfy_serverless.networks import cpu_kernels
-
-    monkeypatch.setattr(winograd_choice, "measure", timings(30.0, winograd_ms, []))
-    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    caches = (cpu_kernels._mode, cpu_kernels.transformed_winograd, cpu_kernels._winograd_min_pixels)
-    for cache in caches:
-        cache.cache_clear()
-    try:
-        assert cpu_kernels._winograd_min_pixels() == (floor if torch._nnpack_available() else None)
-    finally:
-        for cache in caches:
-            cache.cache_clear()
+    cpu_kernels = kernels_timed_at(winograd_ms)
+    assert cpu_kernels._winograd_min_pixels() == (floor if torch._nnpack_available() else None)
