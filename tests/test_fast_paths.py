@@ -76,6 +76,20 @@ def test_default_policy_follows_the_measurements(monkeypatch):
     assert not fast_paths.channels_last_enabled("unet") and not fast_paths.channels_last_enabled("vae")
 
 
+def test_avx512_counts_only_as_far_as_onednn_may_use_it(monkeypatch):
+    from comfy_serverless.models import precision
+
+    monkeypatch.setattr(precision, "read_cpu_flags", lambda: ("test CPU", frozenset({"avx2", "avx512f"})))
+    monkeypatch.setenv(fast_paths.ENV, "auto")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, unet_channels_last in (("", False), ("AVX512_CORE_VNNI", False), ("AVX2", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        fast_paths._cpu_has_avx512.cache_clear()
+        assert fast_paths.channels_last_enabled("unet") is unet_channels_last
+        assert fast_paths.channels_last_enabled("vae")
+    fast_paths._cpu_has_avx512.cache_clear()
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_unet_same_result(monkeypatch, unet, dtype, tolerance):
     model = copy.deepcopy(unet).to(dtype)

@@ -13,7 +13,11 @@ Measured, and so the default policy (COMFY_CHANNELS_LAST=auto):
   UNet step (batch 2, 32x32) bf16 0.74 -> 0.95 s and 0.89 -> 0.98 s, fp32 6.4 -> 9.9 s: slower, so off.
   Again at load average ~2: VAE bf16 0.87 -> 0.71 s, fp32 2.13 -> 1.72 s; UNet bf16 1.42 -> 1.30 s (CPU time
   2.18 -> 2.42 s, i.e. no gain), fp32 2.34 -> 3.00 s.
-So the VAE always runs channels_last, the UNet only on CPUs without AVX-512.
+So the VAE always runs channels_last, the UNet only on CPUs without AVX-512 (as far as ONEDNN_MAX_CPU_ISA lets
+oneDNN use it: precision.usable_cpu_flags). Since cpu_kernels.py packs the UNet's weights, its convolutions answer
+channels_last whatever this policy says, so for the UNet the policy decides only the first convolution's input:
+measured again on the AMX Xeon (2026-12-02, paired medians of 7-9 alternating steps, SD1.5 at 256 px), channels_last
+over NCHW 1.02x under the AVX2 cap, 0.96x under the AVX-512 cap (fp32), 0.99x in bf16, outputs bit-identical.
 
 Results equal the NCHW path within rounding (fp32: ~2e-5 absolute on a full UNet; bf16: bf16 rounding).
 
@@ -42,9 +46,9 @@ _ALL = ("1", "true", "yes", "on", "all")
 
 @functools.cache
 def _cpu_has_avx512() -> bool:
-    from ..models.precision import read_cpu_flags  # standard library only at import
+    from ..models.precision import read_cpu_flags, usable_cpu_flags  # standard library only at import
 
-    return "avx512f" in read_cpu_flags()[1]
+    return "avx512f" in usable_cpu_flags(read_cpu_flags()[1])
 
 
 def channels_last_enabled(network: str = "unet") -> bool:
