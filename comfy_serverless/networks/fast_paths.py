@@ -27,9 +27,8 @@ results go back to channels_last (`plain_layout_block_patches`), so an identity 
 patches see [B, tokens, C] tensors, contiguous in either layout. ControlNet residuals, LoRA (replaced weights)
 and interrupts are unaffected. COMFY_CHANNELS_LAST=0 turns it off.
 
-Not done (no time to measure them): fused GroupNorm + SiLU (torch 2.13 has no eager CPU kernel for it; only
-torch.compile fuses) and oneDNN weight prepacking (torch.utils.mkldnn modules need mkldnn-layout tensors end
-to end and cannot take LoRA patches or per-call weight swaps); AOTInductor and OpenVINO.
+Not done here: fused GroupNorm + SiLU (torch 2.13 has no eager CPU kernel for it; only torch.compile fuses).
+Weight prepacking lives in cpu_kernels.py; OpenVINO is measured against it in benchmarks/openvino_compare.py.
 """
 
 from __future__ import annotations
