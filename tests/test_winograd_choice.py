@@ -26,8 +26,8 @@ def timings(direct_ms: float, winograd_ms: float, calls: list):
     return measure
 
 
-@pytest.mark.parametrize("direct_ms, winograd_ms, chosen", [(30.0, 20.0, True), (30.0, 28.0, False),
-                                                            (20.0, 30.0, False)])
+@pytest.mark.parametrize("direct_ms, winograd_ms, chosen", [(30.0, 20.0, True), (30.0, 32.0, True),
+                                                            (30.0, 34.0, False), (20.0, 30.0, False)])
 def test_avx512_times_once_and_caches_the_answer(avx512_with_cache, monkeypatch, direct_ms, winograd_ms, chosen):
     calls: list = []
     monkeypatch.setattr(winograd_choice, "measure", timings(direct_ms, winograd_ms, calls))
