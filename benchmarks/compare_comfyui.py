@@ -46,11 +46,15 @@ from machine import describe as describe_machine
 from machine import precision_line
 
 PREPARED = CACHE / "prepared"
-# Other CPU classes stood in for by capping the instruction set both torch (ATen kernels) and oneDNN
-# (convolutions, matmuls) may use; bf16 is then emulated exactly as on such a CPU: "avx2" an AVX2-only one (bf16
-# at 1.5 GFLOP/s here), "avx512" one with AVX-512 and VNNI but no bf16 (Cascade Lake, as in many cloud VMs).
-ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-            "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}}
+# Other CPU classes stood in for by capping the instruction set torch (ATen kernels), oneDNN (convolutions,
+# packed matmuls) and MKL (torch's fp32 matrix products: stock linears, attention, Winograd products) may use; bf16
+# is then emulated exactly as on such a CPU: "avx2" an AVX2-only one (bf16 at 1.5 GFLOP/s here), "avx512" one with
+# AVX-512 and VNNI but no bf16 (Cascade Lake, as in many cloud VMs). Before 2026-12-02 MKL was not capped, so its
+# products ran AVX-512 code under "avx2" (Winograd F(2x2) 2x320->320 at 32x32: 9.0 ms, 12.8 with MKL capped).
+ISA_CAPS = {"native": {},
+            "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+            "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI",
+                       "MKL_ENABLE_INSTRUCTIONS": "AVX512"}}
 
 TORCHVISION_STAND_IN = '''"""Stand-in torchvision (benchmarks/compare_comfyui.py only): imports succeed, use raises."""
 import importlib.abc
@@ -219,7 +223,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json")
     parser.add_argument("--isa", choices=tuple(ISA_CAPS), default="native",
-                        help="cap torch and oneDNN in both servers (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): avx2 "
+                        help="cap torch, oneDNN and MKL in both servers (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
+                             "MKL_ENABLE_INSTRUCTIONS): avx2 "
                              "stands in for an AVX2-only CPU, avx512 for one with AVX-512 but no bf16")
     args = parser.parse_args()
     os.environ.update(ISA_CAPS[args.isa])  # inherited by every process started below

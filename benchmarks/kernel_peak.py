@@ -19,9 +19,9 @@
    of its seconds in convolutions, linears, attention and the rest, and of the share it would reach with every
    convolution and linear at the peak: how far kernels alone could take it.
 
---isa avx2 caps torch and oneDNN at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; must be set before torch is
-imported, so the script re-runs itself with them), standing in for an AVX2-only CPU; --isa avx512 at AVX-512 with
-VNNI but no bf16 (compare_comfyui.ISA_CAPS).
+--isa avx2 caps torch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS;
+set before torch is imported, so the script re-runs itself with them), standing in for an AVX2-only CPU; --isa
+avx512 at AVX-512 with VNNI but no bf16 (compare_comfyui.ISA_CAPS).
 """
 
 from __future__ import annotations
