@@ -109,6 +109,7 @@ def prepare(settings, folder: str, only_check: bool = False, pack_size: int | No
                 continue
             try:
                 networks = networks_of(path, kind)
+                _settle_kernel_timings(networks)
                 metadata, why = check(path, folder)
                 if metadata is not None and _wanted_dtypes_present(metadata, networks):
                     log.info("prepare: %s/%s is current", kind, relative)
@@ -132,6 +133,17 @@ def prepare(settings, folder: str, only_check: bool = False, pack_size: int | No
                 log.error("prepare: %s/%s failed: %s", kind, relative, exc)
                 status = 1
     return status
+
+
+def _settle_kernel_timings(networks: dict) -> None:
+    """Times, once per CPU class, the kernel choice a cold start would otherwise time at its first fp32 VAE
+    decode (cpu_kernels.large_tiles_min_pixels; the UNet's is settled by packing its weights)."""
+    import torch
+
+    if networks.get("vae", (None, None))[1] == torch.float32:
+        from .networks import cpu_kernels
+
+        cpu_kernels.large_tiles_min_pixels()
 
 
 def _prepare_packs(path: str, kind: str, relative: str, folder: str, unet: tuple[dict, object], pack_size: int,

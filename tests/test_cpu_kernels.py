@@ -34,7 +34,8 @@ def relative_error(a, b) -> float:
 @pytest.fixture(autouse=True)
 def pack_everything(monkeypatch):
     """COMFY_CPU_KERNELS=all: weights made in memory here are packed too (auto packs only file mappings)."""
-    caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels.transformed_winograd)
+    caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels.transformed_winograd,
+              cpu_kernels.large_tiles_min_pixels)
     monkeypatch.setenv(cpu_kernels.ENV, "all")
     for cache in caches:
         cache.cache_clear()
@@ -75,7 +76,8 @@ def test_packed_convolution_same_result(kwargs, dtype, tolerance):
     assert (cpu_kernels.packed_weight(fast) is not None) is packs
 
 
-def test_winograd_for_large_images_and_its_error():
+def test_winograd_for_large_images_and_its_error(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: None)  # NNPACK's, not F(4x4)
     stock, fast = conv(32, 32, padding=1), fast_copy(conv(32, 32, padding=1))
     x = seeded(1, 32, 128, 128, seed=5)  # over both instruction sets' size floor
     assert fast._nnpack_winograd(x) and not fast._nnpack_winograd(x[:, :, :16, :16])
@@ -150,6 +152,57 @@ def test_packed_only_mode_has_no_winograd(monkeypatch):
     cpu_kernels._winograd_min_pixels.cache_clear()
     layer = fast_copy(conv(4, 4, padding=1))
     assert not layer._nnpack_winograd(seeded(1, 4, 128, 128))
+    assert cpu_kernels.large_tiles_min_pixels() is None and not layer._large_tiles(seeded(1, 4, 128, 128))
+
+
+@pytest.fixture()
+def large_tiles_from_32x32(monkeypatch):
+    """As where the timing chose F(4x4) from 32x32 (the capped Xeon); every call of it recorded."""
+    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: 32 * 32)
+    calls = []
+    real = winograd.convolve_large
+
+    def recorded(x, weight, bias):
+        calls.append(tuple(x.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(winograd, "convolve_large", recorded)
+    return calls
+
+
+def test_large_tiles_for_large_images_where_nothing_packs(large_tiles_from_32x32):
+    once = conv(8, 8, padding=1, seed=3)
+    use_fast_kernels(once)  # a network run once per image (VAE): never packs
+    every_step = use_fast_kernels(EveryStep(conv(8, 8, padding=1, seed=4)))[0]
+    other_padding = use_fast_kernels(conv(8, 8, padding=2, seed=5))
+    cases = [(once, (1, 8, 32, 32), True), (once, (1, 8, 33, 35), True), (once, (2, 8, 16, 16), False),
+             (every_step, (2, 8, 32, 32), False),  # packs: 2048 pixels <= PACK_MAX_PIXELS
+             (every_step, (2, 8, 64, 64), True), (other_padding, (1, 8, 64, 64), False)]
+    for layer, shape, large in cases:
+        del large_tiles_from_32x32[:]
+        x = seeded(*shape, seed=6)
+        with torch.inference_mode():
+            out = layer(x)
+        expected = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=layer.padding)
+        assert relative_error(out, expected) < 5e-6
+        assert large_tiles_from_32x32 == ([shape] if large else []), (shape, layer.padding)
+
+
+def test_large_tiles_never_for_bf16_or_gradients(large_tiles_from_32x32):
+    layer = use_fast_kernels(conv(8, 8, padding=1, seed=7))
+    with torch.inference_mode():
+        layer.to(torch.bfloat16)(seeded(1, 8, 32, 32).bfloat16())
+    layer.float().requires_grad_(True)
+    layer(seeded(1, 8, 32, 32)).sum().backward()
+    assert large_tiles_from_32x32 == [] and layer.weight.grad is not None
+
+
+def test_large_tiles_follow_the_timing(monkeypatch):
+    monkeypatch.setattr(cpu_kernels.winograd_choice, "large_tiles_floor", lambda: 64 * 64)
+    cpu_kernels.large_tiles_min_pixels.cache_clear()
+    layer = use_fast_kernels(conv(4, 4, padding=1))
+    assert cpu_kernels.large_tiles_min_pixels() == 64 * 64
+    assert layer._large_tiles(seeded(1, 4, 64, 64)) and not layer._large_tiles(seeded(1, 4, 32, 32))
 
 
 def _resident_kb(tensor) -> int:
@@ -199,7 +252,8 @@ def test_heap_weights_keep_their_pages_and_are_packed_only_when_asked(monkeypatc
 
 
 KERNELS_OFF_AND_ALL = [{cpu_kernels.ENV: "0"}, {cpu_kernels.ENV: "all"}]
-AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # torch and oneDNN as on an AVX2-only CPU
+# torch, oneDNN and MKL as on an AVX2-only CPU
+AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def run_under_avx2_cap(code: str, kernels: str) -> list[str]:

@@ -105,3 +105,61 @@ def test_nnpack_from_64x64_where_winograd_pays(kernels_timed_at, winograd_ms, fl
     capped Xeon: 512->512 at 64x64 61 ms against 91), else only from 128x128 as before."""
     cpu_kernels = kernels_timed_at(winograd_ms)
     assert cpu_kernels._winograd_min_pixels() == (floor if torch._nnpack_available() else None)
+
+
+def large_timings(pairs: list, calls: list):
+    def measure_large():
+        calls.append(1)
+        return pairs
+    return measure_large
+
+
+@pytest.mark.parametrize("pairs, floor", [([(10.0, 15.0), (30.0, 45.0)], 32 * 32),  # pays at both sizes
+                                          ([(16.0, 15.0), (30.0, 45.0)], 64 * 64),  # only from 64x64
+                                          ([(10.0, 15.0), (46.0, 45.0)], None),  # not at the larger size
+                                          ([(16.0, 15.0), (46.0, 45.0)], None)])
+def test_large_tiles_from_the_smallest_size_where_they_keep_paying(avx512_with_cache, monkeypatch, pairs, floor):
+    calls: list = []
+    monkeypatch.setattr(winograd_choice, "measure_large", large_timings(pairs, calls))
+    assert winograd_choice.large_tiles_floor() == floor
+    assert winograd_choice.large_tiles_floor() == floor  # read back from the file, not timed again
+    assert len(calls) == 1
+    entries = json.loads(avx512_with_cache.read_text())[winograd_choice.LARGE_SECTION]
+    assert [(entry["large_ms"], entry["other_ms"]) for entry in entries.values()] == [
+        ([large for large, _ in pairs], [other for _, other in pairs])]
+
+
+@pytest.mark.parametrize("entry", [{"large_ms": [1.0], "other_ms": [2.0]}, {"large_ms": "x"}, {}])
+def test_a_broken_or_other_sized_large_tiles_entry_is_measured_again(avx512_with_cache, monkeypatch, entry):
+    key = f"{precision.cpu_facts().key}:AVX512"
+    avx512_with_cache.write_text(json.dumps({"format": 1, winograd_choice.LARGE_SECTION: {key: entry}}))
+    calls: list = []
+    monkeypatch.setattr(winograd_choice, "measure_large", large_timings([(10.0, 15.0), (30.0, 45.0)], calls))
+    assert winograd_choice.large_tiles_floor() == 32 * 32 and len(calls) == 1
+
+
+def test_the_large_tiles_timing_runs_every_kernel_on_this_cpu():
+    timings = winograd_choice.measure_large()
+    assert len(timings) == len(winograd_choice.LARGE_TIMED_SIZES)
+    assert all(0 < large < 10_000 and 0 < other < 10_000 for large, other in timings)
+
+
+def test_both_answers_share_the_cache_file(avx512_with_cache, monkeypatch):
+    monkeypatch.setattr(winograd_choice, "measure", timings(30.0, 20.0, []))
+    monkeypatch.setattr(winograd_choice, "measure_large", large_timings([(16.0, 15.0), (30.0, 45.0)], []))
+    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_floor() == 64 * 64
+    monkeypatch.setattr(winograd_choice, "measure", lambda: pytest.fail("timed again"))
+    monkeypatch.setattr(winograd_choice, "measure_large", lambda: pytest.fail("timed again"))
+    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_floor() == 64 * 64
+
+
+@pytest.mark.parametrize("dtype, timed", [(torch.float32, True), (torch.bfloat16, False)])
+def test_prepare_settles_the_large_tiles_answer_for_an_fp32_vae(monkeypatch, dtype, timed):
+    from comfy_serverless import prepare_command
+    from comfy_serverless.networks import cpu_kernels
+
+    asked: list = []
+    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: asked.append(1))
+    prepare_command._settle_kernel_timings({"unet": ({}, dtype), "vae": ({}, dtype)})
+    prepare_command._settle_kernel_timings({"unet": ({}, torch.float32)})  # no VAE in the file
+    assert asked == ([1] if timed else [])

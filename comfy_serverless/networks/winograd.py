@@ -22,6 +22,16 @@ Results differ from a direct convolution by fp32 rounding (~3e-6 relative; fp64 
 transformed: on the AMX Xeon (2026-12-02) F(2x2) in bf16 from these torch operations had twice the direct
 convolution's error (5.5e-3 vs 2.9e-3 relative) and was slower at every VAE shape (512->512 at 64x64: 32.5 vs
 27.3 ms; 128->128 at 256x256: 63 vs 27 ms), its 4x-sized tile transforms bound by memory next to AMX products.
+
+Large images (32x32 and up, where nothing packs: the VAE, a UNet at 512 px) take F(4x4, 3x3) instead
+(convolve_large): 36 products per 4x4 output tile, 2.25 multiplications per output against F(2x2)'s 4, the
+weight transformed at each call (these layers run once per image; 512->512 takes 2-5 ms of a 28 ms call) and the
+tiles taken in strips of at most STRIP_BYTES so the working set stays small. Where oneDNN and MKL run AVX-512 it
+beat both NNPACK and oneDNN's direct convolution at every VAE shape (Intel Xeon model 207 capped at AVX-512 +
+VNNI, MKL at AVX512, batch 1, 2026-12-02, ms: 512->512 at 32x32 12.6 against NNPACK 20.6 / direct 16.5; at
+64x64 27.9 / 44.8 / 59.6; 256->256 at 128x128 30.6 / 47.1 / 62.6; at 256x256 119.5 / 176.5 / 237.7), with less
+error than NNPACK (3.3e-6 against 5.5e-6 relative, fp64 reference). With MKL capped at AVX2 it tied NNPACK from
+64x64 (46.3 vs 46.5 ms at 512x64x64), so where it runs follows a timing (winograd_choice.large_tiles_floor).
 """
 
 from __future__ import annotations
@@ -34,20 +44,32 @@ import torch.nn.functional as F
 TILE = 2  # output tile 2x2, input tile 4x4
 TRANSFORMED_ROWS = (TILE + 2) ** 2  # one matrix per position in the 4x4 input tile
 SIZE_FACTOR = TRANSFORMED_ROWS / 9  # transformed weight bytes / weight bytes
+LARGE_TILE = 4  # convolve_large: output tile 4x4, input tile 6x6
+STRIP_BYTES = 64 << 20  # convolve_large's transformed tiles per strip (16-64 MB measured alike; 4 MB slower)
+
+# 1-D transforms (input B^T, weight G, output A^T) per output tile size, from the interpolation points 0, 1, -1
+# and infinity (F(2, 3)) or 0, 1, -1, 2, -2 and infinity (F(4, 3)).
+_ONE_D = {
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
+         [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
 
 
 @functools.cache
-def _transforms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input, weight, output) transforms of F(2x2, 3x3) over flattened tiles, interpolation points 0, 1, -1 and
-    infinity: input 16 x 16, weight 16 x 9, output 4 x 16 (Kronecker products of the 1-D transforms)."""
-    bt = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-    g = [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]
-    at = [[1, 1, 1, 0], [0, 1, -1, -1]]
-
+def _transforms(tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input, weight, output) transforms of F(tile x tile, 3x3) over flattened tiles (Kronecker products of the
+    1-D ones, made in fp64): for tile 2 input 16 x 16, weight 16 x 9, output 4 x 16."""
     def kron(matrix):
         t = torch.tensor(matrix, dtype=torch.float64)
         return torch.kron(t, t).float()
 
+    bt, g, at = _ONE_D[tile]
     return kron(bt), kron(g), kron(at)
 
 
@@ -108,3 +130,36 @@ def convolve(x: torch.Tensor, weight: WinogradWeight, bias: torch.Tensor | None)
     if tiles_h * m != height or tiles_w * m != width:
         out = out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
     return out
+
+
+def convolve_large(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=1) for x [N, C, H, W] and weight [out, C, 3, 3] fp32 by F(4x4, 3x3), the
+    weight transformed here; the result is channels_last."""
+    m, a = LARGE_TILE, LARGE_TILE + 2
+    input_transform, weight_transform, output_transform = _transforms(LARGE_TILE)
+    out_channels, channels = weight.shape[:2]
+    transformed = torch.mm(weight_transform, taps(weight).contiguous()).view(a * a, out_channels, channels)
+    n, _, height, width = x.shape
+    tiles_h, tiles_w = -(-height // m), -(-width // m)
+    padded = x.new_zeros(n, tiles_h * m + 2, tiles_w * m + 2, channels)  # NHWC, zero border
+    padded[:, 1:height + 1, 1:width + 1].copy_(x.permute(0, 2, 3, 1))
+    s_n, s_h, s_w, s_c = padded.stride()
+    out = x.new_empty(n, tiles_h * m, tiles_w * m, out_channels)
+    strip = max(1, min(tiles_h, STRIP_BYTES // (a * a * tiles_w * max(channels, out_channels) * 4)))
+    for image in range(n):
+        for row in range(0, tiles_h, strip):
+            rows = min(strip, tiles_h - row)
+            # the strip's a x a windows, tile position first: [a*a, rows * tiles_w * C]
+            tiles = padded.as_strided((a, a, rows, tiles_w, channels), (s_h, s_w, s_h * m, s_w * m, s_c),
+                                      padded.storage_offset() + image * s_n + row * m * s_h)
+            v = torch.mm(input_transform, tiles.reshape(a * a, -1)).view(a * a, rows * tiles_w, channels)
+            products = torch.bmm(v, transformed.transpose(1, 2))  # [a*a, rows * tiles_w, out]
+            y = torch.mm(output_transform, products.view(a * a, -1)).view(m, m, rows, tiles_w, out_channels)
+            out[image, row * m:(row + rows) * m].view(rows, m, tiles_w, m, out_channels).copy_(
+                y.permute(2, 0, 3, 1, 4))
+    if bias is not None:
+        out += bias
+    result = out.permute(0, 3, 1, 2)
+    if tiles_h * m != height or tiles_w * m != width:
+        result = result[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
+    return result

@@ -8,6 +8,11 @@ as Winograd products (2x640->640 at 16x16: 18.7 vs 11.1 ms; 2x1280->1280 at 16x1
 So there both are timed once, on two of the UNet's shapes (Winograd unless clearly slower: MAX_TIME_RATIO), and
 the answer is cached per CPU class beside the catalogue snapshot (models/precision.py's file); `comfy-serverless
 prepare` settles it at build time, since it runs a UNet step. Only fp32 networks ask (bf16 is never transformed).
+
+large_tiles_floor answers a second question the same way: from which image size F(4x4) Winograd (winograd.py's
+convolve_large) beats both NNPACK and oneDNN's direct convolution, timed on the VAE decoder's 32x32 and 64x64
+levels. It follows MKL's instruction set, which torch's capability does not show: on the Xeon, 1.5x faster than
+NNPACK with AVX-512, a tie with MKL capped at AVX2.
 """
 
 from __future__ import annotations
@@ -30,16 +35,24 @@ CACHE_SECTION = "winograd"
 MAX_TIME_RATIO = 1.1
 TIMED_SHAPES = ((2, 320, 32), (2, 640, 16))  # batch, channels, size: the UNet's 32x32 and 16x16 levels at 256 px
 _ROUNDS = 5
+LARGE_SECTION = "winograd_large"
+LARGE_TIMED_SIZES = (32, 64)  # 512->512 3x3 convolutions, batch 1: the VAE decoder's two smallest levels at 256 px
+_LARGE_ROUNDS = 3
+
+
+def _cache_key() -> str:
+    from ..models import precision
+
+    return f"{precision.cpu_facts().key}:{torch.backends.cpu.get_cpu_capability()}"
 
 
 def transformed_weights_pay() -> bool:
     """True where Winograd-transformed weights beat oneDNN's packed direct convolution (see module doc)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX2":
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
         return True
     from ..models import precision
 
-    key = f"{precision.cpu_facts().key}:{capability}"
+    key = _cache_key()
     path = precision.cache_path()
     entry = precision.read_cached_entry(path, CACHE_SECTION, key)
     try:
@@ -77,3 +90,57 @@ def measure() -> tuple[float, float]:
                 if round_:  # the first round selects kernels and takes fresh pages
                     best[variant] = min(best[variant], time.perf_counter() - start)
     return best[0] * 1000, best[1] * 1000
+
+
+def large_tiles_floor() -> int | None:
+    """Pixels per image from which fp32 3x3 convolutions take F(4x4) Winograd (winograd.convolve_large): the
+    smallest of LARGE_TIMED_SIZES where it beat the fastest other kernel at that size and every larger one; None
+    where it did not at the largest. Timed once per CPU class like transformed_weights_pay."""
+    from ..models import precision
+
+    key, path = _cache_key(), precision.cache_path()
+    entry = precision.read_cached_entry(path, LARGE_SECTION, key) or {}
+    try:
+        timings = [(float(large), float(other))
+                   for large, other in zip(entry["large_ms"], entry["other_ms"], strict=True)]
+        if len(timings) != len(LARGE_TIMED_SIZES):
+            raise ValueError("timed at other sizes")
+    except (KeyError, TypeError, ValueError):
+        timings = measure_large()
+        precision.write_cached_entry(path, LARGE_SECTION, key, {"large_ms": [large for large, _ in timings],
+                                                                "other_ms": [other for _, other in timings]})
+    floor = None
+    for size, (large_ms, other_ms) in reversed(list(zip(LARGE_TIMED_SIZES, timings))):
+        if large_ms > other_ms:
+            break
+        floor = size * size
+    log.info("fp32 3x3 convolutions over large images: F(4x4) Winograd %s ms, others %s ms -> %s",
+             "/".join(f"{large:.1f}" for large, _ in timings), "/".join(f"{other:.1f}" for _, other in timings),
+             f"from {int(floor ** 0.5)}x{int(floor ** 0.5)}" if floor else "not used")
+    return floor
+
+
+def measure_large() -> list[tuple[float, float]]:
+    """Per LARGE_TIMED_SIZES: (milliseconds of F(4x4) Winograd, of the fastest of oneDNN's direct convolution and
+    NNPACK), best of a few interleaved rounds after one untimed call of each."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(512, 512, 3, 3, generator=generator) * 0.02
+    sizes = []
+    with torch.inference_mode():
+        for size in LARGE_TIMED_SIZES:
+            x = torch.randn(1, 512, size, size, generator=generator)
+            others = [lambda x=x: F.conv2d(x, weight, padding=1)]
+            if torch._nnpack_available():
+                others.append(lambda x=x: torch._nnpack_spatial_convolution(x, weight, None, [1, 1]))
+            sizes.append([lambda x=x: winograd.convolve_large(x, weight, None), *others])
+        best = [[float("inf")] * len(calls) for calls in sizes]
+        for round_ in range(_LARGE_ROUNDS + 1):
+            for calls, fastest in zip(sizes, best):
+                for index, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    if round_:
+                        fastest[index] = min(fastest[index], time.perf_counter() - start)
+    return [(fastest[0] * 1000, min(fastest[1:]) * 1000) for fastest in best]
