@@ -80,6 +80,10 @@ PACK_MAX_PIXELS = 4096
 # Transformed Winograd weights (AVX2) from this many pixels per image on (up to NNPACK's floor); the memory they
 # may add, as a fraction of the network's weight bytes.
 WINOGRAD_WEIGHTS_MIN_PIXELS = 16 * 16
+# fp16-held Winograd taps expand into F(4x4)'s weight instead of F(2x2)'s from this many pixels per image: with
+# fp16-held taps (transformed at each call) 2x320->320 at 32x32 took 12.3 instead of 18.0 ms, 2x640->640 44.3
+# instead of 64.6 (Xeon capped at AVX2, MKL too), 7.7 / 10.2 and 41.7 / 47.2 ms capped at AVX-512; at 16x16 a tie.
+WINOGRAD_LARGE_TILE_MIN_PIXELS = 32 * 32
 WINOGRAD_EXTRA_MEMORY = 0.10
 
 
@@ -162,19 +166,29 @@ class _Packed:
 class _HeldAsHalf:
     """A prepared fp32 weight that the packed file holds as fp16 (exactly: the values of an fp16 checkpoint), expanded
     before each call into a buffer shared by the network's layers: oneDNN-packed bytes as they are, Winograd taps
-    [9, out * in] through winograd.transform."""
+    [9, out * in] through winograd.transform; for large images (WINOGRAD_LARGE_TILE_MIN_PIXELS) into F(4x4)'s
+    36 rows where the shared buffer has room (`room`, the whole buffer; the taps lie at its end)."""
 
-    __slots__ = ("half", "into", "taps")
+    __slots__ = ("half", "into", "taps", "room", "channels")
 
-    def __init__(self, half: torch.Tensor, into: torch.Tensor, taps: torch.Tensor | None = None):
-        self.half, self.into, self.taps = half, into, taps
+    def __init__(self, half: torch.Tensor, into: torch.Tensor, taps: torch.Tensor | None = None,
+                 room: torch.Tensor | None = None, channels: tuple[int, int] = (0, 0)):
+        self.half, self.into, self.taps, self.room, self.channels = half, into, taps, room, channels
 
-    def expand(self) -> None:
+    def expand(self, large_tiles: bool = False) -> winograd.WinogradWeight | None:
+        """Expands the weight; for Winograd taps at large_tiles, returns the F(4x4) weight where there is room."""
         if self.taps is None:
             self.into.copy_(self.half)
-        else:
-            self.taps.copy_(self.half)
-            winograd.transform(self.taps, out=self.into)
+            return None
+        self.taps.copy_(self.half)
+        count = self.taps.shape[1]
+        rows = winograd.LARGE_TRANSFORMED_ROWS
+        if large_tiles and self.room is not None and self.room.numel() >= (rows + 9) * count:
+            large = self.room[:rows * count].view(rows, count)
+            winograd.transform(self.taps, out=large, tile=winograd.LARGE_TILE)
+            return winograd.WinogradWeight.from_transformed(large.view(rows, *self.channels))
+        winograd.transform(self.taps, out=self.into)
+        return None
 
 
 # Kept beside the layers, not in them: a deep copy or pickle of a network (packs do both) must not meet oneDNN's
@@ -195,7 +209,7 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not weight.is_meta)
 
 
-def _packed_weight(layer: nn.Module, pack, shape: tuple[int, ...]):
+def _packed_weight(layer: nn.Module, pack, shape: tuple[int, ...], large_tiles: bool = False):
     """The packed weight from the layer's packing call on (its _cpu_pack_after-th with this weight); None before,
     for weights that stay unpacked (see module doc), and for weights made under inference_mode (they keep no
     version counter, so an in-place change could not be seen). `shape` is the input's (rows for a linear): a
@@ -224,7 +238,7 @@ def _packed_weight(layer: nn.Module, pack, shape: tuple[int, ...]):
                 return None
             release_file_pages(layer.weight)
     if state.held is not None:
-        state.held.expand()
+        return state.held.expand(large_tiles) or state.packed
     return state.packed
 
 
@@ -240,7 +254,8 @@ class FastConv2d(nn.Conv2d):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, bias, list(self.padding))
         if x.shape[0] * x.shape[2] * x.shape[3] > PACK_MAX_PIXELS:
             return super().forward(x)
-        packed = _packed_weight(self, lambda state: self._pack(x, state), tuple(x.shape))
+        packed = _packed_weight(self, lambda state: self._pack(x, state), tuple(x.shape),
+                                x.shape[2] * x.shape[3] >= WINOGRAD_LARGE_TILE_MIN_PIXELS)
         if packed is None:
             return super().forward(x)
         if isinstance(packed, winograd.WinogradWeight):
@@ -478,7 +493,8 @@ def _adopt_winograd(layer: nn.Module, parts: dict[str, torch.Tensor], state: _Pa
         if shared is None or taps.dtype != torch.float16 or tuple(taps.shape) != (9, count):
             return False
         into = shared[:winograd.TRANSFORMED_ROWS * count].view(winograd.TRANSFORMED_ROWS, count)
-        state.held = _HeldAsHalf(taps, into, shared[into.numel():into.numel() + taps.numel()].view(9, count))
+        state.held = _HeldAsHalf(taps, into, shared[shared.numel() - taps.numel():].view(9, count), shared,
+                                 (out_channels, in_channels))
         state.packed = winograd.WinogradWeight.from_transformed(into.view(-1, out_channels, in_channels))
         return True
     transformed = parts["winograd"]

@@ -32,6 +32,9 @@ VNNI, MKL at AVX512, batch 1, 2026-12-02, ms: 512->512 at 32x32 12.6 against NNP
 64x64 27.9 / 44.8 / 59.6; 256->256 at 128x128 30.6 / 47.1 / 62.6; at 256x256 119.5 / 176.5 / 237.7), with less
 error than NNPACK (3.3e-6 against 5.5e-6 relative, fp64 reference). With MKL capped at AVX2 it tied NNPACK from
 64x64 (46.3 vs 46.5 ms at 512x64x64), so where it runs follows a timing (winograd_choice.large_tiles_floor).
+cpu_kernels also expands fp16-held taps into F(4x4)'s weight for images from 32x32 (convolve takes either): with
+MKL capped at AVX2, a 256 px UNet step 3.31 -> 3.07 s (medians of 8, alternating in one process); capped at
+AVX-512 no change beyond noise (2.04 vs 2.09 s, 12 rounds).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ TILE = 2  # output tile 2x2, input tile 4x4
 TRANSFORMED_ROWS = (TILE + 2) ** 2  # one matrix per position in the 4x4 input tile
 SIZE_FACTOR = TRANSFORMED_ROWS / 9  # transformed weight bytes / weight bytes
 LARGE_TILE = 4  # convolve_large: output tile 4x4, input tile 6x6
+LARGE_TRANSFORMED_ROWS = (LARGE_TILE + 2) ** 2
 STRIP_BYTES = 64 << 20  # convolve_large's transformed tiles per strip (16-64 MB measured alike; 4 MB slower)
 
 # 1-D transforms (input B^T, weight G, output A^T) per output tile size, from the interpolation points 0, 1, -1
@@ -99,16 +103,20 @@ def taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(-1, 9).t()
 
 
-def transform(weight_taps: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The transformed weight [16, out * in] of contiguous taps [9, out * in] (into `out` if given). The same
-    matrix product whether the taps were just read (cpu_kernels expands fp16-held ones at each call) or not: the
-    same bits. Over contiguous taps it runs 3x faster than over the transposed weight (640x1280: 5.2 vs 16 ms)."""
-    _, weight_transform, _ = _transforms()
+def transform(weight_taps: torch.Tensor, out: torch.Tensor | None = None, tile: int = TILE) -> torch.Tensor:
+    """The transformed weight [16, out * in] (36 rows for tile 4) of contiguous taps [9, out * in] (into `out` if
+    given). The same matrix product whether the taps were just read (cpu_kernels expands fp16-held ones at each
+    call) or not: the same bits. Over contiguous taps it runs 3x faster than over the transposed weight (640x1280:
+    5.2 vs 16 ms)."""
+    _, weight_transform, _ = _transforms(tile)
     return torch.mm(weight_transform, weight_taps, out=out)
 
 
 def convolve(x: torch.Tensor, weight: WinogradWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) for x [N, C, H, W] fp32; the result is channels_last."""
+    """conv2d(x, weight, bias, padding=1) for x [N, C, H, W] fp32; the result is channels_last. A weight
+    transformed for tile 4 (LARGE_TRANSFORMED_ROWS rows) runs as convolve_large does."""
+    if weight.transformed.shape[0] == LARGE_TRANSFORMED_ROWS:
+        return _large_tiles(x, weight.transformed, bias)
     m, a = TILE, TILE + 2
     input_transform, _, output_transform = _transforms()
     n, channels, height, width = x.shape
@@ -135,10 +143,16 @@ def convolve(x: torch.Tensor, weight: WinogradWeight, bias: torch.Tensor | None)
 def convolve_large(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1) for x [N, C, H, W] and weight [out, C, 3, 3] fp32 by F(4x4, 3x3), the
     weight transformed here; the result is channels_last."""
-    m, a = LARGE_TILE, LARGE_TILE + 2
-    input_transform, weight_transform, output_transform = _transforms(LARGE_TILE)
     out_channels, channels = weight.shape[:2]
-    transformed = torch.mm(weight_transform, taps(weight).contiguous()).view(a * a, out_channels, channels)
+    transformed = transform(taps(weight).contiguous(), tile=LARGE_TILE)
+    return _large_tiles(x, transformed.view(LARGE_TRANSFORMED_ROWS, out_channels, channels), bias)
+
+
+def _large_tiles(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F(4x4, 3x3) with a transformed weight [36, out, in], in strips of tile rows."""
+    m, a = LARGE_TILE, LARGE_TILE + 2
+    input_transform, _, output_transform = _transforms(LARGE_TILE)
+    out_channels, channels = transformed.shape[1:]
     n, _, height, width = x.shape
     tiles_h, tiles_w = -(-height // m), -(-width // m)
     padded = x.new_zeros(n, tiles_h * m + 2, tiles_w * m + 2, channels)  # NHWC, zero border
