@@ -49,7 +49,9 @@ TRANSFORMED_ROWS = (TILE + 2) ** 2  # one matrix per position in the 4x4 input t
 SIZE_FACTOR = TRANSFORMED_ROWS / 9  # transformed weight bytes / weight bytes
 LARGE_TILE = 4  # convolve_large: output tile 4x4, input tile 6x6
 LARGE_TRANSFORMED_ROWS = (LARGE_TILE + 2) ** 2
-STRIP_BYTES = 64 << 20  # convolve_large's transformed tiles per strip (16-64 MB measured alike; 4 MB slower)
+# convolve_large's transformed tiles per strip: 16-64 MB ran alike (4 MB slower); the smaller, the lower a VAE
+# decode's peak memory (the strip's input rows are copied with their zero border, not the whole image)
+STRIP_BYTES = 32 << 20
 
 # 1-D transforms (input B^T, weight G, output A^T) per output tile size, from the interpolation points 0, 1, -1
 # and infinity (F(2, 3)) or 0, 1, -1, 2, -2 and infinity (F(4, 3)).
@@ -155,17 +157,23 @@ def _large_tiles(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor 
     out_channels, channels = transformed.shape[1:]
     n, _, height, width = x.shape
     tiles_h, tiles_w = -(-height // m), -(-width // m)
-    padded = x.new_zeros(n, tiles_h * m + 2, tiles_w * m + 2, channels)  # NHWC, zero border
-    padded[:, 1:height + 1, 1:width + 1].copy_(x.permute(0, 2, 3, 1))
-    s_n, s_h, s_w, s_c = padded.stride()
-    out = x.new_empty(n, tiles_h * m, tiles_w * m, out_channels)
     strip = max(1, min(tiles_h, STRIP_BYTES // (a * a * tiles_w * max(channels, out_channels) * 4)))
+    rows_nhwc = x.permute(0, 2, 3, 1)
+    window = x.new_empty(strip * m + 2, tiles_w * m + 2, channels)  # one strip's input rows, zero-padded
+    s_h, s_w, s_c = window.stride()
+    out = x.new_empty(n, tiles_h * m, tiles_w * m, out_channels)
     for image in range(n):
         for row in range(0, tiles_h, strip):
             rows = min(strip, tiles_h - row)
+            top = row * m - 1  # the input row at the window's first row
+            first, last = max(top, 0), min(top + rows * m + 2, height)
+            window[:first - top].zero_()
+            window[last - top:].zero_()
+            window[:, 0].zero_()
+            window[:, width + 1:].zero_()
+            window[first - top:last - top, 1:width + 1].copy_(rows_nhwc[image, first:last])
             # the strip's a x a windows, tile position first: [a*a, rows * tiles_w * C]
-            tiles = padded.as_strided((a, a, rows, tiles_w, channels), (s_h, s_w, s_h * m, s_w * m, s_c),
-                                      padded.storage_offset() + image * s_n + row * m * s_h)
+            tiles = window.as_strided((a, a, rows, tiles_w, channels), (s_h, s_w, s_h * m, s_w * m, s_c))
             v = torch.mm(input_transform, tiles.reshape(a * a, -1)).view(a * a, rows * tiles_w, channels)
             products = torch.bmm(v, transformed.transpose(1, 2))  # [a*a, rows * tiles_w, out]
             y = torch.mm(output_transform, products.view(a * a, -1)).view(m, m, rows, tiles_w, out_channels)
