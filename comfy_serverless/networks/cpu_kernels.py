@@ -31,10 +31,11 @@ not fit (they pack at that first call, as without the file).
 Where the network computes in fp32 from an fp16 checkpoint (AVX2-only CPUs, --force-fp32), every packed value is
 an fp16 value: the packed file then holds the oneDNN bytes, and a Winograd layer's 3x3 taps instead of its 16/9
 larger transform, as fp16, and each call first expands its layer's into one fp32 buffer the network's layers
-share (_HeldAsHalf; the largest layer's size, 120 MB for SD1.5): the same bytes, so the same results bit for bit,
-at half the resident memory. Measured under the AVX2 cap (SD1.5, 256 px, 2026-12-01, side by side with ComfyUI):
-peak RSS 4.65 -> 2.91 GB (packed file 3.7 -> 1.7 GB), for about 0.1 s per UNet step (expanding 1.6 GB of oneDNN
-bytes 0.06 s, the Winograd transforms 0.03 s).
+share (_HeldAsHalf; the largest layer's size, 120 MB for SD1.5): the same bytes, so the same results bit for bit
+(except Winograd layers over images from 32x32, whose taps expand into F(4x4)'s weight where the buffer has room:
+the same to fp32 rounding), at half the resident memory. Measured under the AVX2 cap (SD1.5, 256 px, 2026-12-01,
+side by side with ComfyUI): peak RSS 4.65 -> 2.91 GB (packed file 3.7 -> 1.7 GB), for about 0.1 s per UNet step
+(expanding 1.6 GB of oneDNN bytes 0.06 s, the Winograd transforms 0.03 s).
 
 On AVX2, and with AVX-512 where a timing says so (winograd_choice.py), the every-step networks' 3x3 fp32
 convolutions over 16x16 to 32x32 images keep a Winograd-transformed weight instead of the packed one (winograd.py:
