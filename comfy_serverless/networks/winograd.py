@@ -133,11 +133,15 @@ def convolve(x: torch.Tensor, weight: WinogradWeight, bias: torch.Tensor | None)
     out_channels = products.shape[-1]
     y = torch.mm(output_transform, products.view(a * a, -1))  # [m*m, N * tiles * out]
     y = y.view(m, m, n, tiles_h, tiles_w, out_channels).permute(2, 3, 0, 4, 1, 5)
-    out = y.reshape(n, tiles_h * m, tiles_w * m, out_channels)  # one copy, into NHWC
+    return _as_output(y.reshape(n, tiles_h * m, tiles_w * m, out_channels), bias, height, width)  # one copy, NHWC
+
+
+def _as_output(tiled: torch.Tensor, bias: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
+    """The NHWC tiles' result [N, out, height, width] (channels_last), with the bias, cut to the image."""
     if bias is not None:
-        out += bias
-    out = out.permute(0, 3, 1, 2)
-    if tiles_h * m != height or tiles_w * m != width:
+        tiled += bias
+    out = tiled.permute(0, 3, 1, 2)
+    if out.shape[2] != height or out.shape[3] != width:
         out = out[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
     return out
 
@@ -179,9 +183,4 @@ def _large_tiles(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor 
             y = torch.mm(output_transform, products.view(a * a, -1)).view(m, m, rows, tiles_w, out_channels)
             out[image, row * m:(row + rows) * m].view(rows, m, tiles_w, m, out_channels).copy_(
                 y.permute(2, 0, 3, 1, 4))
-    if bias is not None:
-        out += bias
-    result = out.permute(0, 3, 1, 2)
-    if tiles_h * m != height or tiles_w * m != width:
-        result = result[:, :, :height, :width].contiguous(memory_format=torch.channels_last)
-    return result
+    return _as_output(out, bias, height, width)
