@@ -109,7 +109,8 @@ def prepare(settings, folder: str, only_check: bool = False, pack_size: int | No
                 continue
             try:
                 networks = networks_of(path, kind)
-                _settle_kernel_timings(networks)
+                if not only_check:  # a check only reads; the timing writes its answer to the cache file
+                    _settle_kernel_timings(networks)
                 metadata, why = check(path, folder)
                 if metadata is not None and _wanted_dtypes_present(metadata, networks):
                     log.info("prepare: %s/%s is current", kind, relative)

@@ -57,6 +57,17 @@ def parts(path):
     return split_checkpoint(state_dict, detect_architecture(state_dict))
 
 
+def test_only_prepare_itself_times_kernels_a_check_writes_nothing(base, monkeypatch):
+    from comfy_serverless import prepare_command
+
+    timed: list = []
+    monkeypatch.setattr(prepare_command, "_settle_kernel_timings", lambda networks: timed.append(set(networks)))
+    with server_context(base_directory=str(base)) as ctx:
+        folder = prepared.prepared_dir(ctx.settings)
+        assert prepare(ctx.settings, folder, only_check=True) == 1 and timed == []
+        assert prepare(ctx.settings, folder) == 0 and {"unet", "vae"} <= timed[0]
+
+
 def test_prepare_writes_each_network_in_its_dtype_and_the_loader_maps_it(base):
     ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
     with server_context(base_directory=str(base)) as ctx:
