@@ -46,20 +46,28 @@ def _cache_key() -> str:
     return f"{precision.cpu_facts().key}:{torch.backends.cpu.get_cpu_capability()}"
 
 
+def _timed_once(section: str, read, measure, record):
+    """The timings cached for this CPU class in `section` of the catalogue's cache file, read by `read` (which
+    raises KeyError, TypeError or ValueError on a missing or malformed entry); else `measure()`'s, stored there as
+    `record(timings)`."""
+    from ..models import precision
+
+    key, path = _cache_key(), precision.cache_path()
+    try:
+        return read(precision.read_cached_entry(path, section, key) or {})
+    except (KeyError, TypeError, ValueError):
+        timings = measure()
+        precision.write_cached_entry(path, section, key, record(timings))
+        return timings
+
+
 def transformed_weights_pay() -> bool:
     """True where Winograd-transformed weights beat oneDNN's packed direct convolution (see module doc)."""
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         return True
-    from ..models import precision
-
-    key = _cache_key()
-    path = precision.cache_path()
-    entry = precision.read_cached_entry(path, CACHE_SECTION, key)
-    try:
-        direct_ms, winograd_ms = float(entry["direct_ms"]), float(entry["winograd_ms"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        direct_ms, winograd_ms = measure()
-        precision.write_cached_entry(path, CACHE_SECTION, key, {"direct_ms": direct_ms, "winograd_ms": winograd_ms})
+    direct_ms, winograd_ms = _timed_once(
+        CACHE_SECTION, lambda entry: (float(entry["direct_ms"]), float(entry["winograd_ms"])), measure,
+        lambda timings: {"direct_ms": timings[0], "winograd_ms": timings[1]})
     chosen = winograd_ms <= MAX_TIME_RATIO * direct_ms
     log.info("fp32 3x3 convolutions: direct %.1f ms, Winograd %.1f ms -> %s", direct_ms, winograd_ms,
              "Winograd-transformed weights" if chosen else "oneDNN packed weights")
@@ -96,19 +104,9 @@ def large_tiles_floor() -> int | None:
     """Pixels per image from which fp32 3x3 convolutions take F(4x4) Winograd (winograd.convolve_large): the
     smallest of LARGE_TIMED_SIZES where it beat the fastest other kernel at that size and every larger one; None
     where it did not at the largest. Timed once per CPU class like transformed_weights_pay."""
-    from ..models import precision
-
-    key, path = _cache_key(), precision.cache_path()
-    entry = precision.read_cached_entry(path, LARGE_SECTION, key) or {}
-    try:
-        timings = [(float(large), float(other))
-                   for large, other in zip(entry["large_ms"], entry["other_ms"], strict=True)]
-        if len(timings) != len(LARGE_TIMED_SIZES):
-            raise ValueError("timed at other sizes")
-    except (KeyError, TypeError, ValueError):
-        timings = measure_large()
-        precision.write_cached_entry(path, LARGE_SECTION, key, {"large_ms": [large for large, _ in timings],
-                                                                "other_ms": [other for _, other in timings]})
+    timings = _timed_once(LARGE_SECTION, _read_large, measure_large,
+                          lambda timings: {"large_ms": [large for large, _ in timings],
+                                           "other_ms": [other for _, other in timings]})
     floor = None
     for size, (large_ms, other_ms) in reversed(list(zip(LARGE_TIMED_SIZES, timings))):
         if large_ms > other_ms:
@@ -118,6 +116,13 @@ def large_tiles_floor() -> int | None:
              "/".join(f"{large:.1f}" for large, _ in timings), "/".join(f"{other:.1f}" for _, other in timings),
              f"from {int(floor ** 0.5)}x{int(floor ** 0.5)}" if floor else "not used")
     return floor
+
+
+def _read_large(entry: dict) -> list[tuple[float, float]]:
+    timings = [(float(large), float(other)) for large, other in zip(entry["large_ms"], entry["other_ms"], strict=True)]
+    if len(timings) != len(LARGE_TIMED_SIZES):
+        raise ValueError("timed at other sizes")
+    return timings
 
 
 def measure_large() -> list[tuple[float, float]]:
