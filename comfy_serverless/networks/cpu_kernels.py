@@ -170,11 +170,17 @@ class _HeldAsHalf:
     [9, out * in] through winograd.transform; for large images (WINOGRAD_LARGE_TILE_MIN_PIXELS) into F(4x4)'s
     36 rows where the shared buffer has room (`room`, the whole buffer; the taps lie at its end)."""
 
-    __slots__ = ("half", "into", "taps", "room", "channels")
+    __slots__ = ("half", "room", "channels", "into", "taps")
 
-    def __init__(self, half: torch.Tensor, into: torch.Tensor, taps: torch.Tensor | None = None,
-                 room: torch.Tensor | None = None, channels: tuple[int, int] = (0, 0)):
-        self.half, self.into, self.taps, self.room, self.channels = half, into, taps, room, channels
+    def __init__(self, half: torch.Tensor, room: torch.Tensor, channels: tuple[int, int] | None = None):
+        """`channels` (out, in) for Winograd taps [9, out * in]; None for oneDNN-packed bytes."""
+        self.half, self.room, self.channels = half, room, channels
+        if channels is None:
+            self.into, self.taps = room[:half.numel()], None
+        else:
+            count = channels[0] * channels[1]
+            self.into = room[:winograd.TRANSFORMED_ROWS * count].view(winograd.TRANSFORMED_ROWS, count)
+            self.taps = room[room.numel() - 9 * count:].view(9, count)
 
     def expand(self, large_tiles: bool = False) -> winograd.WinogradWeight | None:
         """Expands the weight; for Winograd taps at large_tiles, returns the F(4x4) weight where there is room."""
@@ -184,10 +190,10 @@ class _HeldAsHalf:
         self.taps.copy_(self.half)
         count = self.taps.shape[1]
         rows = winograd.LARGE_TRANSFORMED_ROWS
-        if large_tiles and self.room is not None and self.room.numel() >= (rows + 9) * count:
+        if large_tiles and self.room.numel() >= (rows + 9) * count:
             large = self.room[:rows * count].view(rows, count)
             winograd.transform(self.taps, out=large, tile=winograd.LARGE_TILE)
-            return winograd.WinogradWeight.from_transformed(large.view(rows, *self.channels))
+            return winograd.WinogradWeight.from_transformed(large.view(rows, *self.channels))  # type: ignore[misc]
         winograd.transform(self.taps, out=self.into)
         return None
 
@@ -450,7 +456,7 @@ def adopt_packed_weights(model: nn.Module, packed: dict[str, dict[str, torch.Ten
             if data.dtype == torch.float16:
                 if shared is None or layer.weight.dtype != torch.float32:
                     continue
-                state.held = _HeldAsHalf(data, shared[:data.numel()])
+                state.held = _HeldAsHalf(data, shared)
                 data = state.held.into.view(torch.uint8)
             state.packed = onednn_blobs.from_bytes(data, parts["descriptor"], layer.weight.shape, layer.weight.dtype)
             state.backing = data
@@ -493,10 +499,8 @@ def _adopt_winograd(layer: nn.Module, parts: dict[str, torch.Tensor], state: _Pa
         taps, count = parts["taps"], out_channels * in_channels
         if shared is None or taps.dtype != torch.float16 or tuple(taps.shape) != (9, count):
             return False
-        into = shared[:winograd.TRANSFORMED_ROWS * count].view(winograd.TRANSFORMED_ROWS, count)
-        state.held = _HeldAsHalf(taps, into, shared[shared.numel() - taps.numel():].view(9, count), shared,
-                                 (out_channels, in_channels))
-        state.packed = winograd.WinogradWeight.from_transformed(into.view(-1, out_channels, in_channels))
+        state.held = _HeldAsHalf(taps, shared, (out_channels, in_channels))
+        state.packed = winograd.WinogradWeight.from_transformed(state.held.into.view(-1, out_channels, in_channels))
         return True
     transformed = parts["winograd"]
     if transformed.dtype != torch.float32 or tuple(transformed.shape) != (winograd.TRANSFORMED_ROWS, out_channels,
