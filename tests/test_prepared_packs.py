@@ -456,3 +456,54 @@ def test_fp32_packs_follow_the_winograd_choice_they_were_made_with(base, monkeyp
         assert prepare(ctx.settings, folder, pack_size=PACK_SIZE) == 0
     assert read_metadata(packs_file(base))["winograd_weights"] == "yes"
     assert packed_layers(load_unet(base, force_fp32=True))
+
+
+def file_resident_kb(path) -> int:
+    """This process's resident kB in its mappings of `path` (/proc/self/smaps)."""
+    target, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's header line: addresses, permissions, ..., path
+                inside = line.rstrip().endswith(target)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def prepared_part(layer) -> torch.Tensor:
+    """The file bytes a layer's prepared weight lies in: its fp16 copy, Winograd weight or oneDNN bytes."""
+    state = cpu_kernels._packs[layer]
+    if state.held is not None:
+        return state.held.half
+    return state.packed.transformed if hasattr(state.packed, "transformed") else state.backing
+
+
+@pytest.mark.parametrize("flags", [{}, {"force_fp32": True}])  # packs in the compute dtype; fp32 held as fp16
+def test_a_vae_pass_drops_the_resident_pages_of_the_unets_packs_and_of_the_vae(base, flags):
+    """The UNet is idle while the VAE runs, the prompt's memory peak: the pages of its packed weights leave the
+    process before a decode or encode, and the VAE's own after it; both are read back unchanged at their next use."""
+    from comfy_serverless.models.loading import load_checkpoint
+    from test_prepared import resident_fraction
+
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    with server_context(base_directory=str(base), **flags) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+        prepared.forget()
+        model, _, vae = load_checkpoint(ckpt)
+        unet = model.handle.get()
+        parts = [prepared_part(layer) for layer in unet.modules() if cpu_kernels.packed_weight(layer) is not None]
+        parts = [part for part in parts if part.numel() * part.element_size() >= 3 * 4096]  # whole pages inside
+        largest = max(vae.handle.get().parameters(), key=torch.Tensor.numel)
+        inputs, latent = unet_inputs(unet, PACK_SIZE // 8), torch.randn(1, 4, 8, 8)
+        with torch.inference_mode():
+            first = unet(*inputs)
+            assert parts and all(resident_fraction(part) == 1.0 for part in parts)
+            before = file_resident_kb(packs_file(base))
+            image = vae.decode(latent)
+            assert all(resident_fraction(part) == 0.0 for part in parts) and resident_fraction(largest) == 0.0
+            assert file_resident_kb(packs_file(base)) < before / 3
+            assert torch.equal(unet(*inputs), first) and all(resident_fraction(part) == 1.0 for part in parts)
+            vae.encode(image)
+            assert all(resident_fraction(part) == 0.0 for part in parts) and resident_fraction(largest) == 0.0
+            assert torch.equal(vae.decode(latent), image)
