@@ -1,7 +1,7 @@
 """Side by side with ComfyUI (issue 12): time to the first image from a cold start, alternating fresh processes.
 
     .venv/bin/python benchmarks/compare_comfyui.py --comfyui /path/to/ComfyUI --comfyui-python /path/venv/bin/python \
-        [--runs 5] [--size 256] [--steps 4] [--json out.json]
+        [--runs 5] [--size 256] [--steps 4] [--paired-warm N] [--isa native|avx2|avx512] [--json out.json]
 
 Both servers get the default txt2img workflow (256x256, 4 steps, euler / normal, cfg 7) on the same full-size
 SD1.5-architecture checkpoint with random weights (benchmarks/first_image.py makes it, 2.1 GB fp16). Each run
@@ -12,6 +12,9 @@ weights, once per checkpoint and CPU class, under benchmarks/.cache/prepared, wi
 --size). Figures per run: spawn to the
 first HTTP answer, spawn to the image file (cold), POST to done of that first prompt, POST to done of a second
 prompt with a new seed (warm), peak RSS (VmHWM). The table shows medians and the ratio ours / ComfyUI.
+This machine's speed drifts by up to 3x within a minute, so warm runs minutes apart compare different phases:
+--paired-warm N then starts both servers side by side and sends N warm prompts alternately to each (one runs
+while the other idles), and prints the ratio of each adjacent pair.
 
 ComfyUI needs torchvision at import time (spandrel, a few model files), and PyPI's torchvision wheel is a CUDA
 build that fails to import beside the CPU torch. For this benchmark only, ComfyUI's process gets a stand-in
@@ -151,35 +154,82 @@ def comfyui_build(checkpoint: Path, comfyui: Path, python: str, stand_in: Path) 
             "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--dont-print-server", "--port"], env, base
 
 
-def one_run(command: list[str], env: dict, base: Path, seed: int, size: int, steps: int) -> dict:
-    port = free_port()
-    log = open(base / "server.log", "wb")
-    spawned = time.perf_counter()
-    wall_start = time.time()
-    proc = subprocess.Popen([*command, str(port)], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+class Server:
+    """One server process, spawned as a user starts it; `stop()` ends it."""
+
+    def __init__(self, command: list[str], env: dict, base: Path):
+        self.port = free_port()
+        self.log = open(base / "server.log", "wb")
+        self.spawned = time.perf_counter()
+        self.wall_start = time.time()
+        self.proc = subprocess.Popen([*command, str(self.port)], cwd=base, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.base = base
+
+    def wait_ready(self) -> float:
+        """Seconds from the spawn to its first HTTP answer."""
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); log: {base / 'server.log'}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); log: {self.base / 'server.log'}")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=1).read()
-                ready = time.perf_counter() - spawned
-                break
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/system_stats", timeout=1).read()
+                return time.perf_counter() - self.spawned
             except OSError:
                 time.sleep(0.005)
-        cold = run_prompt(port, txt2img(seed, size, steps), spawned)
-        image_at = wait_for_file(base / "output", wall_start, spawned)
-        warm_start = time.perf_counter()
-        warm = run_prompt(port, txt2img(seed + 1, size, steps), spawned)
-        return {"ready_s": ready, "cold_image_s": image_at, "first_prompt_s": cold["done"] - cold["posted"],
-                "warm_s": warm["done"] - (warm_start - spawned), "peak_rss_gb": peak_rss_mb(proc.pid) / 1024}
-    finally:
-        proc.terminate()
+
+    def prompt_s(self, seed: int, size: int, steps: int) -> float:
+        """POST to done of the txt2img workflow with this seed."""
+        start = time.perf_counter()
+        times = run_prompt(self.port, txt2img(seed, size, steps), self.spawned)
+        return times["done"] - (start - self.spawned)
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            proc.wait(60)
+            self.proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            self.proc.kill()
+        self.log.close()
+
+
+def one_run(command: list[str], env: dict, base: Path, seed: int, size: int, steps: int) -> dict:
+    server = Server(command, env, base)
+    try:
+        ready = server.wait_ready()
+        cold = run_prompt(server.port, txt2img(seed, size, steps), server.spawned)
+        image_at = wait_for_file(base / "output", server.wall_start, server.spawned)
+        return {"ready_s": ready, "cold_image_s": image_at, "first_prompt_s": cold["done"] - cold["posted"],
+                "warm_s": server.prompt_s(seed + 1, size, steps), "peak_rss_gb": peak_rss_mb(server.proc.pid) / 1024}
+    finally:
+        server.stop()
+
+
+def paired_warm(builds: dict, prompts: int, size: int, steps: int) -> dict[str, list[float]]:
+    """Warm POST-to-done times with both servers running at once, prompts alternating between them (each runs
+    alone: the other waits idle), so that each pair meets the machine in the same phase of its speed drift. The
+    first prompt of each (the cold one) is not counted."""
+    servers = {name: Server(*build) for name, build in builds.items()}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            server.prompt_s(2000, size, steps)
+        times: dict[str, list[float]] = {name: [] for name in servers}
+        for index in range(prompts):
+            for name, server in servers.items():
+                times[name].append(server.prompt_s(2001 + index, size, steps))
+            print(f"paired warm {index + 1}: " + ", ".join(f"{name} {values[-1]:.2f} s" for name, values in
+                                                          times.items()), flush=True)
+        return times
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def print_paired(times: dict[str, list[float]]) -> None:
+    ratios = sorted(ours / theirs for ours, theirs in zip(times["ours"], times["comfyui"]))
+    print(f"\npaired warm, {len(ratios)} alternating prompts to two running servers: ComfyUI median "
+          f"{statistics.median(times['comfyui']):.2f} s, ours {statistics.median(times['ours']):.2f} s; ratio per "
+          f"pair median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})", flush=True)
 
 
 def import_torch_s(python: str) -> float:
@@ -222,6 +272,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json")
+    parser.add_argument("--paired-warm", type=int, default=0, metavar="N",
+                        help="then N warm prompts to both servers running at once, alternating: a warm ratio per "
+                             "pair, which the machine's speed drift moves less than one across separate runs")
     parser.add_argument("--isa", choices=tuple(ISA_CAPS), default="native",
                         help="cap torch, oneDNN and MKL in both servers (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
                              "MKL_ENABLE_INSTRUCTIONS): avx2 "
@@ -254,9 +307,20 @@ def main() -> int:
             print(f"run {index + 1} {name}: " + ", ".join(f"{key} {value:.2f}" for key, value in run.items()),
                   flush=True)
         print_table(results, precision, args)  # after every pair: a cut-short run still leaves a table
+    paired: dict[str, list[float]] = {}
+    if args.paired_warm:
+        builds = {"comfyui": comfyui_build(checkpoint, args.comfyui, args.comfyui_python, stand_in),
+                  "ours": ours_build(checkpoint, args.size)}
+        try:
+            paired = paired_warm(builds, args.paired_warm, args.size, args.steps)
+        finally:
+            for _, _, base in builds.values():
+                shutil.rmtree(base, ignore_errors=True)
+        print_paired(paired)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": describe_machine(), "precision": precision,
-                                               "results": results, "torch_import_s": torch_import}, indent=2))
+                                               "results": results, "paired_warm_s": paired,
+                                               "torch_import_s": torch_import}, indent=2))
     return 0
 
 
