@@ -467,23 +467,18 @@ def adopt_packed_weights(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     return adopted
 
 
-def release_packed_file_pages() -> int:
+def release_packed_file_pages() -> None:
     """Drops the resident pages of every packed weight that lies in a file (prepared packs: oneDNN bytes, fp16-held
-    weights and taps, transformed Winograd weights); returns their bytes. Called before a VAE pass, the prompt's
-    memory peak, while the networks run every step are idle: their next call reads the pages back from the page
-    cache (see models/vae_model.py for what it bought)."""
-    released = 0
+    weights and taps, transformed Winograd weights). Called before a VAE pass, the prompt's memory peak, while the
+    networks run every step are idle: their next call reads the pages back from the page cache (see
+    models/vae_model.py for what it bought). Heap memory (weights packed at a call) is kept."""
     for state in list(_packs.values()):
         if state.held is not None:
-            parts = [state.held.half]
+            release_file_pages(state.held.half)
         elif isinstance(state.packed, winograd.WinogradWeight):
-            parts = [state.packed.transformed]
-        else:
-            parts = [state.backing] if state.backing is not None else []
-        for part in parts:
-            if release_file_pages(part):
-                released += part.numel() * part.element_size()
-    return released
+            release_file_pages(state.packed.transformed)
+        elif state.backing is not None:
+            release_file_pages(state.backing)
 
 
 def exact_in_half(values: torch.Tensor) -> bool:

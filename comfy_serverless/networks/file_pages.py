@@ -22,13 +22,10 @@ def in_unwritten_file_mapping(tensor: torch.Tensor) -> bool:
     return tensor._version == 0 and _in_file_mapping(tensor)
 
 
-def release_file_pages(tensor: torch.Tensor) -> bool:
-    """Drops the resident pages of `tensor` when they are the file's (see module doc); heap memory is kept.
-    Returns whether it did."""
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drops the resident pages of `tensor` when they are the file's (see module doc); heap memory is kept."""
     if in_unwritten_file_mapping(tensor):
         heap.release_pages(tensor)
-        return True
-    return False
 
 
 def release_module_file_pages(module: nn.Module) -> None:
