@@ -174,6 +174,22 @@ class WS:
         self.sock.close()
 
 
+def resident_fraction(tensor) -> float:
+    """Share of the whole pages inside `tensor` mapped in this process now (/proc/self/pagemap's present bit;
+    mincore would tell the page cache's state instead)."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    first = -(-tensor.data_ptr() // page)
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page
+    assert last > first
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first}Q", pagemap.read((last - first) * 8))
+    return sum(entry >> 63 for entry in entries) / (last - first)
+
+
 def types_of(messages) -> list[str]:
     return [m["type"] for m in messages if not isinstance(m, bytes)]
 

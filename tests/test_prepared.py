@@ -15,7 +15,7 @@ from comfy_serverless.models import prepared
 from comfy_serverless.models.checkpoint_files import detect_architecture, open_state_dict, split_checkpoint
 from comfy_serverless.models.random_checkpoints import make_test_checkpoint, make_test_lora, make_test_vae
 from comfy_serverless.prepare_command import networks_of, prepare
-from conftest import REPO, server_context
+from conftest import REPO, resident_fraction, server_context
 
 
 @pytest.fixture
@@ -90,6 +90,25 @@ def test_prepare_writes_each_network_in_its_dtype_and_the_loader_maps_it(base):
                 assert in_ranges(tensor, ranges), f"{name} is a copy, not a view of the prepared file"
                 if tensor.numel() * tensor.element_size() % prepared.DATA_ALIGNMENT == 0:
                     assert tensor.data_ptr() % prepared.DATA_ALIGNMENT == 0, f"{name} is not cache-line aligned"
+
+
+def test_a_prepared_file_holds_its_vectors_before_its_matrices(base):
+    """Biases and norm scales are read at every step, the weights of layers that compute from packed copies never:
+    kept apart, reading the former maps no page of the latter even where the page cache holds the file in 2 MB
+    folios (sampling kept 0.34-0.47 GB of SD1.5's fp32 UNet weights resident when each bias sat by its layer)."""
+    from comfy_serverless.models.checkpoint_files import tensor_spans
+
+    ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
+    with server_context(base_directory=str(base)) as ctx:
+        folder = prepared.prepared_dir(ctx.settings)
+        prepare(ctx.settings, folder)
+        target = prepared.prepared_path(ckpt, folder)
+        spans, tensors = tensor_spans(target), open_state_dict(target)
+        aligned = {name: span for name, span in spans.items() if (span[1] - span[0]) % prepared.DATA_ALIGNMENT == 0}
+        vectors = [span for name, span in aligned.items() if tensors[name].dim() <= 1]
+        matrices = [span for name, span in aligned.items() if tensors[name].dim() > 1]
+        assert len(vectors) > 10 and len(matrices) > 10
+        assert max(end for _, end in vectors) <= min(start for start, _ in matrices)
 
 
 def test_loaded_networks_use_the_prepared_tensors_and_compute_the_same(base, monkeypatch):
@@ -251,22 +270,6 @@ def test_part_files_of_unet_and_clip_loaders_are_prepared_too(base):
         network = load_unet(str(unet_file)).handle.get()
         ranges = mapped_ranges(prepared.prepared_path(str(unet_file), folder))
         assert all(in_ranges(p, ranges) for p in network.parameters())
-
-
-def resident_fraction(tensor) -> float:
-    """Share of the whole pages inside `tensor` mapped in this process now (/proc/self/pagemap's present bit;
-    mincore would tell the page cache's state instead)."""
-    import mmap
-    import struct
-
-    page = mmap.PAGESIZE
-    first = -(-tensor.data_ptr() // page)
-    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page
-    assert last > first
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        pagemap.seek(first * 8)
-        entries = struct.unpack(f"{last - first}Q", pagemap.read((last - first) * 8))
-    return sum(entry >> 63 for entry in entries) / (last - first)
 
 
 def test_the_text_encoders_file_pages_leave_memory_after_encoding(base):

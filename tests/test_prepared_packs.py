@@ -20,7 +20,7 @@ from comfy_serverless.models.checkpoint_files import read_metadata
 from comfy_serverless.models.checkpoint_saving import write_safetensors
 from comfy_serverless.networks import cpu_kernels, onednn_blobs
 from comfy_serverless.prepare_command import prepare
-from conftest import REPO, server_context
+from conftest import REPO, resident_fraction, server_context
 from test_cpu_kernels import AVX2_CAP
 from test_prepared import _image, _run, _txt2img_with_lora, in_ranges, mapped_ranges, tiny_models_base
 
@@ -419,7 +419,6 @@ def test_the_build_step_does_not_keep_the_plain_weights_it_packed_resident(base)
     """Packing at the warm-up drops the prepared file's pages of each packed weight, and so does packing it again at
     other shapes to find the layouts that depend on them (without that, `prepare` held SD1.5's fp32 UNet twice)."""
     from comfy_serverless.prepare_command import _prepared_unet, networks_of
-    from test_prepared import resident_fraction
 
     ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
     with server_context(base_directory=str(base)) as ctx:
@@ -462,7 +461,6 @@ def test_a_vae_pass_drops_the_resident_pages_of_the_unets_packs_and_of_the_vae(b
     """The UNet is idle while the VAE runs, the prompt's memory peak: the pages of its packed weights leave the
     process before a decode or encode, and the VAE's own after it; both are read back unchanged at their next use."""
     from comfy_serverless.models.loading import load_checkpoint
-    from test_prepared import resident_fraction
 
     ckpt = str(base / "models" / "checkpoints" / "tiny.safetensors")
     with server_context(base_directory=str(base), **flags) as ctx:

@@ -28,11 +28,9 @@ from ..networks.clip import (
     SDXL_REFINER_CLIP_G_PREFIX,
     to_openclip_layout,
 )
+from .checkpoint_files import SAFETENSORS_DTYPES
 from .patching import patched_module
 
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL"}
 # Where each family's checkpoint keeps each text encoder.
 CLIP_PREFIXES = {"sd15": {"clip_l": SD1_CLIP_L_PREFIX}, "sd2": {"clip_h": SD2_CLIP_H_PREFIX},
                  "sdxl": {"clip_l": SDXL_CLIP_L_PREFIX, "clip_g": SDXL_CLIP_G_PREFIX},
