@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .projection_memo import context_projections
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of shape [N, dim]: cosines first, then sines (LDM order).
@@ -52,9 +54,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 value: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        value = context if value is None else value
-        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(value)))
+        if context is None:
+            return self.to_out(self.attend(self.to_q(x), self.to_k(x), self.to_v(x if value is None else value)))
+        key, projected_value = context_projections(self, context, context if value is None else value)
+        return self.to_out(self.attend(self.to_q(x), key, projected_value))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Multi-head attention over projected q [B, T, heads*dim_head], k and v [B, S, heads*dim_head]."""
