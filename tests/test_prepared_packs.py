@@ -152,6 +152,7 @@ def test_fp32_packs_of_an_fp16_checkpoint_are_held_as_fp16_and_compute_the_same(
     """fp32 compute (an AVX2-only CPU, --force-fp32) from an fp16 checkpoint: every packed value is an fp16 value,
     so the file holds them as fp16 (half the memory) and each call expands its layer's into one fp32 buffer shared
     by the network; the results equal those of fp32 weights packed at the first call, bit for bit."""
+    monkeypatch.setattr(prepared_packs, "FP32_KEPT_SHARE", 0)  # none kept in fp32 (the next test)
     with server_context(base_directory=str(base), force_fp32=True) as ctx:
         assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
     path = packs_file(base)
@@ -177,6 +178,35 @@ def test_fp32_packs_of_an_fp16_checkpoint_are_held_as_fp16_and_compute_the_same(
     with torch.inference_mode():
         reference = lazily(*unet_inputs(lazily, PACK_SIZE // 8))
     assert torch.equal(first, reference)
+
+
+def test_the_largest_fp32_packs_stay_fp32_within_their_share_and_compute_the_same(base):
+    """Expanding fp16 costs time at every call: the largest oneDNN-packed weights, up to FP32_KEPT_SHARE of the
+    UNet's fp32 bytes, are written in fp32 and computed with from the file as they are; the rest are held as fp16.
+    Results equal those of weights packed at the first call, bit for bit."""
+    with server_context(base_directory=str(base), force_fp32=True) as ctx:
+        assert prepare(ctx.settings, prepared.prepared_dir(ctx.settings), pack_size=PACK_SIZE) == 0
+    with open(packs_file(base), "rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    sizes = {key: (info["data_offsets"][1] - info["data_offsets"][0]) * (2 if info["dtype"] == "F16" else 1)
+             for key, info in header.items() if key.startswith("onednn/")}  # fp32 bytes
+    kept = {key for key in sizes if header[key]["dtype"] == "U8"}
+    held = set(sizes) - kept
+    assert kept and held and min(sizes[key] for key in kept) >= max(sizes[key] for key in held)
+    unet = load_unet(base, force_fp32=True)
+    budget = prepared_packs.FP32_KEPT_SHARE * 4 * sum(parameter.numel() for parameter in unet.parameters())
+    extra = sum(sizes[key] / 2 for key in kept)  # fp32 over fp16 bytes
+    assert extra <= budget < extra + max(sizes[key] for key in held) / 2  # largest first, to the first that misses
+    states = {name: cpu_kernels._packs[layer] for name, layer in unet.named_modules()
+              if cpu_kernels.packed_weight(layer) is not None}
+    assert all((states[key.removeprefix("onednn/").removesuffix(".weight")].held is None) == (key in kept)
+               for key in sizes)
+    with torch.inference_mode():
+        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
+    os.rename(packs_file(base), packs_file(base) + ".away")
+    lazily = load_unet(base, force_fp32=True)
+    with torch.inference_mode():
+        assert torch.equal(first, lazily(*unet_inputs(lazily, PACK_SIZE // 8)))
 
 
 def test_packs_fp16_cannot_hold_exactly_stay_fp32(tmp_path, monkeypatch):
@@ -271,7 +301,7 @@ def test_packed_weights_from_another_cpu_torch_or_prepared_file_are_not_used(bas
 def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lora(base, start_server, flags):
     """`prepare` as a build step, then servers on the same files with and without the packed file (--pack-size 0):
     the same images; a LoRA replaces the weights, so the packed ones are dropped with them. In fp32 the packed
-    file holds the fp16 checkpoint's weights as fp16."""
+    file holds the fp16 checkpoint's weights as fp16, but for the largest (prepared_packs.FP32_KEPT_SHARE)."""
     env = {prepared.DIR_ENV: str(base / "prepared")}
     images: dict[str, list[bytes]] = {}
     for pack_size in ("64", "0"):  # 0 also removes the file the first build wrote
@@ -281,7 +311,7 @@ def test_server_with_packed_weights_gives_the_same_images_with_and_without_a_lor
         assert done.returncode == 0, done.stderr
         assert os.path.exists(packs_file(base)) == (pack_size != "0")
         if flags and pack_size != "0":
-            assert set(stored_dtypes(packs_file(base)).values()) == {"F16"}
+            assert set(stored_dtypes(packs_file(base)).values()) == {"F16", "U8"}  # the largest in fp32
         server = start_server(*flags, env=env, base=base)
         with_lora = _txt2img_with_lora("tiny.safetensors", "tiny-lora.safetensors")
         without_lora = json.loads(json.dumps(with_lora))
@@ -333,9 +363,9 @@ def test_under_the_avx2_cap_winograd_weights_are_prepared_and_native_packs_are_c
 
 def test_under_the_avx2_cap_fp16_held_winograd_taps_and_packs_compute_as_weights_packed_at_the_first_call(base):
     """Under the AVX2 cap an fp16 checkpoint's packed file holds the Winograd layers' taps and the oneDNN bytes as
-    fp16; every call expands them: at 32x32 the taps into F(4x4)'s weight, so the results match those of a
-    network packing and transforming its fp32 weights (F(2x2)) at its first call to fp32 rounding, and two calls
-    each other bit for bit."""
+    fp16 (the largest of those in fp32); every call expands them: at 32x32 the taps into F(4x4)'s weight, so the
+    results match those of a network packing and transforming its fp32 weights (F(2x2)) at its first call to fp32
+    rounding, and two calls each other bit for bit."""
     code = ("import os, pathlib, sys, torch\n"
             "sys.path.insert(0, 'tests')\n"
             "from comfy_serverless.models import prepared\n"
@@ -363,7 +393,7 @@ def test_under_the_avx2_cap_fp16_held_winograd_taps_and_packs_compute_as_weights
     done = subprocess.run([sys.executable, "-c", code, str(base)], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, prepared.DIR_ENV: str(base / "prepared"), **AVX2_CAP}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["onednn:F16", "taps:F16", "True", "True", "True", "True"]
+    assert done.stdout.split() == ["onednn:F16", "onednn:U8", "taps:F16", "True", "True", "True", "True"]
 
 
 def test_the_read_ahead_leaves_out_the_plain_unet_weights_the_packed_file_replaces(base, monkeypatch):

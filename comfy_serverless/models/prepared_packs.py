@@ -14,7 +14,12 @@ call at 256 px took 2.9-3.1 s against 1.3-1.4 s warm, as it packed 3.3 GB (reord
 
 An fp32 UNet from an fp16 checkpoint (AVX2-only CPUs, --force-fp32) is written as fp16 where fp16 holds every value
 exactly (checked per weight; an fp32 checkpoint's stay fp32): the oneDNN bytes, and for Winograd layers the taps
-instead of the transform; cpu_kernels expands them at each call (why, and what it costs: its module doc).
+instead of the transform; cpu_kernels expands them at each call (why, and what it costs: its module doc). The
+largest oneDNN-packed weights stay fp32, up to FP32_KEPT_SHARE of the UNet's fp32 bytes: expanding costs about
+0.12 ms per MB of fp32 at each call, most where a layer's few rows make the product itself short (SD1.5: the five
+2560->1280 3x3 convolutions at 4x4 and 8x8, 7-8 ms of expansion each per step). Measured on the Xeon model 207
+capped at AVX-512 (2026-12-02): a UNet call 2.52 -> 2.46 s (medians of 12 alternating in one process, 0.991 per
+pair; a slow phase of the machine), peak RSS of first_image.py 2.60-2.66 -> 2.87 GB (ComfyUI's: 6.20 GB).
 
 The file is used only when it belongs to the current prepared file (its size and mtime), the same torch version, the
 same network and dtype, the same choice of Winograd weights (fp32), the same CPU class (the vector instruction flags
@@ -33,7 +38,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
-FORMAT = "comfy-serverless-packed-1"
+FORMAT = "comfy-serverless-packed-2"  # 2: the largest fp32 packs kept in fp32
+FP32_KEPT_SHARE = 0.09
 DEFAULT_PACK_SIZE = 512
 
 
@@ -110,9 +116,11 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
     probe = cpu_kernels.layout_probe(model, packed)
     if probe is None:  # nothing packed, or nothing to recognise this CPU's layouts by
         return 0
+    fp32 = dtype == torch.float32
+    kept = _kept_in_fp32(packed, FP32_KEPT_SHARE * 4 * sum(w.numel() for w in weights.values())) if fp32 else set()
     tensors, stored_as = {}, {}
     for name, parts in packed.items():
-        for part, (value, stored_dtype) in _parts_to_write(parts, dtype == torch.float32).items():
+        for part, (value, stored_dtype) in _parts_to_write(parts, fp32 and name not in kept).items():
             tensors[f"{part}/{name}"] = value
             if stored_dtype is not None:
                 stored_as[f"{part}/{name}"] = stored_dtype
@@ -123,6 +131,19 @@ def write_packs(source: str, folder: str, model, weights: dict, dtype, pack_size
     write_safetensors(path, tensors, metadata, align=DATA_ALIGNMENT, stored_as=stored_as)
     os.chmod(path, 0o644)
     return len(packed)
+
+
+def _kept_in_fp32(packed: dict, budget: float) -> set[str]:
+    """The largest oneDNN-packed weights, down to the first whose fp32 bytes would take the extra over fp16's past
+    `budget`."""
+    kept: set[str] = set()
+    for nbytes, name in sorted(((parts["onednn"].numel(), name) for name, parts in packed.items()
+                                if "onednn" in parts), reverse=True):
+        if nbytes / 2 > budget:
+            break
+        budget -= nbytes / 2
+        kept.add(name)
+    return kept
 
 
 def _parts_to_write(parts: dict, fp32: bool) -> dict:
