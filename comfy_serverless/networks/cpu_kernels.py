@@ -35,7 +35,8 @@ share (_HeldAsHalf; the largest layer's size, 120 MB for SD1.5): the same bytes,
 (except Winograd layers over images from 32x32, whose taps expand into F(4x4)'s weight where the buffer has room:
 the same to fp32 rounding), at half the resident memory. Measured under the AVX2 cap (SD1.5, 256 px, 2026-12-01,
 side by side with ComfyUI): peak RSS 4.65 -> 2.91 GB (packed file 3.7 -> 1.7 GB), for about 0.1 s per UNet step
-(expanding 1.6 GB of oneDNN bytes 0.06 s, the Winograd transforms 0.03 s).
+(expanding 1.6 GB of oneDNN bytes 0.06 s, the Winograd transforms 0.03 s). `prepare` keeps the largest oneDNN
+weights fp32 within a share of that memory (prepared_packs.FP32_KEPT_SHARE).
 
 On AVX2, and with AVX-512 where a timing says so (winograd_choice.py), the every-step networks' 3x3 fp32
 convolutions over 16x16 to 32x32 images keep a Winograd-transformed weight instead of the packed one (winograd.py:
