@@ -81,6 +81,17 @@ def prepared_part(layer) -> torch.Tensor:
     return state.packed.transformed if hasattr(state.packed, "transformed") else state.backing
 
 
+def computes_as_when_packed_at_the_first_call(base, unet) -> bool:
+    """Whether fp32 `unet` gives, bit for bit, what one loaded without the packed file gives (it packs its fp32
+    weights at its first call); the packed file is moved away."""
+    with torch.inference_mode():
+        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
+    os.rename(packs_file(base), packs_file(base) + ".away")
+    lazily = load_unet(base, force_fp32=True)
+    with torch.inference_mode():
+        return torch.equal(first, lazily(*unet_inputs(lazily, PACK_SIZE // 8)))
+
+
 def stored_dtypes(path) -> dict[str, str]:
     """The safetensors dtype of every weight in a packed file ("onednn/...", "winograd/..." or "taps/...")."""
     with open(path, "rb") as fh:
@@ -201,12 +212,7 @@ def test_the_largest_fp32_packs_stay_fp32_within_their_share_and_compute_the_sam
               if cpu_kernels.packed_weight(layer) is not None}
     assert all((states[key.removeprefix("onednn/").removesuffix(".weight")].held is None) == (key in kept)
                for key in sizes)
-    with torch.inference_mode():
-        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
-    os.rename(packs_file(base), packs_file(base) + ".away")
-    lazily = load_unet(base, force_fp32=True)
-    with torch.inference_mode():
-        assert torch.equal(first, lazily(*unet_inputs(lazily, PACK_SIZE // 8)))
+    assert computes_as_when_packed_at_the_first_call(base, unet)
 
 
 def test_packs_fp16_cannot_hold_exactly_stay_fp32(tmp_path, monkeypatch):
@@ -224,12 +230,7 @@ def test_packs_fp16_cannot_hold_exactly_stay_fp32(tmp_path, monkeypatch):
     unet = load_unet(tmp_path, force_fp32=True)
     layers = [layer for layer in unet.modules() if cpu_kernels.packed_weight(layer) is not None]
     assert layers and all(cpu_kernels._packs[layer].held is None for layer in layers)
-    with torch.inference_mode():
-        first = unet(*unet_inputs(unet, PACK_SIZE // 8))
-    os.rename(packs_file(tmp_path), packs_file(tmp_path) + ".away")
-    lazily = load_unet(tmp_path, force_fp32=True)
-    with torch.inference_mode():
-        assert torch.equal(first, lazily(*unet_inputs(lazily, PACK_SIZE // 8)))
+    assert computes_as_when_packed_at_the_first_call(tmp_path, unet)
     prepared.forget()
 
 
