@@ -36,7 +36,8 @@ class _Memo:
         self.context, self.value, self.key, self.projected_value = context, value, key, projected_value
 
     def holds(self, sources, versions, context: torch.Tensor, value: torch.Tensor) -> bool:
-        return (versions == self.versions and all(ref() is source for ref, source in zip(self.sources, sources))
+        return (versions == self.versions and len(sources) == len(self.sources)
+                and all(ref() is source for ref, source in zip(self.sources, sources))
                 and _same(self.context, context)
                 and (self.value is self.context if value is context else _same(self.value, value)))
 
