@@ -118,7 +118,6 @@ def test_safetensors_tensors_are_views_of_a_memory_map(files):
         assert owners == [path], f"{name} is not in a map of the checkpoint file"
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux /proc")
 def test_opening_a_safetensors_file_reads_none_of_its_tensors(tmp_path):
     """safetensors' own loader read the start of every tensor as it opened a file; where the page cache holds the
     file in large folios, each read mapped up to 2 MB of weights nothing had used yet (0.6 GB of SD1.5's)."""
