@@ -43,6 +43,17 @@ def test_the_transformed_weight_size():
     assert transformed.nbytes == pytest.approx(winograd.SIZE_FACTOR * weight.numel() * 4)
 
 
+@pytest.mark.parametrize("tile", [winograd.TILE, winograd.LARGE_TILE])
+@pytest.mark.parametrize("cout, cin", [(64, 48), (320, 320), (5, 3)])
+def test_the_weight_view_and_contiguous_taps_transform_to_the_same_bits(tile, cout, cin):
+    """Weights are transformed from the weight's transposed view (no copy), fp16-held taps from contiguous fp32
+    taps (cpu_kernels): both must give the bits a layer packed at its first call computes with."""
+    weight = seeded(cout, cin, 3, 3, seed=7, scale=0.1).half().float()
+    view = winograd.taps(weight)
+    assert not view.is_contiguous()
+    assert torch.equal(winograd.transform(view, tile=tile), winograd.transform(view.contiguous(), tile=tile))
+
+
 @pytest.mark.parametrize("n, cin, cout, height, width", [(2, 16, 24, 32, 32), (1, 5, 7, 17, 23), (3, 8, 4, 9, 6),
                                                          (1, 3, 2, 1, 1)])
 @pytest.mark.parametrize("with_bias", [True, False])
