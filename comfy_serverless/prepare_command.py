@@ -139,13 +139,13 @@ def prepare(settings, folder: str, only_check: bool = False, pack_size: int | No
 
 def _settle_kernel_timings(networks: dict) -> None:
     """Times, once per CPU class, the kernel choice a cold start would otherwise time at its first fp32 VAE
-    decode (cpu_kernels.large_tiles_min_pixels; the UNet's is settled by packing its weights)."""
+    decode (cpu_kernels.large_tiles_sizes; the UNet's is settled by packing its weights)."""
     import torch
 
     if networks.get("vae", (None, None))[1] == torch.float32:
         from .networks import cpu_kernels
 
-        cpu_kernels.large_tiles_min_pixels()
+        cpu_kernels.large_tiles_sizes()
 
 
 def _prepare_packs(path: str, kind: str, relative: str, folder: str, unet: tuple[dict, object], pack_size: int,

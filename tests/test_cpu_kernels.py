@@ -35,7 +35,7 @@ def relative_error(a, b) -> float:
 def pack_everything(monkeypatch):
     """COMFY_CPU_KERNELS=all: weights made in memory here are packed too (auto packs only file mappings)."""
     caches = (cpu_kernels._mode, cpu_kernels._winograd_min_pixels, cpu_kernels.transformed_winograd,
-              cpu_kernels.large_tiles_min_pixels)
+              cpu_kernels.large_tiles_sizes)
     monkeypatch.setenv(cpu_kernels.ENV, "all")
     for cache in caches:
         cache.cache_clear()
@@ -77,7 +77,7 @@ def test_packed_convolution_same_result(kwargs, dtype, tolerance):
 
 
 def test_winograd_for_large_images_and_its_error(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: None)  # NNPACK's, not F(4x4)
+    monkeypatch.setattr(cpu_kernels, "large_tiles_sizes", frozenset)  # NNPACK's, not F(4x4)
     stock, fast = conv(32, 32, padding=1), fast_copy(conv(32, 32, padding=1))
     x = seeded(1, 32, 128, 128, seed=5)  # over both instruction sets' size floor
     assert fast._nnpack_winograd(x) and not fast._nnpack_winograd(x[:, :, :16, :16])
@@ -152,13 +152,13 @@ def test_packed_only_mode_has_no_winograd(monkeypatch):
     cpu_kernels._winograd_min_pixels.cache_clear()
     layer = fast_copy(conv(4, 4, padding=1))
     assert not layer._nnpack_winograd(seeded(1, 4, 128, 128))
-    assert cpu_kernels.large_tiles_min_pixels() is None and not layer._large_tiles(seeded(1, 4, 128, 128))
+    assert not cpu_kernels.large_tiles_sizes() and not layer._large_tiles(seeded(1, 4, 128, 128))
 
 
 @pytest.fixture()
 def large_tiles_from_32x32(monkeypatch):
-    """As where the timing chose F(4x4) from 32x32 (the capped Xeon); every call of it recorded."""
-    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: 32 * 32)
+    """As where the timing chose F(4x4) at 32x32 and 64x64 (the capped Xeon); every call of it recorded."""
+    monkeypatch.setattr(cpu_kernels, "large_tiles_sizes", lambda: frozenset({32 * 32, 64 * 64}))
     calls = []
     real = winograd.convolve_large
 
@@ -197,12 +197,17 @@ def test_large_tiles_never_for_bf16_or_gradients(large_tiles_from_32x32):
     assert large_tiles_from_32x32 == [] and layer.weight.grad is not None
 
 
-def test_large_tiles_follow_the_timing(monkeypatch):
-    monkeypatch.setattr(cpu_kernels.winograd_choice, "large_tiles_floor", lambda: 64 * 64)
-    cpu_kernels.large_tiles_min_pixels.cache_clear()
+@pytest.mark.parametrize("won, at", [({64 * 64}, {64, 128, 256}), ({32 * 32}, {32, 33, 63}),
+                                     ({32 * 32, 64 * 64}, {32, 33, 63, 64, 128, 256}), (set(), set())])
+def test_large_tiles_follow_the_timing_per_size(monkeypatch, won, at):
+    """Each timed size's answer holds up to the next size timed: F(4x4) can take the 32x32 level where it lost
+    at 64x64."""
+    monkeypatch.setattr(cpu_kernels.winograd_choice, "large_tiles_sizes", lambda: frozenset(won))
+    cpu_kernels.large_tiles_sizes.cache_clear()
     layer = use_fast_kernels(conv(4, 4, padding=1))
-    assert cpu_kernels.large_tiles_min_pixels() == 64 * 64
-    assert layer._large_tiles(seeded(1, 4, 64, 64)) and not layer._large_tiles(seeded(1, 4, 32, 32))
+    assert cpu_kernels.large_tiles_sizes() == won
+    for size in (16, 31, 32, 33, 63, 64, 128, 256):
+        assert layer._large_tiles(seeded(1, 4, size, size)) == (size in at), size
 
 
 def _resident_kb(tensor) -> int:

@@ -114,15 +114,15 @@ def large_timings(pairs: list, calls: list):
     return measure_large
 
 
-@pytest.mark.parametrize("pairs, floor", [([(10.0, 15.0), (30.0, 45.0)], 32 * 32),  # pays at both sizes
-                                          ([(16.0, 15.0), (30.0, 45.0)], 64 * 64),  # only from 64x64
-                                          ([(10.0, 15.0), (46.0, 45.0)], None),  # not at the larger size
-                                          ([(16.0, 15.0), (46.0, 45.0)], None)])
-def test_large_tiles_from_the_smallest_size_where_they_keep_paying(avx512_with_cache, monkeypatch, pairs, floor):
+@pytest.mark.parametrize("pairs, sizes", [([(10.0, 15.0), (30.0, 45.0)], {32 * 32, 64 * 64}),  # pays at both
+                                          ([(16.0, 15.0), (30.0, 45.0)], {64 * 64}),  # only at 64x64
+                                          ([(10.0, 15.0), (46.0, 45.0)], {32 * 32}),  # only at 32x32
+                                          ([(16.0, 15.0), (46.0, 45.0)], set())])
+def test_large_tiles_at_each_size_where_they_pay(avx512_with_cache, monkeypatch, pairs, sizes):
     calls: list = []
     monkeypatch.setattr(winograd_choice, "measure_large", large_timings(pairs, calls))
-    assert winograd_choice.large_tiles_floor() == floor
-    assert winograd_choice.large_tiles_floor() == floor  # read back from the file, not timed again
+    assert winograd_choice.large_tiles_sizes() == sizes
+    assert winograd_choice.large_tiles_sizes() == sizes  # read back from the file, not timed again
     assert len(calls) == 1
     entries = json.loads(avx512_with_cache.read_text())[winograd_choice.LARGE_SECTION]
     assert [(entry["large_ms"], entry["other_ms"]) for entry in entries.values()] == [
@@ -135,7 +135,7 @@ def test_a_broken_or_other_sized_large_tiles_entry_is_measured_again(avx512_with
     avx512_with_cache.write_text(json.dumps({"format": 1, winograd_choice.LARGE_SECTION: {key: entry}}))
     calls: list = []
     monkeypatch.setattr(winograd_choice, "measure_large", large_timings([(10.0, 15.0), (30.0, 45.0)], calls))
-    assert winograd_choice.large_tiles_floor() == 32 * 32 and len(calls) == 1
+    assert winograd_choice.large_tiles_sizes() == {32 * 32, 64 * 64} and len(calls) == 1
 
 
 def test_the_large_tiles_timing_runs_every_kernel_on_this_cpu():
@@ -147,10 +147,10 @@ def test_the_large_tiles_timing_runs_every_kernel_on_this_cpu():
 def test_both_answers_share_the_cache_file(avx512_with_cache, monkeypatch):
     monkeypatch.setattr(winograd_choice, "measure", timings(30.0, 20.0, []))
     monkeypatch.setattr(winograd_choice, "measure_large", large_timings([(16.0, 15.0), (30.0, 45.0)], []))
-    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_floor() == 64 * 64
+    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_sizes() == {64 * 64}
     monkeypatch.setattr(winograd_choice, "measure", lambda: pytest.fail("timed again"))
     monkeypatch.setattr(winograd_choice, "measure_large", lambda: pytest.fail("timed again"))
-    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_floor() == 64 * 64
+    assert winograd_choice.transformed_weights_pay() and winograd_choice.large_tiles_sizes() == {64 * 64}
 
 
 @pytest.mark.parametrize("dtype, timed", [(torch.float32, True), (torch.bfloat16, False)])
@@ -159,7 +159,7 @@ def test_prepare_settles_the_large_tiles_answer_for_an_fp32_vae(monkeypatch, dty
     from comfy_serverless.networks import cpu_kernels
 
     asked: list = []
-    monkeypatch.setattr(cpu_kernels, "large_tiles_min_pixels", lambda: asked.append(1))
+    monkeypatch.setattr(cpu_kernels, "large_tiles_sizes", lambda: asked.append(1))
     prepare_command._settle_kernel_timings({"unet": ({}, dtype), "vae": ({}, dtype)})
     prepare_command._settle_kernel_timings({"unet": ({}, torch.float32)})  # no VAE in the file
     assert asked == ([1] if timed else [])

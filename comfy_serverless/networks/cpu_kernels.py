@@ -44,9 +44,9 @@ convolutions over 16x16 to 32x32 images keep a Winograd-transformed weight inste
 WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them, +230 MB, 7 % of the fp32 UNet; at
 512 px the first ones called); past that a layer packs as above.
 
-Where a timing says so (winograd_choice.large_tiles_floor: with AVX-512), fp32 3x3 convolutions over images from
-32x32 or 64x64 that do not pack (the VAE; a UNet at 512 px and up) take F(4x4) Winograd (winograd.convolve_large)
-before NNPACK: on the Xeon capped at AVX-512 a 256 px VAE decode took 1.46 instead of 2.07 s (medians of 5,
+Where a timing says so (winograd_choice.large_tiles_sizes: with AVX-512, and at 32x32 with MKL at AVX2), fp32
+3x3 convolutions over images from 32x32 that do not pack (the VAE; a UNet at 512 px and up) take F(4x4) Winograd
+(winograd.convolve_large) before NNPACK: on the Xeon capped at AVX-512 a 256 px VAE decode took 1.46 instead of 2.07 s (medians of 5,
 alternating in one process, 2026-12-02), its image within 8.5e-6 relative of NNPACK's.
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
@@ -107,10 +107,17 @@ def _winograd_min_pixels() -> int | None:
 
 
 @functools.cache
-def large_tiles_min_pixels() -> int | None:
-    """Pixels per image from which unpacked fp32 3x3 convolutions take F(4x4) Winograd (winograd.convolve_large)
-    instead of NNPACK or oneDNN; None where it does not pay or kernels are off or `packed`."""
-    return winograd_choice.large_tiles_floor() if _mode() in ("auto", "all") else None
+def large_tiles_sizes() -> frozenset[int]:
+    """Pixels per image (winograd_choice.LARGE_TIMED_SIZES) where unpacked fp32 3x3 convolutions take F(4x4)
+    Winograd (winograd.convolve_large) instead of NNPACK or oneDNN, each from that size to the next one timed;
+    none where kernels are off or `packed`."""
+    return winograd_choice.large_tiles_sizes() if _mode() in ("auto", "all") else frozenset()
+
+
+def large_tiles_at(pixels: int) -> bool:
+    """Whether an image of `pixels` per channel falls in a size band where F(4x4) won (large_tiles_sizes)."""
+    timed = [size * size for size in winograd_choice.LARGE_TIMED_SIZES if size * size <= pixels]
+    return bool(timed) and max(timed) in large_tiles_sizes()
 
 
 @functools.cache
@@ -285,14 +292,13 @@ class FastConv2d(nn.Conv2d):
                 and self.dilation == (1, 1) and self.groups == 1)
 
     def _large_tiles(self, x: torch.Tensor) -> bool:
-        """F(4x4) Winograd for large images where nothing packs (see large_tiles_min_pixels)."""
+        """F(4x4) Winograd for large images where nothing packs (see large_tiles_sizes)."""
         if not self._plain_3x3(x) or tuple(self.padding) != (1, 1):  # first: bf16 networks never time it
             return False
         if (self.__dict__.get("_cpu_pack_after") is not None
                 and x.shape[0] * x.shape[2] * x.shape[3] <= PACK_MAX_PIXELS):
             return False  # packs (or keeps a Winograd weight) instead
-        floor = large_tiles_min_pixels()
-        return floor is not None and x.shape[2] * x.shape[3] >= floor
+        return large_tiles_at(x.shape[2] * x.shape[3])
 
     def _nnpack_winograd(self, x: torch.Tensor) -> bool:
         if not self._plain_3x3(x):  # first: bf16 networks never ask for the floor (nor time its choice)

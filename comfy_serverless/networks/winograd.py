@@ -31,7 +31,7 @@ beat both NNPACK and oneDNN's direct convolution at every VAE shape (Intel Xeon 
 VNNI, MKL at AVX512, batch 1, 2026-12-02, ms: 512->512 at 32x32 12.6 against NNPACK 20.6 / direct 16.5; at
 64x64 27.9 / 44.8 / 59.6; 256->256 at 128x128 30.6 / 47.1 / 62.6; at 256x256 119.5 / 176.5 / 237.7), with less
 error than NNPACK (3.3e-6 against 5.5e-6 relative, fp64 reference). With MKL capped at AVX2 it tied NNPACK from
-64x64 (46.3 vs 46.5 ms at 512x64x64), so where it runs follows a timing (winograd_choice.large_tiles_floor).
+64x64 (46.3 vs 46.5 ms at 512x64x64), so where it runs follows a timing (winograd_choice.large_tiles_sizes).
 cpu_kernels also expands fp16-held taps into F(4x4)'s weight for images from 32x32 (convolve takes either): with
 MKL capped at AVX2, a 256 px UNet step 3.31 -> 3.07 s (medians of 8, alternating in one process); capped at
 AVX-512 no change beyond noise (2.04 vs 2.09 s, 12 rounds).

@@ -9,10 +9,13 @@ So there both are timed once, on two of the UNet's shapes (Winograd unless clear
 the answer is cached per CPU class beside the catalogue snapshot (models/precision.py's file); `comfy-serverless
 prepare` settles it at build time, since it runs a UNet step. Only fp32 networks ask (bf16 is never transformed).
 
-large_tiles_floor answers a second question the same way: from which image size F(4x4) Winograd (winograd.py's
+large_tiles_sizes answers a second question the same way: at which image sizes F(4x4) Winograd (winograd.py's
 convolve_large) beats both NNPACK and oneDNN's direct convolution, timed on the VAE decoder's 32x32 and 64x64
-levels. It follows MKL's instruction set, which torch's capability does not show: on the Xeon, 1.5x faster than
-NNPACK with AVX-512, a tie with MKL capped at AVX2.
+levels, each answer holding from its size up to the next one timed. It follows MKL's instruction set, which
+torch's capability does not show: on the Xeon, 1.5x faster than NNPACK with AVX-512; with MKL capped at AVX2 clearly
+faster at 32x32 (18 against 31-34 ms) and within 5-10 % at 64x64, where the drift of the machine decides it
+(2026-12-02). An answer per size, not a floor from which it wins at every size: with a floor, a lost 64x64
+also gave up the 32x32 level's clear gain.
 """
 
 from __future__ import annotations
@@ -100,22 +103,19 @@ def measure() -> tuple[float, float]:
     return best[0] * 1000, best[1] * 1000
 
 
-def large_tiles_floor() -> int | None:
-    """Pixels per image from which fp32 3x3 convolutions take F(4x4) Winograd (winograd.convolve_large): the
-    smallest of LARGE_TIMED_SIZES where it beat the fastest other kernel at that size and every larger one; None
-    where it did not at the largest. Timed once per CPU class like transformed_weights_pay."""
+def large_tiles_sizes() -> frozenset[int]:
+    """Pixels per image (of LARGE_TIMED_SIZES) where F(4x4) Winograd (winograd.convolve_large) beat the fastest
+    other kernel; each answer holds for images from that size to the next one timed (cpu_kernels). Timed once per
+    CPU class like transformed_weights_pay."""
     timings = _timed_once(LARGE_SECTION, _read_large, measure_large,
                           lambda timings: {"large_ms": [large for large, _ in timings],
                                            "other_ms": [other for _, other in timings]})
-    floor = None
-    for size, (large_ms, other_ms) in reversed(list(zip(LARGE_TIMED_SIZES, timings))):
-        if large_ms > other_ms:
-            break
-        floor = size * size
+    won = frozenset(size * size for size, (large_ms, other_ms) in zip(LARGE_TIMED_SIZES, timings)
+                    if large_ms <= other_ms)
     log.info("fp32 3x3 convolutions over large images: F(4x4) Winograd %s ms, others %s ms -> %s",
              "/".join(f"{large:.1f}" for large, _ in timings), "/".join(f"{other:.1f}" for _, other in timings),
-             f"from {int(floor ** 0.5)}x{int(floor ** 0.5)}" if floor else "not used")
-    return floor
+             ", ".join(f"from {size}x{size}" for size in LARGE_TIMED_SIZES if size * size in won) or "not used")
+    return won
 
 
 def _read_large(entry: dict) -> list[tuple[float, float]]:
