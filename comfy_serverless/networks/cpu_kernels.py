@@ -46,8 +46,10 @@ WINOGRAD_EXTRA_MEMORY of its weights' bytes (SD1.5 at 256 px: all of them, +230 
 
 Where a timing says so (winograd_choice.large_tiles_sizes: with AVX-512, and at 32x32 with MKL at AVX2), fp32
 3x3 convolutions over images from 32x32 that do not pack (the VAE; a UNet at 512 px and up) take F(4x4) Winograd
-(winograd.convolve_large) before NNPACK: on the Xeon capped at AVX-512 a 256 px VAE decode took 1.46 instead of 2.07 s (medians of 5,
-alternating in one process, 2026-12-02), its image within 8.5e-6 relative of NNPACK's.
+(winograd.convolve_large) before NNPACK: on the Xeon capped at AVX-512 a 256 px VAE decode took 1.46 instead of
+2.07 s (medians of 5, alternating in one process, 2026-12-02), its image within 8.5e-6 relative of NNPACK's; with
+the weight transformed from its view (winograd.transform) 0.64x of NNPACK's time, and 0.90x with MKL capped at
+AVX2, where only the 32x32 level gains (medians of 8 alternating rounds, 2026-12-02).
 
 Gradients, torch.compile (TorchCompileModel: inductor packs weights itself), other devices and dtypes, and
 string/reflect padding take the stock path.
