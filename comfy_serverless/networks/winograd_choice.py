@@ -114,7 +114,8 @@ def large_tiles_sizes() -> frozenset[int]:
                     if large_ms <= other_ms)
     log.info("fp32 3x3 convolutions over large images: F(4x4) Winograd %s ms, others %s ms -> %s",
              "/".join(f"{large:.1f}" for large, _ in timings), "/".join(f"{other:.1f}" for _, other in timings),
-             ", ".join(f"from {size}x{size}" for size in LARGE_TIMED_SIZES if size * size in won) or "not used")
+             "used at the " + ", ".join(f"{size}x{size}" for size in LARGE_TIMED_SIZES if size * size in won)
+             + " level(s)" if won else "not used")
     return won
 
 
